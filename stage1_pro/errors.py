@@ -1,0 +1,33 @@
+"""Exception types. Every error a user can cause derives from :class:`Stage1ProError`.
+
+The CLI prints these as one clear message (what was wrong, where, how to fix it) and exits
+non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class Stage1ProError(Exception):
+    """Base class of the errors the CLI reports without a traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(Stage1ProError):
+    """A setting is invalid (unknown field, out of range, phase/policy mismatch...)."""
+
+
+class ArtifactError(Stage1ProError):
+    """An artifact file is missing, unreadable, not JSON, of the wrong kind or fails its schema."""
+
+
+class DataError(Stage1ProError):
+    """A dataset, manifest, image or split is invalid."""
+
+
+class StorageError(Stage1ProError):
+    """A local path or ``gs://`` object cannot be read or written."""
+
+
+class NotBuiltError(Stage1ProError):
+    """A feature that exists in the design but is not implemented yet."""

@@ -1,0 +1,101 @@
+"""The JSON Schemas of every artifact, loaded from the single source in ``schemas/``.
+
+In a wheel the schemas ship as ``stage1_pro/schemas/*.schema.json``; in a source checkout
+(editable install) they are read from the repository's top-level ``schemas/`` folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import referencing
+from referencing.jsonschema import DRAFT202012
+
+#: Artifact kinds, each with ``schemas/<kind>.schema.json``. The one list of kinds.
+ARTIFACT_KINDS: tuple[str, ...] = (
+    "config",
+    "splits",
+    "thresholds",
+    "gateparams",
+    "scrcparams",
+    "bundle",
+)
+
+#: Version written into every artifact this release produces (``schema_version``).
+SCHEMA_VERSION = "1.0"
+
+# Keyword a schema uses to explain why a property is forbidden (e.g. a removed setting).
+_REMOVED_KEYWORD = "x-removed-message"
+
+
+def schemas_dir() -> Path:
+    """Return the folder holding ``<kind>.schema.json`` (wheel first, then source checkout)."""
+    packaged = resources.files("stage1_pro") / "schemas"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parent.parent / "schemas"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError(
+        "stage1-pro's JSON Schemas were not found: expected stage1_pro/schemas/ (wheel) or "
+        "schemas/ next to the package (source checkout); reinstall the package"
+    )
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it is a known artifact kind, else raise ``ValueError`` listing them."""
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}; allowed kinds: {', '.join(ARTIFACT_KINDS)}")
+    return kind
+
+
+@functools.cache
+def load_schema(kind: str) -> dict[str, Any]:
+    """Load and return the schema of ``kind`` (cached)."""
+    path = schemas_dir() / f"{check_kind(kind)}.schema.json"
+    with path.open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@functools.cache
+def _registry() -> referencing.Registry:
+    """All schemas of the folder (shared ``common.schema.json`` included), by their ``$id``."""
+    resources_ = []
+    for path in sorted(schemas_dir().glob("*.schema.json")):
+        with path.open(encoding="utf-8") as fh:
+            contents = json.load(fh)
+        resource = referencing.Resource.from_contents(contents, default_specification=DRAFT202012)
+        resources_.append((contents["$id"], resource))
+    return referencing.Registry().with_resources(resources_)
+
+
+@functools.cache
+def _validator(kind: str) -> jsonschema.protocols.Validator:
+    schema = load_schema(kind)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, registry=_registry(), format_checker=cls.FORMAT_CHECKER)
+
+
+def json_path(error: jsonschema.ValidationError) -> str:
+    """Render the location of a validation error as a JSON path (``$.a.b[0]``)."""
+    out = "$"
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    removed = error.schema.get(_REMOVED_KEYWORD) if isinstance(error.schema, dict) else None
+    return removed or error.message
+
+
+def validation_errors(kind: str, instance: Any) -> list[tuple[str, str]]:
+    """Return every schema violation of ``instance`` as ``(json_path, message)``, sorted by path."""
+    errors = sorted(_validator(kind).iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    return [(json_path(e), _message(e)) for e in errors]
