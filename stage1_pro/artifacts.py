@@ -27,6 +27,8 @@ DEFAULT_FILENAMES: dict[str, str] = {
     "gateparams": "gateparams.json",
     "scrcparams": "scrcparams.json",
     "bundle": "bundle.json",
+    "validation": "validation.json",
+    "latest": "latest",
 }
 
 #: Exit policy name -> kind of its policy file. Policy files are mutually exclusive.

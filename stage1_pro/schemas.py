@@ -24,6 +24,8 @@ ARTIFACT_KINDS: tuple[str, ...] = (
     "gateparams",
     "scrcparams",
     "bundle",
+    "validation",
+    "latest",
 )
 
 #: Version written into every artifact this release produces (``schema_version``).
