@@ -29,6 +29,8 @@ DEFAULT_FILENAMES: dict[str, str] = {
     "bundle": "bundle.json",
     "validation": "validation.json",
     "latest": "latest",
+    "model": "model.json",
+    "prepared": "index.json",
 }
 
 #: Exit policy name -> kind of its policy file. Policy files are mutually exclusive.

@@ -26,6 +26,8 @@ ARTIFACT_KINDS: tuple[str, ...] = (
     "bundle",
     "validation",
     "latest",
+    "model",
+    "prepared",
 )
 
 #: Version written into every artifact this release produces (``schema_version``).
