@@ -55,7 +55,9 @@ def gcs_client() -> gcs.Client:
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         from google.auth.credentials import AnonymousCredentials
 
-        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials())
+        return storage.Client(
+            project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials()
+        )
     return storage.Client()
 
 
@@ -111,7 +113,9 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes, content_type: str | No
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         try:
-            _blob(uri).upload_from_string(data, content_type=content_type or "application/octet-stream", retry=DEFAULT_RETRY)
+            _blob(uri).upload_from_string(
+                data, content_type=content_type or "application/octet-stream", retry=DEFAULT_RETRY
+            )
         except gexc.GoogleAPIError as exc:
             raise _gcs_error(uri, exc) from exc
         return
@@ -150,8 +154,13 @@ def exists(uri: str | os.PathLike[str]) -> bool:
     return Path(uri).exists()
 
 
-def list_files(prefix: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield the URIs of all files below a local folder or ``gs://`` prefix, sorted."""
+def list_files(prefix: str | os.PathLike[str], recursive: bool = True) -> Iterator[str]:
+    """Yield the URIs of the files below a local folder or ``gs://`` prefix, sorted.
+
+    With ``recursive=False`` only the files directly inside the folder are listed (one GCS
+    list request with ``delimiter="/"``, however deep the tree below it is). Directory
+    placeholder objects (names ending in ``/``) are skipped. A missing folder yields nothing.
+    """
     prefix = str(prefix)
     if is_gcs(prefix):
         from google.api_core import exceptions as gexc
@@ -159,14 +168,16 @@ def list_files(prefix: str | os.PathLike[str]) -> Iterator[str]:
         bucket, name = split_gcs(prefix)
         name = name.rstrip("/") + "/" if name else ""
         try:
-            blobs = sorted(b.name for b in gcs_client().list_blobs(bucket, prefix=name))
+            listing = gcs_client().list_blobs(bucket, prefix=name, delimiter=None if recursive else "/")
+            blobs = sorted(b.name for b in listing if not b.name.endswith("/"))
         except gexc.GoogleAPIError as exc:
             raise _gcs_error(prefix, exc) from exc
         for blob_name in blobs:
             yield f"{GCS_SCHEME}{bucket}/{blob_name}"
         return
     root = Path(prefix)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    candidates = root.rglob("*") if recursive else (root.iterdir() if root.is_dir() else ())
+    for path in sorted(p for p in candidates if p.is_file()):
         yield str(path)
 
 

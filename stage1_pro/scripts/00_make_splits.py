@@ -1,0 +1,11 @@
+"""Step 0 of the plan: make ``splits.json`` (same function as ``stage1-pro split``).
+
+Usage: python stage1_pro/scripts/00_make_splits.py --data MANIFEST_OR_FOLDER --out splits.json [--seed N]
+"""
+
+import sys
+
+from stage1_pro.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["split", *sys.argv[1:]]))
