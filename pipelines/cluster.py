@@ -1,22 +1,73 @@
-"""Cluster constants the pipeline's GPU task is scheduled with (GKE node pools with NVIDIA GPUs).
+"""Cluster facts the pipeline must agree on with ``manifests/`` and ``images/``: the one place.
 
-The manifests (``manifests/``) and the pipeline (``pipelines/pipeline.py``) both import these, so
-the resource name, the taint the GPU node pools carry and the node label that selects a GPU
-model are spelled once.
+The GPU node pool (``manifests/gke/gpu-nodepool.yaml``), the namespace quota and the component
+images are written to match these values, and ``tests/test_manifests.py`` /
+``tests/test_images.py`` fail when they drift apart. The pipeline imports them instead of
+repeating the strings::
+
+    from kfp import kubernetes
+    from pipelines import cluster
+
+    task.set_accelerator_type(cluster.GPU_RESOURCE)
+    task.set_accelerator_limit(cluster.DEFAULT_GPU_COUNT)
+    kubernetes.add_node_selector(task, cluster.ACCELERATOR_LABEL, cluster.DEFAULT_ACCELERATOR)
+    kubernetes.add_toleration(task, **cluster.GPU_TOLERATION)
+    kubernetes.set_security_context(task, **cluster.SECURITY_CONTEXT)
+
+Every task should set CPU and memory *requests and limits*: the namespace's LimitRange fills in
+a default limit where none is given, and a request above that default would be rejected.
+
+Why A100 80GB: it is the largest single-GPU GKE machine (``a2-ultragpu-1g``) sold on demand as
+well as Spot; the one-GPU H100 shape (``a3-highgpu-1g``) is sold only as Spot or flex-start VMs,
+which would leave the prod overlay (on-demand) without a valid machine type. Change
+``DEFAULT_ACCELERATOR``, ``GPU_MACHINE_TYPE`` and the node pool together (the tests enforce it).
 """
 
 from __future__ import annotations
 
-#: Extended resource a GPU pod requests (``resources.limits``) and the accelerator type passed to
-#: ``PipelineTask.set_accelerator_type``.
-GPU_RESOURCE = "nvidia.com/gpu"
+from typing import Final
 
-#: Taint key GKE puts on GPU node pools (``nvidia.com/gpu=present:NoSchedule``); the GPU task
-#: tolerates it with ``operator=Exists``.
-GPU_TOLERATION_KEY = "nvidia.com/gpu"
+#: Extended resource the NVIDIA device plugin advertises; ``set_accelerator_type`` takes it.
+GPU_RESOURCE: Final = "nvidia.com/gpu"
 
-#: Node label whose value names the GPU model of a GKE node pool.
-ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
+#: Taint key GKE puts on every GPU node (``nvidia.com/gpu=present:NoSchedule``); the node pool
+#: declares it too, so CPU pods never land on (and keep alive) an expensive GPU node.
+GPU_TOLERATION_KEY: Final = "nvidia.com/gpu"
+GPU_TAINT_VALUE: Final = "present"
+GPU_TAINT_EFFECT: Final = "NoSchedule"
 
-#: GPU model the train task asks for unless the run sets ``gpu_type``.
-DEFAULT_ACCELERATOR = "nvidia-h100-80gb"
+#: Keyword arguments for ``kfp.kubernetes.add_toleration``. ``Exists`` rather than
+#: ``Equal present``: the toleration must keep matching whatever value GKE puts on the taint.
+GPU_TOLERATION: Final = {"key": GPU_TOLERATION_KEY, "operator": "Exists", "effect": GPU_TAINT_EFFECT}
+
+#: Node label GKE sets from the node pool's ``guestAccelerator.type`` (users cannot set it).
+ACCELERATOR_LABEL: Final = "cloud.google.com/gke-accelerator"
+
+#: The GPU the train task asks for; the node pool's ``guestAccelerator.type``.
+DEFAULT_ACCELERATOR: Final = "nvidia-a100-80gb"
+
+#: GCE machine type of the GPU node pool (one A100 80GB, 12 vCPU, 170 GB memory).
+GPU_MACHINE_TYPE: Final = "a2-ultragpu-1g"
+
+#: GPUs per node of the pool (``guestAccelerator.count``): the most a single train pod can get.
+GPUS_PER_NODE: Final = 1
+
+#: GPUs per train task by default (the pipeline's ``gpu_count`` parameter may ask for up to
+#: ``GPUS_PER_NODE``).
+DEFAULT_GPU_COUNT: Final = 1
+
+#: Namespace KFP standalone (single-user) runs every pipeline pod in, and its runner account
+#: (the Kubernetes service account bound to a Google service account by Workload Identity).
+PIPELINE_NAMESPACE: Final = "kubeflow"
+PIPELINE_SERVICE_ACCOUNT: Final = "pipeline-runner"
+
+#: PriorityClass for training pods (``manifests/base/priorityclass.yaml``). kfp-kubernetes 2.17
+#: cannot set ``priorityClassName`` per task; see manifests/README.md for how it is attached.
+TRAINING_PRIORITY_CLASS: Final = "stage1-pro-training"
+
+#: The numeric user and group the images run as (``USER`` in images/Dockerfile.*).
+IMAGE_UID: Final = 10001
+IMAGE_GID: Final = 10001
+
+#: Keyword arguments for ``kfp.kubernetes.set_security_context``: run as the image's own user.
+SECURITY_CONTEXT: Final = {"run_as_user": IMAGE_UID, "run_as_group": IMAGE_GID, "run_as_non_root": True}
