@@ -33,8 +33,10 @@ ARTIFACT_KINDS: tuple[str, ...] = (
 #: Version written into every artifact this release produces (``schema_version``).
 SCHEMA_VERSION = "1.0"
 
-# Keyword a schema uses to explain why a property is forbidden (e.g. a removed setting).
+# Keywords a (sub)schema uses to replace jsonschema's generic message with one that says what
+# to do: why a property is forbidden (a removed setting), or a rule such as the phase/policy matrix.
 _REMOVED_KEYWORD = "x-removed-message"
+_MESSAGE_KEYWORD = "x-message"
 
 
 def schemas_dir() -> Path:
@@ -95,8 +97,10 @@ def json_path(error: jsonschema.ValidationError) -> str:
 
 
 def _message(error: jsonschema.ValidationError) -> str:
-    removed = error.schema.get(_REMOVED_KEYWORD) if isinstance(error.schema, dict) else None
-    return removed or error.message
+    if not isinstance(error.schema, dict):
+        return error.message
+    custom = error.schema.get(_REMOVED_KEYWORD) or error.schema.get(_MESSAGE_KEYWORD)
+    return f"{error.instance!r}: {custom}" if custom and _MESSAGE_KEYWORD in error.schema else custom or error.message
 
 
 def validation_errors(kind: str, instance: Any) -> list[tuple[str, str]]:

