@@ -30,6 +30,11 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo-data": Command("stage1_pro.cli.demo_data", "write the embedded MNIST dataset as PNG files + manifest"),
     "split": Command("stage1_pro.cli.split", "deterministic, stratified, group-aware split -> splits.json"),
+    "validate": Command("stage1_pro.cli.validate", "audit the policy on test, bless or not -> validation.json"),
+    "export": Command("stage1_pro.cli.export", "export a validated run as a deployable bundle folder"),
+    "predict": Command("stage1_pro.cli.predict", "exit-positive / exit-negative / defer per image"),
+    "publish": Command("stage1_pro.cli.publish", "upload a bundle to gs://.../<version>/, move latest"),
+    "pull": Command("stage1_pro.cli.pull", "download a published bundle, verified, into a folder"),
     "check": Command("stage1_pro.cli.check", "validate any artifact against its JSON Schema"),
 }
 

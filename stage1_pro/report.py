@@ -1,0 +1,301 @@
+"""Human-readable outputs of ``validate``: figures, the HTML/Markdown report and the model card.
+
+Everything here renders a ``validation.json`` object (plus the run's config/splits/model
+info); no metric is computed here — the numbers come from :mod:`stage1_pro.validate`, which
+takes them from :mod:`stage1_pro.metrics`. Figures use matplotlib's object API with the Agg
+canvas (no pyplot, no global backend state), so this runs headless in containers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from typing import Any
+
+from stage1_pro import storage
+
+RISK_COVERAGE_PNG = "risk_coverage.png"
+CONFUSION_PNG = "confusion.png"
+MODEL_CARD = "model_card.md"
+REPORT_FORMATS = ("html", "md")
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_bytes(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def risk_coverage_png(validation: dict[str, Any]) -> bytes:
+    """Risk (FNR_exit) against coverage on test, with the target and the deployed point."""
+    rc = validation["risk_coverage"]
+    fig = _figure(5.2, 3.6)
+    ax = fig.add_subplot()
+    cov = [c for c, r in zip(rc["coverage"], rc["risk"], strict=True) if r is not None]
+    risk = [r for r in rc["risk"] if r is not None]
+    ax.plot(cov, risk, lw=1.6, label=f"test, images ordered by {rc['score']}")
+    ax.axhline(validation["target_fnr_exit"], color="tab:red", ls="--", lw=1, label="target FNR_exit")
+    op = rc.get("operating_point")
+    if op and op.get("risk") is not None:
+        ax.plot([op["coverage"]], [op["risk"]], "o", color="black", label="deployed policy")
+    ax.set_xlabel("coverage (fraction of images exited)")
+    ax.set_ylabel("FNR_exit (misses among exited positives)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"Risk-coverage, {validation['exit_policy']} policy", fontsize=10)
+    return _png_bytes(fig)
+
+
+def confusion_png(validation: dict[str, Any]) -> bytes:
+    """The 2 x 3 test confusion matrix (true label x decision) with counts."""
+    conf = validation["confusion"]
+    matrix = conf["matrix"]
+    fig = _figure(4.6, 2.6)
+    ax = fig.add_subplot()
+    ax.imshow(matrix, cmap="Blues")
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(
+                j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black"
+            )
+    ax.set_xticks(range(len(conf["columns"])), conf["columns"])
+    ax.set_yticks(range(len(conf["rows"])), conf["rows"])
+    ax.set_xlabel("decision")
+    ax.set_ylabel("true label")
+    ax.set_title("Test decisions", fontsize=10)
+    return _png_bytes(fig)
+
+
+def _checks_rows(validation: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    return [
+        (
+            c["name"],
+            "PASS" if c["passed"] else "FAIL",
+            _fmt(c.get("value")),
+            _fmt(c.get("limit")),
+            c["message"],
+        )
+        for c in validation["checks"]
+    ]
+
+
+_METRIC_ROWS = (
+    ("coverage", "coverage"),
+    ("fnr_exit", "FNR_exit"),
+    ("fnr_exit_upper_bound", "FNR_exit Clopper-Pearson upper bound"),
+    ("fpr_exit", "FPR_exit"),
+    ("exit_accuracy", "exit accuracy"),
+    ("selective_risk", "selective risk"),
+    ("aurc", "AURC"),
+    ("n", "images"),
+    ("n_exited", "exited images"),
+    ("n_exited_positives", "exited positives"),
+    ("n_false_negatives", "false negatives among them"),
+)
+
+
+def _metric_rows(validation: dict[str, Any]) -> list[tuple[str, str, str]]:
+    test = validation["test_metrics"]
+    calib = validation.get("val_calib_metrics") or {}
+    return [(label, _fmt(test.get(key)), _fmt(calib.get(key))) for key, label in _METRIC_ROWS if key in test]
+
+
+def _verdict(validation: dict[str, Any]) -> str:
+    return "BLESSED" if validation["blessed"] else "NOT BLESSED"
+
+
+def render_html(validation: dict[str, Any], figures: dict[str, bytes]) -> str:
+    """A self-contained HTML report (figures embedded), for the KFP UI and humans."""
+    esc = html.escape
+
+    def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    imgs = "".join(
+        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption>{esc(name)}</figcaption></figure>"
+        for name, data in figures.items()
+    )
+    cert = validation.get("certificate") or {}
+    cert_rows = [
+        (k, _fmt(cert.get(k))) for k in ("procedure", "n", "k", "upper_bound", "feasible", "n_calib")
+    ]
+    policy = esc(validation["exit_policy"])
+    colour = "#1a7f37" if validation["blessed"] else "#cf222e"
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
+        "figure{display:inline-block;margin:.5em}"
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>stage1-pro validation: {policy}</title>
+<style>{style}</style>
+</head><body>
+<h1>Validation of the {policy} exit policy: <span style="color:{colour}">{_verdict(validation)}</span></h1>
+<p>Target FNR_exit &le; {validation["target_fnr_exit"]} (certified on val_calib with confidence
+{1 - validation["delta"]:.2f}); audit on the held-out test split.
+Rule: {esc(validation["rule"].get("description", ""))}</p>
+<h2>Checks</h2>
+{table(("check", "result", "value", "limit", "detail"), _checks_rows(validation))}
+<h2>Metrics</h2>
+{table(("metric", "test", "val_calib"), _metric_rows(validation))}
+<h2>Certificate (from {esc(validation["policy_file"])})</h2>
+{table(("field", "value"), cert_rows)}
+<h2>Figures</h2>
+{imgs}
+<p>Created {esc(validation["created_at"])}.</p>
+</body></html>
+"""
+
+
+def render_markdown(validation: dict[str, Any], figure_names: list[str]) -> str:
+    """The same report in Markdown, figures referenced as sibling PNG files."""
+
+    def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+        return "\n".join(lines)
+
+    figs = "\n".join(f"![{name}]({name})" for name in figure_names)
+    return f"""# Validation of the {validation["exit_policy"]} exit policy: {_verdict(validation)}
+
+Target FNR_exit <= {validation["target_fnr_exit"]} (certified on val_calib with confidence
+{1 - validation["delta"]:.2f}); audit on the held-out test split.
+Rule: {validation["rule"].get("description", "")}
+
+## Checks
+
+{table(("check", "result", "value", "limit", "detail"), _checks_rows(validation))}
+
+## Metrics
+
+{table(("metric", "test", "val_calib"), _metric_rows(validation))}
+
+## Figures
+
+{figs}
+"""
+
+
+def render_model_card(
+    validation: dict[str, Any],
+    config: dict[str, Any],
+    splits: dict[str, Any],
+    model_info: dict[str, Any] | None,
+) -> str:
+    """A model card (Mitchell et al., 2019 sections, shortened) for the run."""
+    test = validation["test_metrics"]
+    cert = validation.get("certificate") or {}
+    balance = splits.get("class_balance", {})
+    split_rows = "\n".join(
+        f"| {name} | {b.get('n')} | {b.get('n_positive')} | {_fmt(b.get('positive_rate'), 3)} |"
+        for name, b in balance.items()
+    )
+    info = model_info or {}
+    backbone = info.get("model_name", config.get("model_name"))
+    img_size = info.get("img_size", config.get("img_size"))
+    lineage = validation.get("lineage", {})
+    return f"""# Model card: stage-1 exit classifier ({validation["exit_policy"]} policy)
+
+## Model details
+- Backbone: `{backbone}` at {img_size} px, heads {info.get("heads", "?")};
+  training phase {config.get("phase")}, fine-tune mode {config.get("finetune_mode")}.
+- Model version (sha256 of model_best.pth): `{lineage.get("model_version", "n/a")}`.
+- Exit policy: `{validation["exit_policy"]}` from `{validation["policy_file"]}`; validation verdict:
+  **{_verdict(validation)}**.
+
+## Intended use
+Stage 1 of a two-stage cascade for a binary image task. For each image it answers
+exit-positive, exit-negative, or defers to stage 2. Use it only through
+`stage1_pro.inference.load_bundle`, which takes every threshold from the policy file.
+Not intended as a stand-alone classifier: deferred images must reach stage 2.
+
+## Guarantee
+With probability at least {1 - validation["delta"]:.2f} over the calibration draw, the miss rate
+among exited positives is at most {validation["target_fnr_exit"]} (FNR_exit = FN_exit / (TP_exit + FN_exit)),
+certified on `val_calib` by `{cert.get("procedure", "?")}` (n = {cert.get("n", "?")} exited positives,
+k = {cert.get("k", "?")} misses, Clopper-Pearson upper bound {_fmt(cert.get("upper_bound"))}).
+The guarantee holds for images exchangeable with the calibration images: a new camera,
+region, season or label definition voids it until the policy is recalibrated.
+
+## Test audit
+Coverage {_fmt(test.get("coverage"))}, FNR_exit {_fmt(test.get("fnr_exit"))}
+(upper bound {_fmt(test.get("fnr_exit_upper_bound"))}), FPR_exit {_fmt(test.get("fpr_exit"))},
+exit accuracy {_fmt(test.get("exit_accuracy"))}, AURC {_fmt(test.get("aurc"))} on {test.get("n")} images.
+
+## Training and evaluation data
+Dataset fingerprint `{lineage.get("data_fingerprint", "n/a")}`,
+splits version `{lineage.get("splits_version", "n/a")}`
+(seed {splits.get("seed")}, group-aware: {_fmt(splits.get("group_aware"))}).
+
+| split | images | positives | positive rate |
+|---|---|---|---|
+{split_rows}
+
+## Limitations and risks
+- FNR_exit is controlled; the false-positive side is only audited (FPR_exit, exit accuracy).
+- Near-duplicate images split across val_calib and test (e.g. frames of one sequence without a
+  `group` column) make both the certificate and the audit optimistic.
+- Few exited positives in val_calib mean little coverage: the certificate needs at least
+  ~114 exited positives with zero misses at target 0.02 and delta 0.1.
+"""
+
+
+def write_reports(
+    run_dir: str | os.PathLike[str],
+    validation: dict[str, Any],
+    *,
+    config: dict[str, Any],
+    splits: dict[str, Any],
+    model_info: dict[str, Any] | None,
+    fmt: str = "html",
+) -> dict[str, Any]:
+    """Write the figures, ``report.<fmt>`` and ``model_card.md`` into ``run_dir`` (atomically each).
+
+    Returns:
+        ``{"report_file", "model_card_file", "figures"}`` — file names inside ``run_dir``.
+    """
+    if fmt not in REPORT_FORMATS:
+        from stage1_pro.errors import ConfigError
+
+        raise ConfigError(f"report format {fmt!r} is unknown; allowed: {', '.join(REPORT_FORMATS)}")
+    figures = {RISK_COVERAGE_PNG: risk_coverage_png(validation), CONFUSION_PNG: confusion_png(validation)}
+    for name, data in figures.items():
+        storage.write_bytes(storage.join(run_dir, name), data, content_type="image/png")
+    report_file = f"report.{fmt}"
+    text = render_html(validation, figures) if fmt == "html" else render_markdown(validation, list(figures))
+    storage.write_text(storage.join(run_dir, report_file), text, content_type=f"text/{fmt}")
+    storage.write_text(
+        storage.join(run_dir, MODEL_CARD),
+        render_model_card(validation, config, splits, model_info),
+        "text/markdown",
+    )
+    return {"report_file": report_file, "model_card_file": MODEL_CARD, "figures": list(figures)}

@@ -1,0 +1,453 @@
+"""The blessing gate: audit a run's exit policy on the held-out ``test`` split.
+
+:func:`validate_run` reads the run's config, splits, ``scores.npz`` and its one policy file,
+applies the policy to the test scores and computes (definitions in :mod:`stage1_pro.metrics`
+only) FNR_exit with its Clopper–Pearson upper bound, coverage, FPR_exit, exit accuracy,
+selective risk, AURC and the risk–coverage curve. It writes ``validation.json`` (schema
+``validation``), ``report.html`` (or ``.md``) with the risk–coverage and confusion-matrix
+figures, and ``model_card.md``.
+
+Blessing rule
+-------------
+A run is **blessed** iff every check passes:
+
+``policy_feasible``
+    the policy file says ``feasible: true`` (something was certified; an always-defer
+    policy is never shipped).
+``certified_target``
+    the policy was certified for ``target_fnr_exit <= config.target_fnr_exit`` and
+    ``delta <= config.delta`` (a certificate for a looser contract does not count).
+``test_fnr_exit``
+    default rule ``point_estimate``: the test FNR_exit point estimate is at most
+    ``config.target_fnr_exit``; its Clopper–Pearson (1 - delta) upper bound is reported
+    beside it. Why not require the upper bound? The certificate already comes from
+    ``val_calib``; ``test`` is an independent *audit* that must catch a broken certificate
+    (shift between calibration and test, leakage, a bug), not re-certify. The deployed point
+    is the loosest certified one, so its true FNR_exit sits just below the target and a test
+    upper bound <= target would need several hundred exited test positives with almost no
+    misses (>= 114 with zero misses at target 0.02, delta 0.1): it would reject most valid
+    runs on test sets of realistic size. A point estimate above the target is itself evidence
+    against the certificate. With a large test set, ``fnr_rule="upper_bound"`` (the bound
+    <= target) is available. With no exited positives on test the FNR_exit cannot be audited
+    and the check fails.
+``min_coverage``
+    test coverage >= ``min_coverage`` (default :data:`DEFAULT_MIN_COVERAGE`).
+``min_exit_accuracy`` and ``max_fpr_exit``
+    exit accuracy >= ``min_exit_accuracy`` (default :data:`DEFAULT_MIN_EXIT_ACCURACY`) and
+    FPR_exit <= ``max_fpr_exit`` (default :data:`DEFAULT_MAX_FPR_EXIT`). An FNR-only constraint
+    is gamed by exiting everything as positive (FNR_exit 0, coverage 1); that policy has
+    FPR_exit = 1 whatever the class balance, and exit accuracy = the positive rate.
+``baseline_coverage`` (only with ``baseline``)
+    test coverage >= the baseline bundle's test coverage - ``baseline_tolerance`` (default
+    :data:`DEFAULT_BASELINE_TOLERANCE`), both at the same ``target_fnr_exit``.
+
+These floors are sanity gates reported beside the certified constraint, not calibration
+targets: calibration never sees them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from stage1_pro import storage
+from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact, write_artifact
+from stage1_pro.bundle import MODEL_FILE, MODEL_INFO_FILE, find_policy_file
+from stage1_pro.errors import ArtifactError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: Test coverage below this is not worth deploying as a stage 1 (and catches near-always-defer).
+DEFAULT_MIN_COVERAGE = 0.10
+#: Exited images must be labelled correctly at least this often.
+DEFAULT_MIN_EXIT_ACCURACY = 0.90
+#: At most this fraction of exited negatives may be labelled positive (exit-all-positive has 1.0).
+DEFAULT_MAX_FPR_EXIT = 0.25
+#: Allowed absolute coverage drop against a baseline bundle at the same target.
+DEFAULT_BASELINE_TOLERANCE = 0.02
+FNR_RULES = ("point_estimate", "upper_bound")
+#: Points kept from the risk-coverage curve in validation.json (enough to plot it).
+CURVE_POINTS = 101
+
+SCORES_FILE = "scores.npz"
+
+
+def _sha256(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _check(name: str, passed: bool, value: Any, limit: Any, message: str) -> dict[str, Any]:
+    return {"name": name, "passed": bool(passed), "value": value, "limit": limit, "message": message}
+
+
+def _clean(x: Any) -> Any:
+    """numpy scalars -> Python, NaN -> None (JSON artifacts hold finite numbers only)."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def _split_metrics(policy: Any, scores: Any, delta: float) -> tuple[dict[str, Any], np.ndarray]:
+    """Exit metrics of ``policy`` on one split of the scores, with the FNR_exit CP bound and AURC."""
+    from stage1_pro import metrics
+
+    decisions = np.asarray(policy.decide(scores.probs, scores.gate_logit))
+    m = dict(metrics.exit_metrics(decisions, scores.label))
+    n_pos, k = int(m["n_exited_positives"]), int(m["n_false_negatives"])
+    m["fnr_exit_upper_bound"] = metrics.clopper_pearson_upper(k, n_pos, delta) if n_pos else None
+    m["aurc"] = metrics.aurc(policy_confidence(policy, scores), scores.probs, scores.label)
+    return _clean(m), decisions
+
+
+def policy_confidence(policy: Any, scores: Any) -> np.ndarray:
+    """The score by which ``policy`` ranks images for exiting (higher exits first)."""
+    return np.asarray(policy.confidence(scores.probs, scores.gate_logit), dtype=np.float64)
+
+
+def confusion(decisions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Counts of true label (rows 0, 1) x decision (exit-negative, exit-positive, defer)."""
+    from stage1_pro.policies.base import DECISION_NAMES, DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
+
+    cols = (EXIT_NEGATIVE, EXIT_POSITIVE, DEFER)
+    matrix = [[int(np.sum((labels == y) & (decisions == d))) for d in cols] for y in (0, 1)]
+    return {"rows": ["label 0", "label 1"], "columns": [DECISION_NAMES[d] for d in cols], "matrix": matrix}
+
+
+def risk_coverage(policy: Any, scores: Any, decisions: np.ndarray, m: dict[str, Any]) -> dict[str, Any]:
+    """The test risk-coverage curve of the policy's confidence, subsampled to CURVE_POINTS."""
+    from stage1_pro import metrics
+
+    coverage, risk = metrics.risk_coverage_curve(
+        policy_confidence(policy, scores), scores.probs, scores.label
+    )
+    coverage, risk = np.asarray(coverage, dtype=np.float64), np.asarray(risk, dtype=np.float64)
+    if coverage.size > CURVE_POINTS:
+        keep = np.unique(np.linspace(0, coverage.size - 1, CURVE_POINTS).round().astype(int))
+        coverage, risk = coverage[keep], risk[keep]
+    return {
+        "score": type(policy).__name__,
+        "coverage": _clean(coverage.tolist()),
+        "risk": _clean(risk.tolist()),
+        "operating_point": {"coverage": m["coverage"], "risk": m.get("selective_risk")},
+    }
+
+
+def _load_baseline(baseline: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(bundle.json, validation.json) of a baseline bundle folder or registry URI, verified."""
+    from stage1_pro.bundle import verify_bundle
+
+    if storage.is_gcs(baseline):
+        from stage1_pro.registry import pull
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dest = pull(baseline, os.path.join(tmp, "baseline"))
+            return _load_baseline(str(dest))
+    meta = verify_bundle(baseline)
+    if not meta.get("validation_file"):
+        raise ArtifactError(f"{baseline}: the baseline bundle has no validation.json to compare against")
+    return meta, read_artifact(os.path.join(baseline, meta["validation_file"]), "validation")
+
+
+def _baseline_check(
+    baseline: str, target: float, test: dict[str, Any], tolerance: float, fingerprint: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    meta, base_val = _load_baseline(baseline)
+    if not np.isclose(base_val["target_fnr_exit"], target):
+        raise ConfigError(
+            f"--baseline {baseline}: certified for target_fnr_exit={base_val['target_fnr_exit']}, "
+            f"this run for "
+            f"{target}; coverage is only comparable at the same target — pick a baseline with the same target"
+        )
+    base_cov = float(base_val["test_metrics"]["coverage"])
+    same_data = meta["lineage"]["data_fingerprint"] == fingerprint
+    info = {
+        "uri": str(baseline),
+        "version": meta["version"],
+        "target_fnr_exit": base_val["target_fnr_exit"],
+        "coverage": base_cov,
+        "data_fingerprint": meta["lineage"]["data_fingerprint"],
+        "same_data": same_data,
+    }
+    floor = max(base_cov - tolerance, 0.0)
+    note = "" if same_data else " (different dataset fingerprint: coverages measured on different test sets)"
+    check = _check(
+        "baseline_coverage",
+        test["coverage"] >= floor,
+        test["coverage"],
+        floor,
+        f"test coverage {test['coverage']:.4f} vs baseline {meta['version']} {base_cov:.4f} - tolerance "
+        f"{tolerance}{note}",
+    )
+    return check, info
+
+
+def blessing_checks(
+    policy_obj: dict[str, Any],
+    test: dict[str, Any],
+    *,
+    target: float,
+    delta: float,
+    fnr_rule: str,
+    min_coverage: float,
+    min_exit_accuracy: float,
+    max_fpr_exit: float,
+) -> list[dict[str, Any]]:
+    """The checks of the blessing rule (see the module docstring), in report order."""
+    checks = [
+        _check(
+            "policy_feasible",
+            policy_obj["feasible"],
+            policy_obj["feasible"],
+            True,
+            "the policy certified an exit region"
+            if policy_obj["feasible"]
+            else "the policy is infeasible (always defers): nothing was certified on val_calib",
+        )
+    ]
+    p_target, p_delta = policy_obj["target_fnr_exit"], policy_obj["delta"]
+    ok = p_target <= target + 1e-12 and p_delta <= delta + 1e-12
+    checks.append(
+        _check(
+            "certified_target",
+            ok,
+            p_target,
+            target,
+            f"certified for target {p_target} at delta {p_delta}; "
+            f"the run's contract is target {target}, delta {delta}",
+        )
+    )
+    fnr, ub = test.get("fnr_exit"), test.get("fnr_exit_upper_bound")
+    value = fnr if fnr_rule == "point_estimate" else ub
+    if value is None:
+        checks.append(
+            _check(
+                "test_fnr_exit",
+                False,
+                None,
+                target,
+                "no exited positives on test: FNR_exit cannot be audited",
+            )
+        )
+    else:
+        what = (
+            "point estimate"
+            if fnr_rule == "point_estimate"
+            else f"Clopper-Pearson {1 - delta:.2f} upper bound"
+        )
+        checks.append(
+            _check(
+                "test_fnr_exit",
+                value <= target,
+                value,
+                target,
+                f"test FNR_exit {what} {value:.4f} vs target {target} (estimate {fnr:.4f}, upper bound "
+                f"{'n/a' if ub is None else f'{ub:.4f}'}, {test.get('n_false_negatives')} misses among "
+                f"{test.get('n_exited_positives')} exited positives)",
+            )
+        )
+    cov = test["coverage"]
+    checks.append(
+        _check(
+            "min_coverage",
+            cov >= min_coverage,
+            cov,
+            min_coverage,
+            f"test coverage {cov:.4f} vs floor {min_coverage}",
+        )
+    )
+    acc = test.get("exit_accuracy")
+    checks.append(
+        _check(
+            "min_exit_accuracy",
+            acc is not None and acc >= min_exit_accuracy,
+            acc,
+            min_exit_accuracy,
+            "no exits on test"
+            if acc is None
+            else f"test exit accuracy {acc:.4f} vs floor {min_exit_accuracy}",
+        )
+    )
+    fpr = test.get("fpr_exit")
+    checks.append(
+        _check(
+            "max_fpr_exit",
+            fpr is None or fpr <= max_fpr_exit,
+            fpr,
+            max_fpr_exit,
+            "no exited negatives on test"
+            if fpr is None
+            else f"test FPR_exit {fpr:.4f} vs ceiling {max_fpr_exit}",
+        )
+    )
+    return checks
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{name}={value!r} must be a fraction in [0, 1]")
+    return float(value)
+
+
+def validate_run(
+    run_dir: str | os.PathLike[str],
+    *,
+    policy_file: str | os.PathLike[str] | None = None,
+    baseline: str | os.PathLike[str] | None = None,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+    min_exit_accuracy: float = DEFAULT_MIN_EXIT_ACCURACY,
+    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
+    baseline_tolerance: float = DEFAULT_BASELINE_TOLERANCE,
+    fnr_rule: str = "point_estimate",
+    report_format: str = "html",
+) -> dict[str, Any]:
+    """Audit the run's policy on ``test``, decide the blessing, write validation.json and reports.
+
+    Args:
+        run_dir: run directory holding config.json, splits.json, scores.npz and one policy file.
+        policy_file: the policy file to audit (default: the run's one policy file, which must
+            match ``config.exit_policy``).
+        baseline: a bundle folder or registry URI to compare coverage with (no regression).
+        min_coverage, min_exit_accuracy, max_fpr_exit, baseline_tolerance: the blessing floors
+            (module docstring); fractions in [0, 1].
+        fnr_rule: ``point_estimate`` (default) or ``upper_bound``; see the module docstring.
+        report_format: ``html`` or ``md``.
+
+    Returns:
+        The written validation.json object (``blessed`` says the verdict).
+
+    Raises:
+        ArtifactError, DataError, ConfigError: missing or invalid inputs, naming the file.
+    """
+    from stage1_pro.policies import load_policy
+    from stage1_pro.report import write_reports
+    from stage1_pro.scores import load_scores
+
+    if fnr_rule not in FNR_RULES:
+        raise ConfigError(f"fnr_rule={fnr_rule!r} is unknown; allowed: {', '.join(FNR_RULES)}")
+    min_coverage = _check_fraction("min_coverage", min_coverage)
+    min_exit_accuracy = _check_fraction("min_exit_accuracy", min_exit_accuracy)
+    max_fpr_exit = _check_fraction("max_fpr_exit", max_fpr_exit)
+    baseline_tolerance = _check_fraction("baseline_tolerance", baseline_tolerance)
+
+    run = str(run_dir)
+    uri = {name: storage.join(run, name) for name in ("config.json", "splits.json", SCORES_FILE)}
+    config = read_artifact(uri["config.json"], "config")
+    splits = read_artifact(uri["splits.json"], "splits")
+    exit_policy = config["exit_policy"]
+    target, delta = float(config["target_fnr_exit"]), float(config["delta"])
+    policy_uri = str(find_policy_file(run, exit_policy) if policy_file is None else policy_file)
+    policy_name = os.path.basename(policy_uri)
+    policy_obj = read_artifact(policy_uri)
+    expected_kind = POLICY_ARTIFACT_KINDS[exit_policy]
+    if policy_obj["artifact"] != expected_kind:
+        raise ArtifactError(
+            f"{policy_uri}: a {policy_obj['artifact']} policy file, but config.json says exit_policy="
+            f"{exit_policy!r} (needs {DEFAULT_FILENAMES[expected_kind]})"
+        )
+    policy = load_policy(policy_uri)
+    scores = load_scores(uri[SCORES_FILE])
+    for split in ("val_calib", "test"):
+        want = set(splits["indices"][split])
+        got = set(scores.subset(split).index.tolist())
+        if got != want:
+            raise DataError(
+                f"{uri[SCORES_FILE]}: the '{split}' rows ({len(got)}) are not the {split} indices of "
+                f"{uri['splits.json']} ({len(want)}); the scores come from another split — rescore the run"
+            )
+    if exit_policy == "gate" and not scores.has_gate:
+        raise DataError(f"{uri[SCORES_FILE]}: no 'gate_logit' array; the gate policy needs phase >= 3 scores")
+
+    test_scores = scores.subset("test")
+    test, decisions = _split_metrics(policy, test_scores, delta)
+    calib, _ = _split_metrics(policy, scores.subset("val_calib"), delta)
+    checks = blessing_checks(
+        policy_obj,
+        test,
+        target=target,
+        delta=delta,
+        fnr_rule=fnr_rule,
+        min_coverage=min_coverage,
+        min_exit_accuracy=min_exit_accuracy,
+        max_fpr_exit=max_fpr_exit,
+    )
+    baseline_info = None
+    if baseline is not None:
+        check, baseline_info = _baseline_check(
+            str(baseline), target, test, baseline_tolerance, splits["dataset"]["fingerprint"]
+        )
+        checks.append(check)
+
+    inputs = {name: _sha256(u) for name, u in uri.items()}
+    inputs[policy_name] = _sha256(policy_uri)
+    for name in (MODEL_FILE, MODEL_INFO_FILE):
+        if storage.exists(storage.join(run, name)):
+            inputs[name] = _sha256(storage.join(run, name))
+    lineage = {
+        "data_fingerprint": splits["dataset"]["fingerprint"],
+        "splits_version": splits["splits_version"],
+    }
+    if MODEL_FILE in inputs:
+        lineage["model_version"] = inputs[MODEL_FILE]
+    rule_text = (
+        f"feasible policy certified for target <= {target} at delta <= {delta}; test FNR_exit "
+        f"{'point estimate' if fnr_rule == 'point_estimate' else 'upper bound'} <= {target}; coverage >= "
+        f"{min_coverage}; exit accuracy >= {min_exit_accuracy}; FPR_exit <= {max_fpr_exit}"
+        + (f"; coverage >= baseline - {baseline_tolerance}" if baseline is not None else "")
+    )
+    validation: dict[str, Any] = {
+        "created_at": _now(),
+        "exit_policy": exit_policy,
+        "policy_file": policy_name,
+        "target_fnr_exit": target,
+        "delta": delta,
+        "blessed": all(c["passed"] for c in checks),
+        "rule": {
+            "fnr_rule": fnr_rule,
+            "min_coverage": min_coverage,
+            "min_exit_accuracy": min_exit_accuracy,
+            "max_fpr_exit": max_fpr_exit,
+            "baseline_tolerance": baseline_tolerance,
+            "description": rule_text,
+        },
+        "checks": _clean(checks),
+        "test_metrics": test,
+        "val_calib_metrics": calib,
+        "certificate": policy_obj["certificate"],
+        "confusion": confusion(decisions, test_scores.label),
+        "risk_coverage": risk_coverage(policy, test_scores, decisions, test),
+        "baseline": baseline_info,
+        "inputs": inputs,
+        "lineage": lineage,
+    }
+    model_info = None
+    if MODEL_INFO_FILE in inputs:
+        info_uri = storage.join(run, MODEL_INFO_FILE)
+        model_info = read_artifact(info_uri, "model")
+    validation.update(
+        write_reports(run, validation, config=config, splits=splits, model_info=model_info, fmt=report_format)
+    )
+    written = write_artifact(storage.join(run, DEFAULT_FILENAMES["validation"]), "validation", validation)
+    failed = [c["name"] for c in checks if not c["passed"]]
+    if failed:
+        log.warning("run %s is NOT blessed; failed checks: %s", run, ", ".join(failed))
+    else:
+        log.info(
+            "run %s is blessed (test coverage %.4f, FNR_exit %s)", run, test["coverage"], test.get("fnr_exit")
+        )
+    return written
