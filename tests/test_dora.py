@@ -45,8 +45,8 @@ def _pair(layer: nn.Module, dora: bool, dropout: float = 0.0):
         if dora:
             # same init rule: m = ||W0||_row, computed independently on both sides
             peft_m = peft_layer.lora_magnitude_vector["default"].weight.view(-1)
-            torch.testing.assert_close(ours.magnitude, peft_m)
-            ours.magnitude.copy_(peft_m)  # bitwise, so that float64 steps can be compared tightly
+            torch.testing.assert_close(ours.lora_magnitude, peft_m)
+            ours.lora_magnitude.copy_(peft_m)  # bitwise, so that float64 steps can be compared tightly
     return peft_model, peft_layer, ours
 
 
@@ -58,7 +58,7 @@ def _peft_params(peft_layer, dora: bool) -> list[torch.Tensor]:
 
 
 def _our_params(ours, dora: bool) -> list[torch.Tensor]:
-    return [ours.lora_A, ours.lora_B] + ([ours.magnitude] if dora else [])
+    return [ours.lora_A, ours.lora_B] + ([ours.lora_magnitude] if dora else [])
 
 
 LAYERS = {
@@ -132,12 +132,12 @@ def test_dora_norm_is_detached_and_magnitude_gets_gradient() -> None:
     with torch.no_grad():
         layer.lora_B.normal_()
     layer(torch.randn(3, 8)).sum().backward()
-    assert layer.magnitude.grad is not None and layer.magnitude.grad.abs().sum() > 0
+    assert layer.lora_magnitude.grad is not None and layer.lora_magnitude.grad.abs().sum() > 0
     assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
     assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
     # k = m / ||W0 + sBA|| exactly: the merged weight has row norms equal to m
     torch.testing.assert_close(
-        torch.linalg.vector_norm(layer.merged_weight(), dim=1), layer.magnitude.detach()
+        torch.linalg.vector_norm(layer.merged_weight(), dim=1), layer.lora_magnitude.detach()
     )
 
 
@@ -184,12 +184,14 @@ def test_apply_and_merge_on_a_timm_vit_gives_a_plain_timm_model() -> None:
     )
     assert len(names) == 4 * len(model.blocks)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude") for n in trainable)
+    assert trainable and all(
+        n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude") for n in trainable
+    )
     for module in model.modules():
         if isinstance(module, DoRALayer):
             with torch.no_grad():
                 module.lora_B.normal_(std=0.05)
-                module.magnitude.mul_(1.1)
+                module.lora_magnitude.mul_(1.1)
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     expected = model(x)

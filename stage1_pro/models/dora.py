@@ -52,6 +52,7 @@ __all__ = [
     "apply_adapters",
     "create_adapter",
     "merge_adapters",
+    "wrap_modules",
 ]
 
 #: Why ``peft_method="doran"`` is refused (also printed by the README's "Research phases 4–6").
@@ -170,13 +171,13 @@ class LoRALayer(LowRankAdapter):
 class DoRALayer(LowRankAdapter):
     """DoRA with a detached weight norm, computed without materialising ``W'`` (see module doc).
 
-    ``magnitude`` (one entry per output unit) is the trainable m, initialised to ``‖W0‖_row``.
+    ``lora_magnitude`` (one entry per output unit) is the trainable m, initialised to ``‖W0‖_row``.
     """
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base_layer, rank, alpha, dropout)
         w = base_layer.weight.detach()
-        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w.float().flatten(1), dim=1).to(w.dtype))
+        self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(w.float().flatten(1), dim=1).to(w.dtype))
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
@@ -195,7 +196,7 @@ class DoRALayer(LowRankAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         norm = self.weight_norm()
-        scale = self.magnitude.to(norm.dtype) / norm  # k = m / ‖·‖: the gradient reaches m only
+        scale = self.lora_magnitude.to(norm.dtype) / norm  # k = m / ‖·‖: the gradient reaches m only
         h_in = self.dropout(x)
         if h_in is x:  # no dropout (or eval): one shared input, one fused multiply-add
             base_out = self._base(x, base.weight, None)
@@ -214,7 +215,7 @@ class DoRALayer(LowRankAdapter):
         dtype = torch.promote_types(w.dtype, torch.float32)
         adapted = w.to(dtype) + self.delta_weight().to(dtype)
         norm = torch.linalg.vector_norm(adapted.flatten(1), dim=1)
-        factor = (self.magnitude.to(dtype) / norm).view((-1,) + (1,) * (w.dim() - 1))
+        factor = (self.lora_magnitude.to(dtype) / norm).view((-1,) + (1,) * (w.dim() - 1))
         return factor * adapted
 
 
@@ -313,6 +314,20 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def wrap_modules(
+    model: nn.Module, names: Iterable[str], method: str, *, rank: int, alpha: float, dropout: float = 0.0
+) -> list[str]:
+    """Replace each named submodule of ``model`` by the ``method`` adapter around it (in place).
+
+    Only the wrapped layers' own weights are frozen; freezing the rest of the model is the caller's
+    choice. Returns the names.
+    """
+    names = list(names)
+    for name in names:
+        _set_submodule(model, name, create_adapter(method, model.get_submodule(name), rank, alpha, dropout))
+    return names
+
+
 def apply_adapters(
     model: nn.Module,
     method: str,
@@ -322,7 +337,7 @@ def apply_adapters(
     alpha: float,
     dropout: float = 0.0,
 ) -> list[str]:
-    """Replace every supported layer whose name fully matches ``target_modules`` (a regex) by an adapter.
+    """Wrap every supported layer whose name fully matches the regex ``target_modules``.
 
     Returns the replaced module names. Raises :class:`ConfigError` when nothing matches.
     Layers already wrapped, grouped convolutions and other layer types are skipped.
@@ -338,9 +353,7 @@ def apply_adapters(
             f"no nn.Linear / groups=1 nn.Conv2d module of {type(model).__name__} matches the adapter target "
             f"pattern {target_modules!r}"
         )
-    for name in names:
-        _set_submodule(model, name, create_adapter(method, model.get_submodule(name), rank, alpha, dropout))
-    return names
+    return wrap_modules(model, names, method, rank=rank, alpha=alpha, dropout=dropout)
 
 
 @torch.no_grad()
