@@ -49,24 +49,28 @@ def _png_bytes(fig) -> bytes:
 
 
 def risk_coverage_png(validation: dict[str, Any]) -> bytes:
-    """Risk (FNR_exit) against coverage on test, with the target and the deployed point."""
+    """FNR_exit and selective risk against coverage on test, with the target and the deployed point."""
     rc = validation["risk_coverage"]
-    fig = _figure(5.2, 3.6)
+    fig = _figure(5.4, 3.8)
     ax = fig.add_subplot()
-    cov = [c for c, r in zip(rc["coverage"], rc["risk"], strict=True) if r is not None]
-    risk = [r for r in rc["risk"] if r is not None]
-    ax.plot(cov, risk, lw=1.6, label=f"test, images ordered by {rc['score']}")
+    for key, label, colour in (
+        ("fnr_exit", "FNR_exit", "tab:blue"),
+        ("selective_risk", "selective risk", "tab:grey"),
+    ):
+        pts = [(c, r) for c, r in zip(rc["coverage"], rc[key], strict=True) if r is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), lw=1.6, color=colour, label=label)
     ax.axhline(validation["target_fnr_exit"], color="tab:red", ls="--", lw=1, label="target FNR_exit")
-    op = rc.get("operating_point")
-    if op and op.get("risk") is not None:
-        ax.plot([op["coverage"]], [op["risk"]], "o", color="black", label="deployed policy")
+    op = rc.get("operating_point") or {}
+    if op.get("fnr_exit") is not None:
+        ax.plot([op["coverage"]], [op["fnr_exit"]], "o", color="black", label="deployed policy (FNR_exit)")
     ax.set_xlabel("coverage (fraction of images exited)")
-    ax.set_ylabel("FNR_exit (misses among exited positives)")
+    ax.set_ylabel("risk")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(f"Risk-coverage, {validation['exit_policy']} policy", fontsize=10)
+    ax.set_title(f"Risk-coverage on test, {validation['exit_policy']} policy ({rc['score']})", fontsize=9)
     return _png_bytes(fig)
 
 

@@ -104,15 +104,25 @@ def _clean(x: Any) -> Any:
 
 
 def _split_metrics(policy: Any, scores: Any, delta: float) -> tuple[dict[str, Any], np.ndarray]:
-    """Exit metrics of ``policy`` on one split of the scores, with the FNR_exit CP bound and AURC."""
+    """Exit metrics of ``policy`` on one split of the scores (with the CP bound and AURC)."""
     from stage1_pro import metrics
 
     decisions = np.asarray(policy.decide(scores.probs, scores.gate_logit))
-    m = dict(metrics.exit_metrics(decisions, scores.label))
-    n_pos, k = int(m["n_exited_positives"]), int(m["n_false_negatives"])
-    m["fnr_exit_upper_bound"] = metrics.clopper_pearson_upper(k, n_pos, delta) if n_pos else None
-    m["aurc"] = metrics.aurc(policy_confidence(policy, scores), scores.probs, scores.label)
+    m = metrics.exit_metrics(
+        decisions,
+        scores.label,
+        confidence=policy_confidence(policy, scores),
+        predictions=exit_labels(scores),
+        delta=delta,
+    )
+    if not m["n_exited_positives"]:  # no exited positive: nothing to bound (the CP formula gives 1)
+        m["fnr_exit_upper_bound"] = None
     return _clean(m), decisions
+
+
+def exit_labels(scores: Any) -> np.ndarray:
+    """The class each image exits with when it exits: the classifier's argmax (all three policies)."""
+    return np.argmax(scores.probs, axis=1)
 
 
 def policy_confidence(policy: Any, scores: Any) -> np.ndarray:
@@ -129,22 +139,29 @@ def confusion(decisions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return {"rows": ["label 0", "label 1"], "columns": [DECISION_NAMES[d] for d in cols], "matrix": matrix}
 
 
-def risk_coverage(policy: Any, scores: Any, decisions: np.ndarray, m: dict[str, Any]) -> dict[str, Any]:
-    """The test risk-coverage curve of the policy's confidence, subsampled to CURVE_POINTS."""
+def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]:
+    """FNR_exit and selective risk against coverage on one split, subsampled to CURVE_POINTS."""
     from stage1_pro import metrics
 
-    coverage, risk = metrics.risk_coverage_curve(
-        policy_confidence(policy, scores), scores.probs, scores.label
-    )
-    coverage, risk = np.asarray(coverage, dtype=np.float64), np.asarray(risk, dtype=np.float64)
+    confidence, predictions = policy_confidence(policy, scores), exit_labels(scores)
+    curves = {
+        risk: metrics.risk_coverage_curve(confidence, scores.label, predictions, risk=risk)
+        for risk in ("fnr_exit", "selective")
+    }
+    coverage = np.asarray(curves["fnr_exit"]["coverage"], dtype=np.float64)
+    keep = np.arange(coverage.size)
     if coverage.size > CURVE_POINTS:
         keep = np.unique(np.linspace(0, coverage.size - 1, CURVE_POINTS).round().astype(int))
-        coverage, risk = coverage[keep], risk[keep]
     return {
-        "score": type(policy).__name__,
-        "coverage": _clean(coverage.tolist()),
-        "risk": _clean(risk.tolist()),
-        "operating_point": {"coverage": m["coverage"], "risk": m.get("selective_risk")},
+        "score": f"{type(policy).__name__} confidence",
+        "coverage": _clean(coverage[keep].tolist()),
+        "fnr_exit": _clean(np.asarray(curves["fnr_exit"]["risk"])[keep].tolist()),
+        "selective_risk": _clean(np.asarray(curves["selective"]["risk"])[keep].tolist()),
+        "operating_point": {
+            "coverage": m["coverage"],
+            "fnr_exit": m.get("fnr_exit"),
+            "selective_risk": m.get("selective_risk"),
+        },
     }
 
 
@@ -430,7 +447,7 @@ def validate_run(
         "val_calib_metrics": calib,
         "certificate": policy_obj["certificate"],
         "confusion": confusion(decisions, test_scores.label),
-        "risk_coverage": risk_coverage(policy, test_scores, decisions, test),
+        "risk_coverage": risk_coverage(policy, test_scores, test),
         "baseline": baseline_info,
         "inputs": inputs,
         "lineage": lineage,
