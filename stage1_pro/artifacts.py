@@ -46,7 +46,9 @@ def _kind_or_error(kind: str) -> str:
 
 def _reject_non_finite(value: Any, where: str = "$") -> None:
     if isinstance(value, float) and not math.isfinite(value):
-        raise ArtifactError(f"{where}: {value} is not a finite number (JSON artifacts hold finite numbers only)")
+        raise ArtifactError(
+            f"{where}: {value} is not a finite number (JSON artifacts hold finite numbers only)"
+        )
     if isinstance(value, dict):
         for k, v in value.items():
             _reject_non_finite(v, f"{where}.{k}")
@@ -87,8 +89,30 @@ def parse_json(text: str, source: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = " (the file looks truncated)" if exc.pos >= len(text.rstrip()) else ""
-        raise ArtifactError(f"{source}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{hint}") from exc
+        hint = " (the file looks truncated)" if _looks_truncated(text) else ""
+        raise ArtifactError(
+            f"{source}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{hint}"
+        ) from exc
+
+
+def _looks_truncated(text: str) -> bool:
+    """True when ``text`` is empty or stops inside a string or an open ``{``/``[`` (an interrupted write)."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+    return not text.strip() or in_string or depth > 0
 
 
 def read_artifact(uri: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:
@@ -120,7 +144,11 @@ def dumps_artifact(obj: dict[str, Any]) -> str:
 
 def stamp(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     """Return a copy of ``obj`` with ``artifact`` and ``schema_version`` set."""
-    return {**obj, "artifact": _kind_or_error(kind), "schema_version": obj.get("schema_version", SCHEMA_VERSION)}
+    return {
+        **obj,
+        "artifact": _kind_or_error(kind),
+        "schema_version": obj.get("schema_version", SCHEMA_VERSION),
+    }
 
 
 def write_artifact(uri: str | os.PathLike[str], kind: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -141,4 +169,10 @@ def write_artifact(uri: str | os.PathLike[str], kind: str, obj: dict[str, Any]) 
 
 def is_plain_filename(name: str) -> bool:
     """True for a bare file name (no folder part, not ``.``/``..``): how bundles point at files."""
-    return bool(name) and "/" not in name and "\\" not in name and name not in {".", ".."} and PurePosixPath(name).name == name
+    return (
+        bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and name not in {".", ".."}
+        and PurePosixPath(name).name == name
+    )
