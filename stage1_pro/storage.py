@@ -131,8 +131,10 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes, content_type: str | No
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise StorageError(f"{uri}: cannot write ({exc.strerror or exc})") from exc
         raise
 
 
