@@ -84,12 +84,16 @@ class Stage1ProConfig:
     grad_accum_steps: int = 1
     head_epochs: int = 30
     """Epochs of head training on cached features when finetune_mode=frozen."""
+    augment: str = "none"
+    """Training augmentation on the device: none | shift (random translation) | flip_shift (+ horizontal flip)."""
 
     # --- SelectiveLoss (phase >= 3) ---------------------------------------------------
     selective_penalty: float = 32.0
     """Weight of the squared soft-FNR_exit excess over target in SelectiveLoss."""
     selective_aux_weight: float = 0.5
     """Weight (1 - alpha in SelectiveNet) of the auxiliary full-coverage cross-entropy."""
+    selective_dual_lr: float = 0.0
+    """Step size of SelectiveLoss's Lagrange multiplier on the soft FNR_exit constraint (0: penalty only)."""
 
     # --- research phases ----------------------------------------------------------------
     explora_epochs: int = 2
