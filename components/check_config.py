@@ -1,0 +1,122 @@
+"""Cheap first steps: validate the run's settings, and fingerprint the dataset."""
+
+from typing import NamedTuple
+
+from kfp.dsl import Artifact, Output
+
+from components.base import stage1_component
+
+
+@stage1_component
+def check_config(
+    data_uri: str,
+    phase: int,
+    exit_policy: str,
+    target_fnr_exit: float,
+    delta: float,
+    model_name: str,
+    weights_uri: str,
+    img_size: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    gpu_type: str,
+    gpu_count: int,
+    publish_prefix: str,
+    baseline_bundle: str,
+    config_overrides: dict,
+    config: Output[Artifact],
+) -> NamedTuple(
+    "CheckConfigOutputs",
+    [("gpu_node_selector", dict), ("train_cpu_request", str), ("train_memory_request", str)],
+):
+    """Validate the run's parameters and write the resolved training config (config.json).
+
+    Runs first and on a small CPU pod, so a bad combination (a policy the phase cannot train, a
+    target outside (0, 0.1], an unknown setting in config_overrides, a malformed GPU type) fails
+    before any GPU node is requested. Also derives the train task's node selector from gpu_type and
+    its CPU/memory requests from gpu_count.
+
+    Args:
+        data_uri: Dataset manifest or image-folder prefix (local or gs://).
+        phase: Capability level 1..6.
+        exit_policy: softmax, gate or scrc (allowed set depends on phase).
+        target_fnr_exit: Certified FNR_exit bound, in (0, 0.1].
+        delta: Certificate failure probability, in (0, 0.5].
+        model_name: timm backbone name.
+        weights_uri: Starting weights file; empty for the timm hub's.
+        img_size: Resolution in pixels.
+        epochs: Training epochs.
+        batch_size: Global batch size.
+        lr: Peak learning rate.
+        seed: Seed of splits and training.
+        gpu_type: cloud.google.com/gke-accelerator label value of the GPU node pool.
+        gpu_count: GPUs of the train task (data-parallel workers).
+        publish_prefix: Registry prefix to publish to; empty for none.
+        baseline_bundle: Bundle to compare against; empty for none.
+        config_overrides: Further Stage1ProConfig settings.
+        config: The resolved, schema-validated config.json.
+
+    Returns:
+        gpu_node_selector: Node selector of the train task.
+        train_cpu_request: CPU request of the train task.
+        train_memory_request: Memory request of the train task.
+    """
+    from pipelines.parameters import check_parameters
+    from stage1_pro.config import save_config
+
+    checked = check_parameters(
+        {
+            "data_uri": data_uri,
+            "phase": phase,
+            "exit_policy": exit_policy,
+            "target_fnr_exit": target_fnr_exit,
+            "delta": delta,
+            "model_name": model_name,
+            "weights_uri": weights_uri,
+            "img_size": img_size,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "gpu_type": gpu_type,
+            "gpu_count": gpu_count,
+            "publish_prefix": publish_prefix,
+            "baseline_bundle": baseline_bundle,
+            "config_overrides": config_overrides,
+        }
+    )
+    save_config(checked.config, config.path)
+    config.metadata.update({"phase": phase, "exit_policy": exit_policy, "model_name": model_name})
+    print(
+        f"[stage1-pro] check-config: phase {phase}, exit_policy {exit_policy}, target_fnr_exit "
+        f"{target_fnr_exit}, delta {delta}, {model_name} @ {img_size}px; train on {gpu_count} x {gpu_type} "
+        f"(cpu {checked.train_cpu_request}, memory {checked.train_memory_request})"
+    )
+    return checked.gpu_node_selector, checked.train_cpu_request, checked.train_memory_request
+
+
+@stage1_component
+def fingerprint(data_uri: str) -> str:
+    """Fingerprint the dataset: the sha256 of its canonical manifest (image URIs and labels).
+
+    Never cached. split, prepare and train take the fingerprint as an input, so their cached
+    results are reused only while the dataset is unchanged; a dataset with new or relabelled images
+    gets a new fingerprint and everything downstream recomputes.
+
+    Args:
+        data_uri: Dataset manifest or image-folder prefix (local or gs://).
+
+    Returns:
+        The dataset fingerprint (64 hex digits).
+    """
+    from stage1_pro.data import load_dataset
+
+    dataset = load_dataset(data_uri, check_files=False)
+    positives = int(dataset.labels.sum())
+    print(
+        f"[stage1-pro] fingerprint: {len(dataset)} images ({positives} positive) in {data_uri}: "
+        f"{dataset.fingerprint[:16]}..."
+    )
+    return dataset.fingerprint

@@ -1,0 +1,68 @@
+"""Data components: deterministic splits, and decoding every image once into training shards."""
+
+from kfp.dsl import Dataset, Input, Output
+
+from components.base import stage1_component
+
+
+@stage1_component
+def split(data_uri: str, data_fingerprint: str, seed: int, splits: Output[Dataset]):
+    """Split the dataset into train / val_select / val_calib / test (splits.json).
+
+    Deterministic for a seed, stratified by label and group-aware (a manifest's group column keeps
+    near-duplicates in one split). val_select is used to choose and fit (checkpoint, calibrators,
+    testing order), val_calib only to certify, test only to audit.
+
+    Args:
+        data_uri: Dataset manifest or image-folder prefix (local or gs://).
+        data_fingerprint: Fingerprint from the fingerprint step; the split fails if the dataset
+            changed in between, and a new fingerprint invalidates the cached split.
+        seed: Split seed.
+        splits: The validated splits.json (indices per split, class balance, dataset fingerprint).
+    """
+    from stage1_pro.errors import DataError
+    from stage1_pro.splits import split_dataset
+
+    result = split_dataset(data_uri, splits.path, seed=seed)
+    found = result["dataset"]["fingerprint"]
+    if found != data_fingerprint:
+        raise DataError(
+            f"{data_uri}: the dataset changed while the pipeline ran (fingerprint {found[:12]}... now, "
+            f"{data_fingerprint[:12]}... at the start); rerun the pipeline"
+        )
+    balance = result["class_balance"]
+    splits.metadata.update({name: int(balance[name]["n"]) for name in balance})
+    splits.metadata["data_fingerprint"] = found
+    print(
+        "[stage1-pro] split: "
+        + ", ".join(f"{name} {b['n']} ({b['positive_rate']:.1%} positive)" for name, b in balance.items())
+    )
+
+
+@stage1_component
+def prepare(
+    data_uri: str,
+    data_fingerprint: str,
+    img_size: int,
+    splits: Input[Dataset],
+    prepared: Output[Dataset],
+):
+    """Decode every image once, resized to the training resolution, into compact shards.
+
+    Training then reads shards instead of decoding full-size photos every epoch (a 12-MP JPEG
+    decodes at about 5 images/s per CPU core). Runs on CPU with parallel workers; cached on the
+    data fingerprint and the image size. Corrupt images are reported by name and left out.
+
+    Args:
+        data_uri: Dataset manifest or image-folder prefix (local or gs://).
+        data_fingerprint: Dataset fingerprint (cache key: a changed dataset is prepared again).
+        img_size: Training resolution in pixels.
+        splits: splits.json from the split step.
+        prepared: Folder of shards and their index.
+    """
+    from stage1_pro.prepare import prepare_dataset
+
+    summary = prepare_dataset(data_uri, splits.path, prepared.path, img_size)
+    prepared.metadata.update({"img_size": img_size, "data_fingerprint": data_fingerprint})
+    prepared.metadata.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
+    print(f"[stage1-pro] prepare: {summary}")

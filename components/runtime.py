@@ -1,0 +1,178 @@
+"""Helpers the components call inside their containers (KFP glue, not statistics or training).
+
+KFP artifacts are immutable: a step cannot add files to an upstream step's output. The library,
+however, works on one run directory (train writes it, calibrate adds the policy file, validate its
+report, export reads them all). :func:`stage_run_dir` bridges the two: it assembles a scratch run
+directory from upstream artifacts with symlinks (no copy of the weights), the library works there,
+and the component copies what it wrote to its own outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+#: Most points of a ROC curve sent to the KFP UI (it renders every point it is given).
+MAX_ROC_POINTS = 200
+
+
+def checkpoint_dir(model_uri: str) -> str:
+    """Where the train task keeps its resumable checkpoints: next to its output, outside it.
+
+    The KFP driver derives an output artifact's URI from the pipeline root, the run ID and the
+    task name, so every retry of the train task (``set_retry``: a preempted GPU node) sees the same
+    URI, and a new run a fresh one. The checkpoints go to ``<model uri>.checkpoints``, written
+    straight to ``gs://`` on a cluster, because files under the task's local output folder are
+    uploaded only when the task succeeds and are lost with a killed pod.
+    """
+    return model_uri.rstrip("/") + ".checkpoints"
+
+
+def stage_run_dir(
+    dest: str | os.PathLike[str], run_dir: str | os.PathLike[str], extra: Mapping[str, str]
+) -> Path:
+    """Build a run directory in ``dest``: symlinks to every file of ``run_dir``, plus ``extra``.
+
+    Args:
+        dest: an empty scratch folder.
+        run_dir: the train task's run directory.
+        extra: file name in the staged run -> source file (a policy file, validation outputs).
+    """
+    work = Path(dest)
+    work.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(Path(run_dir).iterdir()):
+        if entry.is_file():
+            (work / entry.name).symlink_to(entry.resolve())
+    for name, source in extra.items():
+        target = work / name
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        target.symlink_to(Path(source).resolve())
+    return work
+
+
+def written_files(work: str | os.PathLike[str]) -> list[Path]:
+    """Regular files in a staged run directory that a library call created (not the symlinks)."""
+    return sorted(p for p in Path(work).iterdir() if p.is_file() and not p.is_symlink())
+
+
+def policy_file_name(policy_path: str) -> str:
+    """The conventional file name (``thresholds.json`` ...) of the policy artifact at ``policy_path``."""
+    from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact
+    from stage1_pro.errors import ArtifactError
+
+    kind = read_artifact(policy_path)["artifact"]
+    if kind not in POLICY_ARTIFACT_KINDS.values():
+        raise ArtifactError(f"{policy_path}: a {kind!r} artifact, not a policy file")
+    return DEFAULT_FILENAMES[kind]
+
+
+def log_metrics(metrics: Any, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Log the finite numbers (and booleans, as 0/1) of ``values`` to a KFP ``Metrics`` artifact."""
+    for key, value in values.items():
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, int | float) and math.isfinite(value):
+            metrics.log_metric(f"{prefix}{key}", float(value))
+
+
+def calibrate(
+    policy: str,
+    scores_path: str,
+    policy_artifact: Any,
+    metrics: Any,
+    target_fnr_exit: float,
+    delta: float,
+) -> dict[str, Any]:
+    """Certify ``policy`` on the scores' val_calib split, write the policy file, log its certificate."""
+    from stage1_pro.calibrate import calibrate_policy
+
+    result = calibrate_policy(
+        policy, scores_path, policy_artifact.path, target_fnr_exit=target_fnr_exit, delta=delta
+    )
+    certificate = result["certificate"]
+    calib = result.get("val_calib_metrics", {})
+    log_metrics(metrics, calib, prefix="val_calib_")
+    log_metrics(
+        metrics,
+        {
+            "certified_fnr_exit_upper_bound": certificate.get("upper_bound"),
+            "certified_feasible": certificate.get("feasible"),
+            "certified_n_exited_positives": certificate.get("n"),
+            "certified_false_negatives": certificate.get("k"),
+            "target_fnr_exit": target_fnr_exit,
+            "delta": delta,
+        },
+    )
+    policy_artifact.metadata.update(
+        {
+            "exit_policy": policy,
+            "feasible": bool(result["feasible"]),
+            "procedure": certificate.get("procedure", ""),
+        }
+    )
+    bound = certificate.get("upper_bound")
+    print(
+        f"[stage1-pro] calibrate-{policy}: feasible={result['feasible']}, val_calib coverage "
+        f"{_fmt(calib.get('coverage'))}, certified FNR_exit <= {_fmt(bound)} at 1-delta={1 - delta:g} "
+        f"(target {target_fnr_exit:g})"
+    )
+    if not result["feasible"]:
+        print(f"[stage1-pro] WARNING: nothing certified for {policy}; the policy defers every image")
+    return result
+
+
+def log_validation(validation: Mapping[str, Any], scores_path: str, metrics: Any, exits: Any) -> None:
+    """Send a validation result to the KFP UI: scalars, the confusion matrix on exits, the test ROC.
+
+    The confusion matrix covers exited test images only (true class x exit decision); deferred
+    images are counted in the ``Metrics`` (``test_n_deferred``). The ROC is that of the positive-class
+    probability on the whole test split, the score every policy starts from.
+    """
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    from stage1_pro.scores import load_scores
+
+    test = validation["test_metrics"]
+    log_metrics(metrics, test, prefix="test_")
+    certificate = validation.get("certificate") or {}
+    log_metrics(
+        metrics,
+        {
+            "certified_fnr_exit_upper_bound": certificate.get("upper_bound"),
+            "target_fnr_exit": validation["target_fnr_exit"],
+            "delta": validation["delta"],
+            "blessed": bool(validation["blessed"]),
+        },
+    )
+    confusion = validation["confusion"]
+    matrix = confusion["matrix"]  # rows: true 0/1; columns: exit-negative, exit-positive, defer
+    exits.log_confusion_matrix(
+        ["negative", "positive"],
+        [[int(matrix[0][0]), int(matrix[0][1])], [int(matrix[1][0]), int(matrix[1][1])]],
+    )
+    metrics.log_metric("test_n_deferred", float(matrix[0][2] + matrix[1][2]))
+
+    scores = load_scores(scores_path).subset("test")
+    if len(np.unique(scores.label)) == 2:
+        fpr, tpr, thresholds = roc_curve(scores.label, scores.probs[:, 1])
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), MAX_ROC_POINTS)).round().astype(int))
+        # roc_curve's first threshold is +inf ("exit nothing"); the UI needs finite numbers.
+        exits.log_roc_curve(
+            fpr[keep].tolist(), tpr[keep].tolist(), np.minimum(thresholds[keep], 1.0).tolist()
+        )
+
+
+def copy_file(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Copy one file, creating the destination's folder."""
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,64 @@
+"""The train component: the pipeline's only GPU task."""
+
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.base import stage1_component
+
+
+@stage1_component(gpu=True)
+def train(
+    config: Input[Artifact],
+    splits: Input[Dataset],
+    prepared: Input[Dataset],
+    data_fingerprint: str,
+    gpu_count: int,
+    model: Output[Model],
+    scores: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Train the stage-1 network for the config's phase and score every held-out split.
+
+    Reads the prepared shards (no image decoding per epoch). Picks the checkpoint on val_select and
+    writes the scores contract (class probabilities and, from phase 3, gate logits) for val_select,
+    val_calib and test, which calibration and validation use without the model. With gpu_count > 1
+    it trains data-parallel in this pod (DDP, one process per GPU, launched by torchrun) with the
+    same global batch. Checkpoints every epoch next to the output artifact, so a retry after a
+    preempted node resumes where the killed pod stopped.
+
+    Args:
+        config: Resolved config.json from check-config.
+        splits: splits.json from the split step.
+        prepared: Prepared shards from the prepare step.
+        data_fingerprint: Dataset fingerprint (cache key: a changed dataset is never served from cache).
+        gpu_count: GPUs of this task = data-parallel processes.
+        model: Run directory: model_best.pth, model.json, config.json, splits.json, metrics.csv, scores.npz.
+        scores: scores.npz (val_select, val_calib, test).
+        metrics: Training summary (best val_select metrics, epochs, wall time).
+    """
+    import os
+
+    from components.runtime import checkpoint_dir, copy_file, log_metrics
+    from stage1_pro.config import load_config
+    from stage1_pro.training import train as train_run
+
+    cfg = load_config(config.path)
+    summary = train_run(
+        cfg,
+        prepared_uri=prepared.path,
+        splits_uri=splits.path,
+        out_dir=model.path,
+        checkpoint_dir=checkpoint_dir(model.uri),
+        nproc=gpu_count,
+    )
+    copy_file(os.path.join(model.path, "scores.npz"), scores.path)
+    log_metrics(metrics, summary)
+    model.metadata.update(
+        {
+            "framework": "pytorch",
+            "model_name": cfg.model_name,
+            "phase": cfg.phase,
+            "img_size": cfg.img_size,
+            "data_fingerprint": data_fingerprint,
+        }
+    )
+    print(f"[stage1-pro] train: {summary}")

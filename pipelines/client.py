@@ -1,0 +1,367 @@
+"""Upload, run and schedule the pipeline on a Kubeflow Pipelines server (``kfp.Client``, REST v2beta1).
+
+- :func:`upload`: the first upload creates the pipeline; later ones add a version to it. A
+  version is named after the package's content (``<stage1-pro version>-<sha256[:12]>``), so
+  uploading the same package again reuses the existing version instead of adding a duplicate.
+- :func:`submit_run`: one run, from a package or from an uploaded version, parameters checked
+  locally first (:func:`pipelines.parameters.check_parameters`).
+- :func:`schedule`: recurring retraining. KFP cannot update a recurring run in place
+  (kubeflow/pipelines#3789), so scheduling under an existing name uploads the package as a new
+  version, creates a recurring run pinned to that version (``max_concurrency=1``,
+  ``no_catchup=True``) and then deletes the previous recurring runs of that name. Creating before
+  deleting means a failure leaves the old schedule running rather than none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stage1_pro import __version__
+from stage1_pro.errors import ConfigError, Stage1ProError
+
+
+class KFPError(Stage1ProError):
+    """The Kubeflow Pipelines server refused a request or cannot be reached."""
+
+
+DEFAULT_PIPELINE_NAME = "stage1-pro"
+DEFAULT_EXPERIMENT = "stage1-pro"
+_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """A pipeline version on the server."""
+
+    pipeline_id: str
+    version_id: str
+    version_name: str
+    created_pipeline: bool
+    reused_version: bool
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """A recurring run created by :func:`schedule`, and the ones it replaced."""
+
+    recurring_run_id: str
+    experiment_id: str
+    upload: Uploaded
+    replaced: list[str] = field(default_factory=list)
+
+
+def connect(host: str, *, namespace: str | None = None, token: str | None = None) -> Any:
+    """A ``kfp.Client`` for ``host`` (it checks ``/apis/v2beta1/healthz`` on creation)."""
+    import kfp
+
+    if not host:
+        raise ConfigError("no Kubeflow Pipelines host: pass --host URL (or set KFP_HOST)")
+    try:
+        return kfp.Client(host=host, namespace=namespace, existing_token=token)
+    except Exception as exc:  # urllib3 MaxRetryError, ApiException, ...
+        raise KFPError(f"cannot reach Kubeflow Pipelines at {host}: {_reason(exc)}") from exc
+
+
+def version_name_for(package: str | os.PathLike[str]) -> str:
+    """The content-derived version name of a package: ``<stage1-pro version>-<sha256[:12]>``."""
+    digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()
+    return f"{__version__}-{digest[:12]}"
+
+
+def upload(
+    client: Any,
+    package: str | os.PathLike[str],
+    name: str = DEFAULT_PIPELINE_NAME,
+    *,
+    version: str | None = None,
+    description: str | None = None,
+) -> Uploaded:
+    """Upload ``package`` as pipeline ``name`` (first time) or as a new version of it."""
+    version = version or version_name_for(package)
+    pipeline_id = _call(client.get_pipeline_id, name)
+    if pipeline_id is None:
+        pipeline = _call(client.upload_pipeline, str(package), pipeline_name=name, description=description)
+        versions = list(
+            _paged(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pipeline.pipeline_id)
+        )
+        if not versions:
+            raise KFPError(f"pipeline {name!r} ({pipeline.pipeline_id}) was created but lists no version")
+        first = versions[0]
+        return Uploaded(pipeline.pipeline_id, first.pipeline_version_id, first.display_name, True, False)
+    existing = [
+        v
+        for v in _paged(
+            client.list_pipeline_versions,
+            "pipeline_versions",
+            pipeline_id=pipeline_id,
+            filter=_name_filter(version),
+        )
+        if v.display_name == version
+    ]
+    if existing:
+        return Uploaded(pipeline_id, existing[0].pipeline_version_id, version, False, True)
+    created = _call(
+        client.upload_pipeline_version,
+        str(package),
+        pipeline_version_name=version,
+        pipeline_id=pipeline_id,
+        description=description,
+    )
+    return Uploaded(pipeline_id, created.pipeline_version_id, version, False, False)
+
+
+def find_version(client: Any, name: str, version: str | None = None) -> Uploaded:
+    """An uploaded version of pipeline ``name``: the one named ``version``, else the newest."""
+    pipeline_id = _call(client.get_pipeline_id, name)
+    if pipeline_id is None:
+        raise KFPError(
+            f"no pipeline named {name!r} on the server; upload it with 'stage1-pro upload --name {name}'"
+        )
+    versions = list(_paged(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pipeline_id))
+    if version is not None:
+        versions = [v for v in versions if v.display_name == version]
+        if not versions:
+            raise KFPError(f"pipeline {name!r} has no version {version!r}")
+    if not versions:
+        raise KFPError(f"pipeline {name!r} has no versions")
+    newest = max(versions, key=lambda v: str(v.created_at or ""))
+    return Uploaded(pipeline_id, newest.pipeline_version_id, newest.display_name, False, True)
+
+
+def submit_run(
+    client: Any,
+    *,
+    experiment: str,
+    params: Mapping[str, Any],
+    package: str | os.PathLike[str] | None = None,
+    version: Uploaded | None = None,
+    run_name: str | None = None,
+    pipeline_root: str | None = None,
+    enable_caching: bool | None = None,
+) -> str:
+    """Start one run; return its ID. Exactly one of ``package`` and ``version`` is needed.
+
+    ``enable_caching=False`` turns caching off for every task of this run. (The SDK's ``True``
+    would also turn it *on* for the fingerprint step, whose not being cached is what keeps a changed
+    dataset from being served stale results, so only ``False`` or ``None`` are accepted.)
+    """
+    from pipelines.parameters import check_parameters
+
+    if (package is None) == (version is None):
+        raise ValueError("pass exactly one of package and version")
+    if enable_caching:
+        raise ConfigError(
+            "enable_caching=True would cache the fingerprint step; use None (the compiled setting)"
+        )
+    check_parameters(params)
+    experiment_id = _experiment_id(client, experiment)
+    run_name = run_name or f"stage1-pro-{params.get('exit_policy', 'softmax')}"
+    kwargs: dict[str, Any] = {
+        "experiment_id": experiment_id,
+        "job_name": run_name,
+        "params": dict(params),
+        "pipeline_root": pipeline_root,
+        "enable_caching": enable_caching,
+    }
+    if package is not None:
+        kwargs["pipeline_package_path"] = str(package)
+    else:
+        kwargs.update(pipeline_id=version.pipeline_id, version_id=version.version_id)
+    created = _call(client.run_pipeline, **kwargs)
+    return created.run_id
+
+
+def schedule(
+    client: Any,
+    *,
+    name: str,
+    cron: str,
+    package: str | os.PathLike[str],
+    params: Mapping[str, Any],
+    experiment: str = DEFAULT_EXPERIMENT,
+    pipeline_name: str = DEFAULT_PIPELINE_NAME,
+    pipeline_root: str | None = None,
+) -> Scheduled:
+    """Create (or replace) the recurring run ``name``, pinned to ``package`` uploaded as a new version."""
+    from pipelines.parameters import check_parameters
+
+    cron = validate_cron(cron)
+    check_parameters(params)
+    uploaded = upload(client, package, pipeline_name)
+    experiment_id = _experiment_id(client, experiment)
+    previous = [r.recurring_run_id for r in recurring_runs_named(client, name, experiment_id)]
+    created = _call(
+        client.create_recurring_run,
+        experiment_id=experiment_id,
+        job_name=name,
+        description=f"stage1-pro retraining ({pipeline_name} version {uploaded.version_name}); cron '{cron}'",
+        cron_expression=cron,
+        max_concurrency=1,
+        no_catchup=True,
+        params=dict(params),
+        pipeline_id=uploaded.pipeline_id,
+        version_id=uploaded.version_id,
+        enabled=True,
+        pipeline_root=pipeline_root,
+    )
+    for recurring_run_id in previous:
+        _call(client.delete_recurring_run, recurring_run_id)
+    return Scheduled(created.recurring_run_id, experiment_id, uploaded, previous)
+
+
+def unschedule(client: Any, *, name: str, experiment: str = DEFAULT_EXPERIMENT) -> list[str]:
+    """Delete every recurring run named ``name`` in ``experiment``; return their IDs."""
+    experiment_id = _experiment_id(client, experiment)
+    removed = [r.recurring_run_id for r in recurring_runs_named(client, name, experiment_id)]
+    for recurring_run_id in removed:
+        _call(client.delete_recurring_run, recurring_run_id)
+    return removed
+
+
+def recurring_runs_named(client: Any, name: str, experiment_id: str) -> list[Any]:
+    """Recurring runs of ``experiment_id`` whose display name is ``name``."""
+    return [
+        r
+        for r in _paged(
+            client.list_recurring_runs,
+            "recurring_runs",
+            experiment_id=experiment_id,
+            filter=_name_filter(name),
+        )
+        if r.display_name == name
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# KFP cron: 6 fields, seconds first (robfig/cron), or a descriptor.
+
+_CRON_FIELDS: tuple[tuple[str, int, int], ...] = (
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 0, 6),
+)
+_MONTHS = {
+    m: i + 1
+    for i, m in enumerate(
+        ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+    )
+}
+_DAYS = {d: i for i, d in enumerate(["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])}
+_DESCRIPTORS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_EVERY = re.compile(r"^@every\s+(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+def validate_cron(expression: str) -> str:
+    """Return ``expression`` normalised if it is a valid KFP cron, else raise :class:`ConfigError`.
+
+    KFP uses 6 fields with seconds first (``second minute hour day-of-month month day-of-week``,
+    e.g. ``0 0 2 * * *`` for 02:00 every day) or a descriptor (``@daily``, ``@every 6h``).
+    """
+    text = " ".join(str(expression).split())
+    if text.startswith("@"):
+        if text in _DESCRIPTORS or _EVERY.match(text):
+            return text
+        raise ConfigError(
+            f"cron {expression!r}: unknown descriptor; use one of {', '.join(_DESCRIPTORS)} or '@every 6h'"
+        )
+    fields = text.split(" ") if text else []
+    if len(fields) != 6:
+        hint = f"; did you mean '0 {text}' (seconds first)?" if len(fields) == 5 else ""
+        raise ConfigError(
+            f"cron {expression!r} has {len(fields)} fields; KFP cron has 6, seconds first: "
+            f"'second minute hour day-of-month month day-of-week', e.g. '0 0 2 * * *' for 02:00 daily{hint}"
+        )
+    for text_field, (label, low, high) in zip(fields, _CRON_FIELDS, strict=True):
+        names = _MONTHS if label == "month" else _DAYS if label == "day of week" else {}
+        _check_cron_field(expression, text_field, label, low, high, names)
+    return text
+
+
+def _check_cron_field(
+    expression: str, text: str, label: str, low: int, high: int, names: dict[str, int]
+) -> None:
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"cron {expression!r}: {label} field {text!r} {why}")
+
+    def number(token: str) -> int:
+        token_upper = token.upper()
+        if token_upper in names:
+            return names[token_upper]
+        if not token.isdigit():
+            raise bad(f"has {token!r}, not a number{' or name' if names else ''}")
+        value = int(token)
+        if not low <= value <= high:
+            raise bad(f"has {value}, outside {low}-{high}")
+        return value
+
+    for part in text.split(","):
+        base, slash, step = part.partition("/")
+        if slash and (not step.isdigit() or int(step) == 0):
+            raise bad(f"has step {step!r}; a step is a positive integer")
+        if base in ("*", "?"):
+            if base == "?" and label not in ("day of month", "day of week"):
+                raise bad("uses '?', allowed only for day of month and day of week")
+            continue
+        start, dash, end = base.partition("-")
+        if not start:
+            raise bad("has an empty value")
+        first = number(start)
+        if dash and number(end) < first:
+            raise bad(f"has the range {base!r}, which runs backwards")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    return _call(client.create_experiment, name).experiment_id  # get-or-create
+
+
+def _name_filter(name: str) -> str:
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+
+
+def _paged(method: Any, items: str, **kwargs: Any) -> Iterator[Any]:
+    token = ""
+    while True:
+        page = _call(method, page_token=token, page_size=_PAGE_SIZE, **kwargs)
+        yield from getattr(page, items, None) or []
+        token = getattr(page, "next_page_token", None) or ""
+        if not token:
+            return
+
+
+def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a ``kfp.Client`` method; server and connection errors become :class:`KFPError`."""
+    import urllib3
+    from kfp_server_api.exceptions import OpenApiException
+
+    try:
+        return method(*args, **kwargs)
+    except (OpenApiException, urllib3.exceptions.HTTPError, ValueError) as exc:
+        name = getattr(method, "__name__", "request")
+        raise KFPError(f"Kubeflow Pipelines {name} failed: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    status = getattr(exc, "status", None)
+    body = getattr(exc, "body", None)
+    if status is not None:
+        message = body
+        if isinstance(body, str | bytes):
+            try:
+                message = json.loads(body).get("message", body)
+            except (ValueError, AttributeError):
+                message = body
+        return f"HTTP {status}: {message}"
+    return str(exc) or type(exc).__name__
