@@ -91,7 +91,7 @@ def parse_fractions(
     total = sum(out.values())
     if abs(total - 1.0) > FRACTION_TOLERANCE:
         shown = ", ".join(f"{k}={v:g}" for k, v in out.items())
-        raise ConfigError(f"fractions: {shown} sum to {total:.6g}, not 1; adjust them so they add up to 1")
+        raise ConfigError(f"fractions: {shown} sum to {total:.10g}, not 1; adjust them so they add up to 1")
     return out
 
 
