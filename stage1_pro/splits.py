@@ -204,21 +204,21 @@ def make_splits(
 
 def _check_split(dataset: Dataset, name: str, fraction: float, n: int, n_pos: int, n_groups: int) -> None:
     about = (
-        f"{dataset.source} has {len(dataset)} samples ({dataset.n_positive} positive, "
+        f"{dataset.source} ({len(dataset)} samples: {dataset.n_positive} positive, "
         f"{len(dataset) - dataset.n_positive} negative"
         + (f", {n_groups} groups" if dataset.groups is not None else "")
         + ")"
     )
     if n == 0:
         raise DataError(
-            f"split {name!r} would be empty: fraction {fraction:g} of {about} gets no sample; "
+            f"split {name!r} would be empty: fraction {fraction:g} of {about} gives it no sample; "
             f"raise its fraction or add data"
         )
     for cls, count, what in ((1, n_pos, "positive"), (0, n - n_pos, "negative")):
         if count == 0:
             raise DataError(
                 f"split {name!r} would have no {what} sample (label {cls}): "
-                f"it gets {n} sample(s) of {about}; "
+                f"it gets {n} of the samples of {about}; "
                 f"every split needs both classes: add {what} images or raise the fraction of {name!r}"
             )
 

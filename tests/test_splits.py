@@ -216,8 +216,8 @@ def test_empty_split_named_with_counts_and_nothing_written(tmp_path: Path) -> No
     with pytest.raises(DataError) as info:
         split_dataset(manifest, out, fractions=[0.5, 0.2, 0.3, 0.0], check_files=False)
     assert str(info.value) == (
-        f"split 'test' would be empty: fraction 0 of {manifest} has 10 samples (5 positive, 5 negative) "
-        "gets no sample; raise its fraction or add data"
+        f"split 'test' would be empty: fraction 0 of {manifest} (10 samples: 5 positive, 5 negative) "
+        "gives it no sample; raise its fraction or add data"
     )
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]
 
@@ -226,14 +226,15 @@ def test_split_without_a_class_named() -> None:
     ds = synthetic(40, positive_rate=0.0)
     ds.labels[:3] = 1  # three positives for four splits
     with pytest.raises(
-        DataError, match=r"split 'test' would have no positive sample \(label 1\): it gets 6 sample"
+        DataError,
+        match=r"split 'test' would have no positive sample \(label 1\): it gets 6 of the samples of synthetic \(40",
     ):
         make_splits(ds, fractions=[0.4, 0.2, 0.25, 0.15])
 
 
 def test_empty_split_with_groups_counts_groups() -> None:
     ds = synthetic(300, groups=3)
-    with pytest.raises(DataError, match=r"would be empty: .*has 300 samples .*, 3 groups\)"):
+    with pytest.raises(DataError, match=r"would be empty: .*\(300 samples: .*, 3 groups\)"):
         make_splits(ds)
 
 
