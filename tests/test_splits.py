@@ -227,8 +227,8 @@ def test_split_without_a_class_named() -> None:
     ds.labels[:3] = 1  # three positives for four splits
     with pytest.raises(
         DataError,
-        match=r"split 'test' would have no positive sample \(label 1\): it gets 6 of the samples of synthetic "
-        r"\(40 samples: 3 positive",
+        match=r"split 'test' would have no positive sample \(label 1\): "
+        r"it gets 6 of the samples of synthetic \(40 samples: 3 positive",
     ):
         make_splits(ds, fractions=[0.4, 0.2, 0.25, 0.15])
 
