@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,9 +149,10 @@ def submit_run(
 ) -> str:
     """Start one run; return its ID. Exactly one of ``package`` and ``version`` is needed.
 
-    ``enable_caching=False`` turns caching off for every task of this run. (The SDK's ``True``
-    would also turn it *on* for the fingerprint step, whose not being cached is what keeps a changed
-    dataset from being served stale results, so only ``False`` or ``None`` are accepted.)
+    ``enable_caching=False`` turns caching off for every task of this run (runs of a package only:
+    KFP applies no caching override to an uploaded version). ``True`` is refused: it would also
+    cache the fingerprint step, whose not being cached is what keeps a changed dataset from being
+    served stale results.
     """
     from pipelines.parameters import check_parameters
 
@@ -159,6 +161,11 @@ def submit_run(
     if enable_caching:
         raise ConfigError(
             "enable_caching=True would cache the fingerprint step; use None (the compiled setting)"
+        )
+    if enable_caching is False and package is None:
+        raise ConfigError(
+            "caching cannot be turned off for a run of an uploaded version (KFP ignores it); run a "
+            "package instead (--package, or no --pipeline)"
         )
     check_parameters(params)
     experiment_id = _experiment_id(client, experiment)
@@ -170,12 +177,30 @@ def submit_run(
         "pipeline_root": pipeline_root,
         "enable_caching": enable_caching,
     }
-    if package is not None:
-        kwargs["pipeline_package_path"] = str(package)
-    else:
+    if version is not None:
         kwargs.update(pipeline_id=version.pipeline_id, version_id=version.version_id)
-    created = _call(client.run_pipeline, **kwargs)
-    return created.run_id
+        return _call(client.run_pipeline, **kwargs).run_id
+    with tempfile.TemporaryDirectory(prefix="stage1-pro-run-") as tmp:
+        if enable_caching is False:
+            # The SDK's override reaches only the root DAG's tasks, not those inside the branches.
+            package = without_caching(package, Path(tmp, "pipeline.yaml"))
+            kwargs["enable_caching"] = None
+        kwargs["pipeline_package_path"] = str(package)
+        return _call(client.run_pipeline, **kwargs).run_id
+
+
+def without_caching(package: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Copy ``package`` to ``out`` with caching turned off for every task of every DAG."""
+    import yaml
+
+    docs = list(yaml.safe_load_all(Path(package).read_text(encoding="utf-8")))
+    spec = docs[0]
+    for dag in [spec["root"], *spec.get("components", {}).values()]:
+        for task in dag.get("dag", {}).get("tasks", {}).values():
+            if "cachingOptions" in task:  # container tasks (groups have none)
+                task["cachingOptions"]["enableCache"] = False
+    Path(out).write_text(yaml.safe_dump_all(docs, sort_keys=True), encoding="utf-8")
+    return Path(out)
 
 
 def schedule(

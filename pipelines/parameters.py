@@ -344,5 +344,6 @@ def _check_types(values: Mapping[str, Any]) -> None:
 
 
 def _suggest(name: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
+    choices = list(choices)
+    close = [c for c in choices if c.startswith(name)] or difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,479 @@
+"""kfp.Client calls (upload, new version, run, recurring run and its replacement) against a loopback
+HTTP server that answers the KFP v2beta1 REST shapes; the tests assert the payloads it received.
+
+kfp_server_api talks through urllib3 directly, so request-mocking libraries do not see it; a real
+socket server does, and exercises the SDK's own serialisation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import yaml
+
+from pipelines.client import (
+    KFPError,
+    connect,
+    find_version,
+    schedule,
+    submit_run,
+    unschedule,
+    upload,
+    validate_cron,
+    version_name_for,
+)
+from stage1_pro.cli import main
+from stage1_pro.errors import ConfigError
+
+API = "/apis/v2beta1"
+PARAMS = {"data_uri": "gs://bucket/data/manifest.csv", "phase": 3, "exit_policy": "gate", "epochs": 2}
+
+
+class FakeKFP:
+    """The slice of the KFP v2beta1 REST API that kfp.Client uses here, with an in-memory store."""
+
+    def __init__(self) -> None:
+        self.log: list[dict[str, Any]] = []
+        self.pipelines: dict[str, dict] = {}
+        self.versions: dict[str, list[dict]] = {}
+        self.experiments: dict[str, dict] = {}
+        self.runs: dict[str, dict] = {}
+        self.recurring: dict[str, dict] = {}
+        self.uploads: list[bytes] = []
+        self._ids = itertools.count(1)
+        self._clock = itertools.count(1)
+
+    def new_id(self, kind: str) -> str:
+        return f"{kind}-{next(self._ids)}"
+
+    def stamp(self) -> str:
+        return f"2026-01-01T00:00:{next(self._clock):02d}Z"
+
+    # -- request handling ---------------------------------------------------------------------
+    def handle(
+        self, method: str, path: str, query: dict[str, str], body: bytes, ctype: str
+    ) -> tuple[int, dict]:
+        payload = json.loads(body) if body and ctype.startswith("application/json") else None
+        self.log.append({"method": method, "path": path, "query": query, "json": payload})
+        routes = [
+            ("GET", r"/healthz", lambda: {"multi_user": False}),
+            ("GET", r"/pipelines", lambda: self._list("pipelines", self.pipelines.values(), query)),
+            ("POST", r"/pipelines/upload", lambda: self._upload(query, body)),
+            ("POST", r"/pipelines/upload_version", lambda: self._upload_version(query, body)),
+            ("GET", r"/pipelines/(?P<pid>[^/]+)/versions", lambda pid: self._list_versions(pid, query)),
+            ("GET", r"/experiments", lambda: self._list("experiments", self.experiments.values(), query)),
+            ("POST", r"/experiments", lambda: self._create("experiments", "experiment_id", payload)),
+            ("POST", r"/runs", lambda: self._create("runs", "run_id", payload)),
+            ("GET", r"/recurringruns", lambda: self._list_recurring(query)),
+            ("POST", r"/recurringruns", lambda: self._create("recurring", "recurring_run_id", payload)),
+            ("DELETE", r"/recurringruns/(?P<rid>[^/]+)", lambda rid: self._delete_recurring(rid)),
+        ]
+        for verb, pattern, action in routes:
+            match = re.fullmatch(API + pattern, path)
+            if verb == method and match:
+                return 200, action(**match.groupdict())
+        return 404, {"error": f"no route {method} {path}", "code": 5, "message": "not found"}
+
+    def _matches(self, item: dict, query: dict[str, str]) -> bool:
+        if "filter" not in query:
+            return True
+        for predicate in json.loads(query["filter"])["predicates"]:
+            assert predicate["operation"] in ("EQUALS", 1), (
+                predicate
+            )  # name or enum number: both are valid JSON
+            if item.get(predicate["key"]) != predicate.get("stringValue", predicate.get("string_value")):
+                return False
+        return True
+
+    def _list(self, key: str, items: Any, query: dict[str, str]) -> dict:
+        found = [i for i in items if self._matches(i, query)]
+        return {key: found, "total_size": len(found)}
+
+    def _upload(self, query: dict[str, str], body: bytes) -> dict:
+        self.uploads.append(body)
+        pid = self.new_id("pipeline")
+        pipeline = {"pipeline_id": pid, "display_name": query["name"], "created_at": self.stamp()}
+        self.pipelines[pid] = pipeline
+        # like the real server: the first version is named after the pipeline
+        self.versions[pid] = [self._version(pid, query["name"])]
+        return pipeline
+
+    def _upload_version(self, query: dict[str, str], body: bytes) -> dict:
+        self.uploads.append(body)
+        version = self._version(query["pipelineid"], query["name"])
+        self.versions[query["pipelineid"]].append(version)
+        return version
+
+    def _version(self, pid: str, name: str) -> dict:
+        return {
+            "pipeline_id": pid,
+            "pipeline_version_id": self.new_id("version"),
+            "display_name": name,
+            "created_at": self.stamp(),
+        }
+
+    def _list_versions(self, pid: str, query: dict[str, str]) -> dict:
+        found = [v for v in self.versions.get(pid, []) if self._matches(v, query)]
+        # page through one item at a time, to exercise the client's paging
+        start = int(query.get("page_token") or 0)
+        page = found[start : start + 1]
+        token = str(start + 1) if start + 1 < len(found) else ""
+        return {"pipeline_versions": page, "total_size": len(found), "next_page_token": token}
+
+    def _create(self, store: str, id_key: str, payload: dict) -> dict:
+        item = dict(payload, **{id_key: self.new_id(store)}, created_at=self.stamp())
+        getattr(self, store)[item[id_key]] = item
+        return item
+
+    def _list_recurring(self, query: dict[str, str]) -> dict:
+        found = [
+            r
+            for r in self.recurring.values()
+            if r["experiment_id"] == query.get("experiment_id") and self._matches(r, query)
+        ]
+        return {"recurringRuns": found, "total_size": len(found)}
+
+    def _delete_recurring(self, rid: str) -> dict:
+        self.recurring.pop(rid)
+        return {}
+
+    def requests(self, method: str, fragment: str = "") -> list[dict[str, Any]]:
+        return [r for r in self.log if r["method"] == method and fragment in r["path"]]
+
+
+@pytest.fixture
+def kfp_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, FakeKFP]]:
+    import kfp.client.client as kfp_client_module
+
+    # kfp.Client writes ~/.config/kfp/context.json; keep it out of the real home
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(
+        kfp_client_module.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "home/.config/kfp/context.json")
+    )
+    fake = FakeKFP()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            url = urlsplit(self.path)
+            query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            status, payload = fake.handle(
+                self.command, url.path, query, body, self.headers.get("Content-Type", "")
+            )
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_DELETE = _serve  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", fake
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "pipeline.yaml"
+    assert main(["compile", "--out", str(out)]) == 0
+    return out
+
+
+def changed_copy(package: Path, tmp_path: Path, tag: str) -> Path:
+    """The same pipeline with different bytes (a new version's worth of change)."""
+    copy = tmp_path / f"pipeline-{tag}.yaml"
+    copy.write_text(f"# build {tag}\n" + package.read_text())
+    return copy
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_upload_creates_then_adds_versions_and_reuses_unchanged(
+    kfp_server: tuple[str, FakeKFP], package: Path, tmp_path: Path
+) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    assert fake.requests("GET", "/healthz"), "kfp.Client checks healthz on creation"
+
+    first = upload(client, package, "stage1-pro")
+    assert first.created_pipeline and not first.reused_version
+    (create,) = fake.requests("POST", "/pipelines/upload")
+    assert create["query"]["name"] == "stage1-pro"
+    assert b"pipelineInfo" in fake.uploads[0] and b"exec-train" in fake.uploads[0]
+    assert first.version_id == fake.versions[first.pipeline_id][0]["pipeline_version_id"]
+
+    newer = changed_copy(package, tmp_path, "2")
+    second = upload(client, newer, "stage1-pro")
+    (add,) = fake.requests("POST", "/pipelines/upload_version")
+    assert add["query"] == {"name": version_name_for(newer), "pipelineid": first.pipeline_id}
+    assert second.pipeline_id == first.pipeline_id and second.version_id != first.version_id
+    assert not second.created_pipeline and not second.reused_version
+
+    again = upload(client, newer, "stage1-pro")
+    assert again.reused_version and again.version_id == second.version_id
+    assert len(fake.requests("POST", "/pipelines/upload_version")) == 1, "no duplicate version"
+
+    assert find_version(client, "stage1-pro").version_id == second.version_id  # newest
+    assert find_version(client, "stage1-pro", "stage1-pro").version_id == first.version_id
+
+
+def test_version_name_is_content_derived(package: Path, tmp_path: Path) -> None:
+    from stage1_pro import __version__
+
+    name = version_name_for(package)
+    assert re.fullmatch(re.escape(__version__) + r"-[0-9a-f]{12}", name)
+    assert version_name_for(changed_copy(package, tmp_path, "x")) != name
+
+
+def test_run_from_package_sends_parameters_spec_and_root(
+    kfp_server: tuple[str, FakeKFP], package: Path
+) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    run_id = submit_run(
+        client,
+        experiment="nightly",
+        params=PARAMS,
+        package=package,
+        run_name="try-gate",
+        pipeline_root="gs://bucket/root",
+        enable_caching=False,
+    )
+    (experiment,) = fake.requests("POST", "/experiments")
+    assert experiment["json"]["display_name"] == "nightly"
+    (run,) = fake.requests("POST", "/runs")
+    body = run["json"]
+    assert fake.runs[run_id]["display_name"] == "try-gate"
+    assert body["experiment_id"] == fake.experiments[next(iter(fake.experiments))]["experiment_id"]
+    assert body["runtime_config"] == {"parameters": PARAMS, "pipeline_root": "gs://bucket/root"}
+    assert "pipeline_version_reference" not in body
+    sent = body["pipeline_spec"]
+    assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "stage1-pro"
+    assert "exec-train" in sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    # --no-cache: every task of this run recomputes
+    dags = [sent["pipeline_spec"]["root"], *sent["pipeline_spec"]["components"].values()]
+    tasks = {name: t for d in dags for name, t in d.get("dag", {}).get("tasks", {}).items()}
+    assert {"train", "calibrate-gate", "export-2", "publish-3"} <= set(tasks)
+    cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == set(), "proto3 drops false: enableCache absent means off"
+    assert all("cachingOptions" in tasks[name] for name in ("train", "calibrate-gate", "export-2"))
+
+    # a second run reuses the experiment (get-or-create)
+    submit_run(client, experiment="nightly", params=PARAMS, package=package)
+    assert len(fake.requests("POST", "/experiments")) == 1
+
+
+def test_run_of_an_uploaded_version_pins_it(kfp_server: tuple[str, FakeKFP], package: Path) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    uploaded = upload(client, package)
+    submit_run(client, experiment="e", params={"data_uri": "gs://b/m.csv"}, version=uploaded)
+    body = fake.requests("POST", "/runs")[0]["json"]
+    assert body["pipeline_version_reference"] == {
+        "pipeline_id": uploaded.pipeline_id,
+        "pipeline_version_id": uploaded.version_id,
+    }
+    assert "pipeline_spec" not in body
+    assert body["runtime_config"]["parameters"] == {"data_uri": "gs://b/m.csv"}
+
+
+def test_run_rejects_bad_parameters_before_any_request(
+    kfp_server: tuple[str, FakeKFP], package: Path
+) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    before = len(fake.log)
+    with pytest.raises(ConfigError, match="gate needs phase >= 3"):
+        submit_run(
+            client, experiment="e", params={"data_uri": "m.csv", "exit_policy": "gate"}, package=package
+        )
+    with pytest.raises(ConfigError, match="would cache the fingerprint step"):
+        submit_run(client, experiment="e", params=PARAMS, package=package, enable_caching=True)
+    assert len(fake.log) == before
+
+
+def test_schedule_pins_new_version_and_replaces_the_previous_one(
+    kfp_server: tuple[str, FakeKFP], package: Path, tmp_path: Path
+) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    first = schedule(client, name="nightly", cron="0 0 2 * * *", package=package, params=PARAMS)
+    assert first.replaced == []
+    (created,) = fake.requests("POST", "/recurringruns")
+    body = created["json"]
+    assert body["display_name"] == "nightly"
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 2 * * *"}}
+    assert int(body["max_concurrency"]) == 1
+    assert body["no_catchup"] is True
+    assert body["mode"] == "ENABLE"
+    assert body["pipeline_version_reference"] == {
+        "pipeline_id": first.upload.pipeline_id,
+        "pipeline_version_id": first.upload.version_id,
+    }
+    assert body["runtime_config"]["parameters"] == PARAMS
+    assert "pipeline_spec" not in body, "pinned to the uploaded version, not an inline spec"
+
+    newer = changed_copy(package, tmp_path, "2")
+    second = schedule(client, name="nightly", cron="0 30 3 * * MON-FRI", package=newer, params=PARAMS)
+    assert second.replaced == [first.recurring_run_id]
+    assert second.upload.version_id != first.upload.version_id
+    assert second.upload.version_name == version_name_for(newer)
+    new_body = fake.requests("POST", "/recurringruns")[1]["json"]
+    assert new_body["pipeline_version_reference"]["pipeline_version_id"] == second.upload.version_id
+    assert new_body["trigger"]["cron_schedule"]["cron"] == "0 30 3 * * MON-FRI"
+    # created before the old one is deleted: a failed create leaves the old schedule running
+    methods = [
+        (r["method"], r["path"]) for r in fake.log if "/recurringruns" in r["path"] and r["method"] != "GET"
+    ]
+    assert methods[-2:] == [
+        ("POST", f"{API}/recurringruns"),
+        ("DELETE", f"{API}/recurringruns/{first.recurring_run_id}"),
+    ]
+    assert list(fake.recurring) == [second.recurring_run_id]
+
+    # a schedule of another name is left alone; --remove deletes by name
+    other = schedule(client, name="weekly", cron="@weekly", package=newer, params=PARAMS)
+    assert unschedule(client, name="nightly") == [second.recurring_run_id]
+    assert list(fake.recurring) == [other.recurring_run_id]
+
+
+def test_cli_upload_run_schedule_against_the_server(
+    kfp_server: tuple[str, FakeKFP], package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host, fake = kfp_server
+    assert main(["upload", "--host", host, "--name", "s1", "--package", str(package)]) == 0
+    assert "created pipeline 's1'" in capsys.readouterr().out
+    args = ["--host", host, "--experiment", "exp", "--package", str(package)]
+    params = [
+        "--param",
+        "data_uri=gs://b/m.csv",
+        "--param",
+        "phase=3",
+        "-p",
+        "exit_policy=gate",
+        "-p",
+        "lr=0.0003",
+    ]
+    assert main(["run", *args, *params]) == 0
+    sent = fake.requests("POST", "/runs")[0]["json"]["runtime_config"]["parameters"]
+    assert sent == {"data_uri": "gs://b/m.csv", "phase": 3, "exit_policy": "gate", "lr": 0.0003}
+    assert main(["run", "--host", host, "--pipeline", "s1", "-p", "data_uri=gs://b/m.csv"]) == 0
+    assert "pipeline_version_reference" in fake.requests("POST", "/runs")[1]["json"]
+
+    sched = ["schedule", "--host", host, "--name", "nightly", "--package", str(package), "--pipeline", "s1"]
+    assert main([*sched, "--cron", "0 0 2 * * *", "-p", "data_uri=gs://b/m.csv"]) == 0
+    out = capsys.readouterr().out
+    assert "scheduled 'nightly' (0 0 2 * * *)" in out and "pinned to s1 version" in out
+
+
+def test_cli_checks_cron_and_parameters_before_contacting_the_server(
+    kfp_server: tuple[str, FakeKFP], package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host, fake = kfp_server
+    sched = ["schedule", "--host", host, "--name", "n", "--package", str(package), "-p", "data_uri=m.csv"]
+    assert main([*sched, "--cron", "0 2 * * *"]) == 2
+    assert "has 5 fields; KFP cron has 6, seconds first" in capsys.readouterr().err
+    assert main([*sched, "--cron", "0 0 25 * * *"]) == 2
+    assert "hour field '25' has 25, outside 0-23" in capsys.readouterr().err
+    assert (
+        main(["run", "--host", host, "--package", str(package), "-p", "data_uri=m.csv", "-p", "phase=one"])
+        == 2
+    )
+    assert "phase='one' is not int" in capsys.readouterr().err
+    assert main(["run", "--host", host, "--package", str(package), "-p", "data=m.csv"]) == 2
+    assert "unknown pipeline parameter 'data' (did you mean 'data_uri'?)" in capsys.readouterr().err
+    assert fake.log == []
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(KFPError, match=f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}"):
+        connect(f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="pass --host"):
+        connect("")
+
+
+def test_missing_pipeline_and_version_are_clear_errors(
+    kfp_server: tuple[str, FakeKFP], package: Path
+) -> None:
+    host, _ = kfp_server
+    client = connect(host)
+    with pytest.raises(KFPError, match="no pipeline named 'nope'"):
+        find_version(client, "nope")
+    upload(client, package, "p")
+    with pytest.raises(KFPError, match="pipeline 'p' has no version 'v9'"):
+        find_version(client, "p", "v9")
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "0 0 2 * * *",
+        "0 */15 * * * ?",
+        "30 0 9 ? * 2-6",
+        "0 0 0 1 JAN,jul *",
+        "0 0 6 * * MON-FRI",
+        "@daily",
+        "@every 6h",
+    ],
+)
+def test_validate_cron_accepts(expression: str) -> None:
+    assert validate_cron(f"  {expression} ") == " ".join(expression.split())
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("0 2 * * *", "has 5 fields; KFP cron has 6, seconds first: 'second minute hour day-of-month month"),
+        ("0 2 * * *", "did you mean '0 0 2 * * *' (seconds first)?"),
+        ("0 0 2 * * * 2026", "has 7 fields"),
+        ("", "has 0 fields"),
+        ("60 0 2 * * *", "second field '60' has 60, outside 0-59"),
+        ("0 0 2 0 * *", "day of month field '0' has 0, outside 1-31"),
+        ("0 0 2 * 13 *", "month field '13' has 13, outside 1-12"),
+        ("0 0 2 * * 7", "day of week field '7' has 7, outside 0-6"),
+        ("0 ? 2 * * *", "minute field '?' uses '?', allowed only for day of month and day of week"),
+        ("0 0 2 * * FUNDAY", "day of week field 'FUNDAY' has 'FUNDAY', not a number or name"),
+        ("0 */0 * * * *", "minute field '*/0' has step '0'; a step is a positive integer"),
+        ("0 0 5-2 * * *", "hour field '5-2' has the range '5-2', which runs backwards"),
+        ("@sometimes", "unknown descriptor"),
+    ],
+)
+def test_validate_cron_rejects(expression: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_cron(expression)
+
+
+def test_compiled_package_is_what_the_server_receives(kfp_server: tuple[str, FakeKFP], package: Path) -> None:
+    host, fake = kfp_server
+    upload(connect(host), package, "p")
+    uploaded = fake.uploads[0].decode()
+    docs = list(yaml.safe_load_all(package.read_text()))
+    assert docs[0]["pipelineInfo"]["name"] in uploaded
+    assert package.read_text().splitlines()[-1] in uploaded
