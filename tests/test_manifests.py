@@ -11,7 +11,6 @@ and GPU values consistent with :mod:`pipelines.cluster`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import re
@@ -307,18 +306,58 @@ def test_limit_range_and_quota_quantities_are_sane(env: str) -> None:
     assert gpus == int(gpus), "a GPU quota must be a whole number"
 
 
-@requires_kubectl
-def test_limit_range_admits_the_pipelines_default_train_pod() -> None:
-    parameters = pytest.importorskip("pipelines.parameters")
-    if not hasattr(parameters, "train_resources"):
-        pytest.skip("pipelines.parameters.train_resources not available (pipeline engineer's module)")
-    from stage1_pro.config import Stage1ProConfig
+@pytest.fixture(scope="module")
+def compiled_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pipeline spec, Kubernetes platform spec) of the pipeline as ``stage1-pro compile`` writes it."""
+    compile_module = pytest.importorskip("pipelines.compile")
+    package = compile_module.compile_pipeline(tmp_path_factory.mktemp("pipeline") / "pipeline.yaml")
+    spec, platform = yaml.safe_load_all(package.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
-    workers = {f.name: f.default for f in dataclasses.fields(Stage1ProConfig)}["num_workers"]
-    cpu, memory = parameters.train_resources(cluster.DEFAULT_GPU_COUNT, workers)
-    (limits,) = one(render("prod"), "LimitRange")["spec"]["limits"]
-    assert parse_quantity(cpu) <= parse_quantity(limits["max"]["cpu"])
-    assert parse_quantity(memory) <= parse_quantity(limits["max"]["memory"])
+
+@requires_kubectl
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_the_compiled_train_task_schedules_on_the_node_pool(
+    env: str, compiled_pipeline: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """End to end: the compiled pipeline's train pod, with default parameters, fits this overlay."""
+    parameters = pytest.importorskip("pipelines.parameters")
+    spec, platform = compiled_pipeline
+    objects = render(env)
+    pool = one(objects, "ContainerNodePool")["spec"]
+    node = pool["nodeConfig"]
+    (accelerator,) = node["guestAccelerator"]
+
+    train = platform["exec-train"]
+    taints = [{**t, "effect": KCC_EFFECTS[t["effect"]]} for t in node["taint"]]
+    for taint in taints:
+        assert any(tolerates(t, taint) for t in train["tolerations"]), f"train does not tolerate {taint}"
+    # The node selector is computed at run time (check-config) from the gpu_type parameter.
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    gpu_type = defaults["gpu_type"]["defaultValue"]
+    checked = parameters.check_parameters({"data_uri": "gs://bucket/data/manifest.csv", "gpu_type": gpu_type})
+    node_labels = {cluster.ACCELERATOR_LABEL: accelerator["type"], **node.get("labels", {})}
+    assert checked.gpu_node_selector.items() <= node_labels.items(), (
+        f"train selects {checked.gpu_node_selector}; the pool's nodes carry {node_labels}"
+    )
+    # GPUs: the resource the quota counts, no more per pod than a node has, within the quota.
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == cluster.GPU_RESOURCE
+    gpu_count = int(defaults["gpu_count"]["defaultValue"])
+    hard = one(objects, "ResourceQuota")["spec"]["hard"]
+    assert gpu_count <= accelerator["count"] and gpu_count <= parse_quantity(
+        hard[f"requests.{cluster.GPU_RESOURCE}"]
+    )
+    # CPU/memory: within the LimitRange ceiling and the node.
+    (limits,) = one(objects, "LimitRange")["spec"]["limits"]
+    assert parse_quantity(checked.train_cpu_request) <= parse_quantity(limits["max"]["cpu"])
+    assert parse_quantity(checked.train_memory_request) <= parse_quantity(limits["max"]["memory"])
+    # The security context names the user the images run as.
+    dockerfile_user = re.search(r"^USER (\d+):(\d+)$", (ROOT / "images" / "Dockerfile.gpu").read_text(), re.M)
+    assert train["securityContext"]["runAsNonRoot"] is True
+    assert (int(train["securityContext"]["runAsUser"]), int(train["securityContext"]["runAsGroup"])) == tuple(
+        map(int, dockerfile_user.groups())
+    )
 
 
 @requires_kubectl
