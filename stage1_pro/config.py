@@ -85,7 +85,7 @@ class Stage1ProConfig:
     head_epochs: int = 30
     """Epochs of head training on cached features when finetune_mode=frozen."""
     augment: str = "none"
-    """Training augmentation on the device: none | shift (random translation) | flip_shift (+ horizontal flip)."""
+    """Training augmentation on the device: none | shift (random translation) | flip_shift (+ h-flip)."""
 
     # --- SelectiveLoss (phase >= 3) ---------------------------------------------------
     selective_penalty: float = 32.0
@@ -135,7 +135,9 @@ class Stage1ProConfig:
         check_phase_policy(self.phase, self.exit_policy)
         check_target_fnr_exit(self.target_fnr_exit)
         if not 0.0 < self.delta <= 0.5:
-            raise ConfigError(f"delta={self.delta} is outside (0, 0.5]; use e.g. 0.1 (90% confidence) or 0.05")
+            raise ConfigError(
+                f"delta={self.delta} is outside (0, 0.5]; use e.g. 0.1 (90% confidence) or 0.05"
+            )
         if not 0.0 <= self.legacy_exit_threshold_for_logging <= 1.0:
             raise ConfigError("legacy_exit_threshold_for_logging must be in [0, 1]")
         if self.finetune_mode not in ("auto", "full", "frozen", "peft"):
@@ -192,7 +194,9 @@ def check_target_fnr_exit(value: float) -> None:
     """Raise :class:`ConfigError` unless ``0 < value <= 0.1``."""
     low, high = TARGET_FNR_RANGE
     if not (isinstance(value, int | float) and low < value <= high):
-        raise ConfigError(f"target_fnr_exit={value!r} is outside the valid range (0, 0.1]; the default is 0.02")
+        raise ConfigError(
+            f"target_fnr_exit={value!r} is outside the valid range (0, 0.1]; the default is 0.02"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,7 +220,9 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     else:
         data = parse_json(text, source)
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a config file must hold a mapping of settings, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: a config file must hold a mapping of settings, got {type(data).__name__}"
+        )
     try:
         validate_artifact(data, "config", source)
     except ArtifactError as exc:
@@ -261,7 +267,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
     Flags default to ``None`` so that only the ones given override the file and defaults.
     """
     group = parser.add_argument_group("training settings (override --config and the defaults)")
-    group.add_argument("--config", "-c", metavar="FILE", help="JSON or YAML file of settings (local or gs://)")
+    group.add_argument(
+        "--config", "-c", metavar="FILE", help="JSON or YAML file of settings (local or gs://)"
+    )
     hints = typing.get_type_hints(Stage1ProConfig)
     defaults = Stage1ProConfig()
     for f in dataclasses.fields(Stage1ProConfig):

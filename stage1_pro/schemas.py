@@ -100,10 +100,16 @@ def _message(error: jsonschema.ValidationError) -> str:
     if not isinstance(error.schema, dict):
         return error.message
     custom = error.schema.get(_REMOVED_KEYWORD) or error.schema.get(_MESSAGE_KEYWORD)
-    return f"{error.instance!r}: {custom}" if custom and _MESSAGE_KEYWORD in error.schema else custom or error.message
+    return (
+        f"{error.instance!r}: {custom}"
+        if custom and _MESSAGE_KEYWORD in error.schema
+        else custom or error.message
+    )
 
 
 def validation_errors(kind: str, instance: Any) -> list[tuple[str, str]]:
     """Return every schema violation of ``instance`` as ``(json_path, message)``, sorted by path."""
-    errors = sorted(_validator(kind).iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    errors = sorted(
+        _validator(kind).iter_errors(instance), key=lambda e: (list(map(str, e.absolute_path)), e.message)
+    )
     return [(json_path(e), _message(e)) for e in errors]

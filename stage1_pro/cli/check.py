@@ -14,7 +14,9 @@ from stage1_pro.schemas import ARTIFACT_KINDS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="artifact files (local paths or gs:// URIs)")
-    parser.add_argument("--kind", choices=ARTIFACT_KINDS, help="expected kind (default: the file's 'artifact' field)")
+    parser.add_argument(
+        "--kind", choices=ARTIFACT_KINDS, help="expected kind (default: the file's 'artifact' field)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
