@@ -20,16 +20,30 @@ from typing import Any
 MAX_ROC_POINTS = 200
 
 
-def checkpoint_dir(model_uri: str) -> str:
-    """Where the train task keeps its resumable checkpoints: next to its output, outside it.
+def durable_run_dir(model_uri: str) -> str | None:
+    """Where the train task writes its run directory when the pipeline root is on GCS, else ``None``.
 
-    The KFP driver derives an output artifact's URI from the pipeline root, the run ID and the
-    task name, so every retry of the train task (``set_retry``: a preempted GPU node) sees the same
-    URI, and a new run a fresh one. The checkpoints go to ``<model uri>.checkpoints``, written
-    straight to ``gs://`` on a cluster, because files under the task's local output folder are
-    uploaded only when the task succeeds and are lost with a killed pod.
+    Training checkpoints every epoch into ``RUN_DIR/checkpoints/`` and resumes from there, but a
+    task's local output folder is uploaded only when the task succeeds: a preempted pod loses it.
+    So on a cluster the run directory lives at ``<model uri>.run`` on GCS, written as training goes.
+    The KFP driver derives an output's URI from the pipeline root, the run ID and the task name, so
+    every retry of the train task (``set_retry``) finds the same folder and resumes, while a new
+    run starts fresh. When training ends the run files are copied into the ``model`` artifact.
+    Locally (``kfp.local``; a local pipeline root) the run directory is the artifact itself.
     """
-    return model_uri.rstrip("/") + ".checkpoints"
+    return model_uri.rstrip("/") + ".run" if model_uri.startswith("gs://") else None
+
+
+def copy_run_files(run_dir: str, dest: str | os.PathLike[str]) -> list[str]:
+    """Copy the top-level files of a run directory (local or gs://) into ``dest``; not checkpoints/."""
+    from stage1_pro import storage
+
+    names = []
+    for uri in storage.list_files(run_dir, recursive=False):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        storage.copy_file(uri, str(Path(dest, name)))
+        names.append(name)
+    return names
 
 
 def stage_run_dir(
@@ -72,8 +86,14 @@ def policy_file_name(policy_path: str) -> str:
 
 
 def log_metrics(metrics: Any, values: Mapping[str, Any], prefix: str = "") -> None:
-    """Log the finite numbers (and booleans, as 0/1) of ``values`` to a KFP ``Metrics`` artifact."""
+    """Log the finite numbers (booleans as 0/1) of ``values`` to a KFP ``Metrics`` artifact.
+
+    Nested mappings are flattened with ``_`` (``{"test": {"accuracy": a}}`` -> ``test_accuracy``).
+    """
     for key, value in values.items():
+        if isinstance(value, Mapping):
+            log_metrics(metrics, value, prefix=f"{prefix}{key}_")
+            continue
         if isinstance(value, bool):
             value = int(value)
         if isinstance(value, int | float) and math.isfinite(value):

@@ -22,8 +22,9 @@ def train(
     writes the scores contract (class probabilities and, from phase 3, gate logits) for val_select,
     val_calib and test, which calibration and validation use without the model. With gpu_count > 1
     it trains data-parallel in this pod (DDP, one process per GPU, launched by torchrun) with the
-    same global batch. Checkpoints every epoch next to the output artifact, so a retry after a
-    preempted node resumes where the killed pod stopped.
+    same global batch. On a GCS pipeline root the run directory (with a checkpoint every epoch)
+    lives at <model uri>.run, so a retry after a preempted node resumes where the killed pod
+    stopped.
 
     Args:
         config: Resolved config.json from check-config.
@@ -37,21 +38,31 @@ def train(
     """
     import os
 
-    from components.runtime import checkpoint_dir, copy_file, log_metrics
+    from components.runtime import copy_file, copy_run_files, durable_run_dir, log_metrics
+    from stage1_pro.cli.train import _worker as train_worker
     from stage1_pro.config import load_config
-    from stage1_pro.training import train as train_run
+    from stage1_pro.training.distributed import launch
 
     cfg = load_config(config.path)
-    summary = train_run(
-        cfg,
-        prepared_uri=prepared.path,
-        splits_uri=splits.path,
-        out_dir=model.path,
-        checkpoint_dir=checkpoint_dir(model.uri),
-        nproc=gpu_count,
+    remote_run_dir = durable_run_dir(model.uri)
+    kwargs = {
+        "prepared_uri": prepared.path,
+        "splits_uri": splits.path,
+        "out_dir": remote_run_dir or model.path,
+        "resume": True,
+    }
+    print(
+        f"[stage1-pro] train: phase {cfg.phase}, {cfg.model_name} @ {cfg.img_size}px, {gpu_count} process(es)"
     )
+    if gpu_count > 1:
+        summary = launch(gpu_count, train_worker, cfg.to_dict(), kwargs)[0]
+    else:
+        summary = train_worker(cfg.to_dict(), kwargs)
+    if remote_run_dir:
+        os.makedirs(model.path, exist_ok=True)
+        copy_run_files(remote_run_dir, model.path)
     copy_file(os.path.join(model.path, "scores.npz"), scores.path)
-    log_metrics(metrics, summary)
+    log_metrics(metrics, {k: v for k, v in summary.items() if k != "out_dir"})
     model.metadata.update(
         {
             "framework": "pytorch",
@@ -61,4 +72,8 @@ def train(
             "data_fingerprint": data_fingerprint,
         }
     )
-    print(f"[stage1-pro] train: {summary}")
+    best, test = summary["best"], summary["test"]["accuracy"]
+    print(
+        f"[stage1-pro] train: best {summary['monitor']} {best:.4f} at epoch {summary['best_epoch']} of "
+        f"{summary['epochs']} ({summary['seconds']:.0f} s); test accuracy {test:.4f}"
+    )

@@ -18,8 +18,9 @@ Design notes
 - Caching: every task is cached on its inputs except ``fingerprint``, whose output (the dataset's
   sha256) is an input of split, prepare and train: an unchanged dataset reuses their results, a
   changed one recomputes everything downstream.
-- Retries: train retries on failure (preemptible GPU nodes); it resumes from the checkpoints it
-  keeps next to its output artifact (see ``components.runtime.checkpoint_dir``).
+- Retries: train retries on failure (preemptible GPU nodes); on a GCS pipeline root it writes its
+  run directory and per-epoch checkpoints straight to ``<model uri>.run``, which every retry of
+  the task sees, and resumes from there (see ``components.runtime.durable_run_dir``).
 """
 
 from typing import Any

@@ -30,12 +30,19 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo-data": Command("stage1_pro.cli.demo_data", "write the embedded MNIST dataset as PNG files + manifest"),
     "split": Command("stage1_pro.cli.split", "deterministic, stratified, group-aware split -> splits.json"),
+    "prepare": Command("stage1_pro.cli.prepare", "decode images once into training-resolution shards"),
+    "train": Command("stage1_pro.cli.train", "train one phase -> model_best.pth, metrics.csv, scores.npz"),
     "validate": Command("stage1_pro.cli.validate", "audit the policy on test, bless or not -> validation.json"),
     "export": Command("stage1_pro.cli.export", "export a validated run as a deployable bundle folder"),
     "predict": Command("stage1_pro.cli.predict", "exit-positive / exit-negative / defer per image"),
     "publish": Command("stage1_pro.cli.publish", "upload a bundle to gs://.../<version>/, move latest"),
     "pull": Command("stage1_pro.cli.pull", "download a published bundle, verified, into a folder"),
     "check": Command("stage1_pro.cli.check", "validate any artifact against its JSON Schema"),
+    "compile": Command("stage1_pro.cli.compile", "compile the Kubeflow pipeline to YAML"),
+    "upload": Command("stage1_pro.cli.upload", "upload the pipeline to Kubeflow (then new versions)"),
+    "run": Command("stage1_pro.cli.run", "start a pipeline run on Kubeflow with --param key=value"),
+    "schedule": Command("stage1_pro.cli.schedule", "recurring retraining (6-field cron), replacing NAME"),
+    "run-local": Command("stage1_pro.cli.run_local", "run the whole pipeline locally (kfp.local) -> bundle"),
 }
 
 _PROG = "stage1-pro"
