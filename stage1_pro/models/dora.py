@@ -71,6 +71,33 @@ def _is_supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
+class _MagnitudeGrad(torch.autograd.Function):
+    """Identity on ``y = k ⊙ base(x)`` (k already folded into W0) whose backward adds ``dL/dk``.
+
+    With k folded into the frozen weight, autograd would get ``dL/dk`` only through ``dL/dW``, a
+    full out × in gradient matmul; here it is the per-channel reduction ``Σ g ⊙ y / k``, and the
+    input gradient ``g (k ⊙ W0)`` needs no extra elementwise pass over the activations. A channel with
+    k = 0 (an all-zero row of W0) gets zero magnitude gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, scaled: torch.Tensor, k: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        ctx.save_for_backward(scaled, k)
+        ctx.channel_dim = channel_dim
+        return scaled.view_as(scaled)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        scaled, k = ctx.saved_tensors
+        grad_k = None
+        if ctx.needs_input_grad[1]:
+            dim = ctx.channel_dim % grad.dim()
+            dims = [d for d in range(grad.dim()) if d != dim]
+            summed = (grad * scaled).sum(dim=dims, dtype=k.dtype)
+            grad_k = summed / torch.where(k == 0, torch.ones_like(k), k)
+        return grad, grad_k, None
+
+
 class LowRankAdapter(nn.Module):
     """Common part of the adapters: a frozen base layer plus trainable ``lora_A`` (r × in[×k×k]) and
     ``lora_B`` (out × r[×1×1]), initialised as in LoRA/PEFT (A Kaiming-uniform with a=√5, B zero).
@@ -119,10 +146,21 @@ class LowRankAdapter(nn.Module):
             return F.linear(x, weight, bias)
         return F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation)
 
-    def _up(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.base_layer, nn.Linear):
-            return F.linear(h, weight, bias)
-        return F.conv2d(h, weight, bias)
+    def _add_up(
+        self, out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``out + up(h) + bias``, for a Linear as one ``addmm`` (no separate up-projection tensor).
+
+        The bias rides along as one more low-rank column (``h`` gets a column of ones, ``weight`` the
+        bias), so the sum costs one read and one write of the output instead of four passes.
+        """
+        if not isinstance(self.base_layer, nn.Linear):
+            return out + F.conv2d(h, weight, bias)
+        h2 = h.reshape(-1, h.shape[-1])
+        if bias is not None:
+            h2 = torch.cat([h2, h2.new_ones(h2.shape[0], 1)], dim=1)
+            weight = torch.cat([weight, bias.to(weight.dtype)[:, None]], dim=1)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h2, weight.t()).view(out.shape)
 
     def _channel_view(self, vector: torch.Tensor) -> torch.Tensor:
         """A per-output-unit vector shaped to broadcast over the layer's output."""
@@ -162,7 +200,7 @@ class LoRALayer(LowRankAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         h = self._base(self.dropout(x), self.lora_A, None)
-        return self._base(x, base.weight, base.bias) + self._up(h, self._b_scaled(self.scaling), None)
+        return self._add_up(self._base(x, base.weight, base.bias), h, self._b_scaled(self.scaling), None)
 
     def merged_weight(self) -> torch.Tensor:
         return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
@@ -197,18 +235,19 @@ class DoRALayer(LowRankAdapter):
         base = self.base_layer
         norm = self.weight_norm()
         scale = self.lora_magnitude.to(norm.dtype) / norm  # k = m / ‖·‖: the gradient reaches m only
+        b_scaled = self._b_scaled(scale * self.scaling)  # s·k folded into B (out × r)
         h_in = self.dropout(x)
-        if h_in is x:  # no dropout (or eval): one shared input, one fused multiply-add
-            base_out = self._base(x, base.weight, None)
-            lora_out = self._up(
-                self._base(x, self.lora_A, None), self._b_scaled(scale * self.scaling), base.bias
-            )
-            return torch.addcmul(lora_out, base_out, self._channel_view(scale.to(base_out.dtype)))
+        if h_in is x:  # no dropout (or eval): k folded into W0, k's gradient from _MagnitudeGrad
+            w = base.weight
+            w_scaled = w * scale.detach().to(w.dtype).view((-1,) + (1,) * (w.dim() - 1))
+            channel_dim = -1 if isinstance(base, nn.Linear) else 1
+            scaled_base = _MagnitudeGrad.apply(self._base(x, w_scaled, None), scale, channel_dim)
+            return self._add_up(scaled_base, self._base(x, self.lora_A, None), b_scaled, base.bias)
         # Dropout: PEFT's form (clean base path, dropped input for the DoRA correction).
         clean = self._base(x, base.weight, base.bias)
         dropped = self._base(h_in, base.weight, None)
-        lora_out = self._up(self._base(h_in, self.lora_A, None), self._b_scaled(scale * self.scaling), None)
-        return clean + dropped * self._channel_view((scale - 1).to(dropped.dtype)) + lora_out
+        corrected = clean + dropped * self._channel_view((scale - 1).to(dropped.dtype))
+        return self._add_up(corrected, self._base(h_in, self.lora_A, None), b_scaled, None)
 
     def merged_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -280,7 +319,7 @@ class FusedQKVLoRA(LowRankAdapter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         h = F.linear(self.dropout(x), self.lora_A)
-        return F.linear(x, base.weight, base.bias) + F.linear(h, self._fused_b() * self.scaling)
+        return self._add_up(F.linear(x, base.weight, base.bias), h, self._fused_b() * self.scaling, None)
 
     def merged_weight(self) -> torch.Tensor:
         return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)

@@ -1,0 +1,157 @@
+"""Training step time: the project's DoRA vs HF PEFT's DoRA vs LoRA, as ratios measured in one run.
+
+Every variant adapts the same layers of the same timm ViT (``attn.qkv``, ``attn.proj``,
+``mlp.fc1``, ``mlp.fc2`` of every block; rank 8, alpha 16; the classifier head trains too) and
+runs the same AdamW training step (forward, cross-entropy, backward, step). The variants are
+timed in interleaved rounds so that drifting machine load hits all of them alike; the table shows
+the median images/s over the rounds and ratios against PEFT's LoRA (the speed goal: our DoRA
+>= 0.8x LoRA) and against our LoRA.
+
+Defaults: on CUDA the issue's setting (``vit_small_patch14_dinov2``, 224 px, batch 256, bf16);
+on CPU a small one (98 px = 7x7 patches, batch 16, fp32) that finishes in about a minute on two
+cores. Run ``python bench/dora.py --help`` for the knobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm
+import torch
+import torch.nn.functional as F  # noqa: N812
+from peft import LoraConfig, inject_adapter_in_model
+
+from stage1_pro.models.dora import apply_adapters
+
+TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+VARIANTS = ("lora (peft)", "dora (peft)", "lora (ours)", "dora (ours)")
+
+
+def build(variant: str, base: torch.nn.Module, rank: int, alpha: float) -> torch.nn.Module:
+    model = copy.deepcopy(base).requires_grad_(False)
+    method, backend = variant.split(" ")
+    if backend == "(peft)":
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _full(TARGETS, n)]
+        inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, use_dora=method == "dora"), model
+        )
+    else:
+        apply_adapters(model, method, TARGETS, rank=rank, alpha=alpha)
+    model.get_classifier().requires_grad_(True)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    return model
+
+
+def _full(pattern: str, name: str) -> bool:
+    import re
+
+    return re.fullmatch(pattern, name) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--model", default="vit_small_patch14_dinov2")
+    parser.add_argument("--img-size", type=int, default=None, help="default: 224 on CUDA, 98 on CPU")
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp32"), default=None, help="autocast dtype (default: bf16 on CUDA)"
+    )
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per round (default: 20 CUDA, 3 CPU)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default: 5 CUDA, 3 CPU)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    args = parser.parse_args(argv)
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    img = args.img_size or (224 if cuda else 98)
+    batch = args.batch or (256 if cuda else 16)
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    steps = args.steps or (20 if cuda else 3)
+    rounds = args.rounds or (5 if cuda else 3)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, pretrained=False, num_classes=2, img_size=img)
+    models, optimizers = {}, {}
+    for variant in VARIANTS:
+        model = build(variant, base, args.rank, args.alpha).to(device).train()
+        optimizers[variant] = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda or None
+        )
+        models[variant] = torch.compile(model) if args.compile else model
+    n_train = sum(p.numel() for p in models["dora (ours)"].parameters() if p.requires_grad)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 2, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def run(variant: str, n: int) -> float:
+        model, opt = models[variant], optimizers[variant]
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            with autocast:
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return n * batch / (time.perf_counter() - start)
+
+    peak = {}
+    for variant in VARIANTS:  # warm-up (and compilation), then the peak memory of one step
+        run(variant, 2)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            run(variant, 1)
+            peak[variant] = torch.cuda.max_memory_allocated() / 2**30
+    speeds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for variant in VARIANTS:
+            speeds[variant].append(run(variant, steps))
+
+    med = {v: statistics.median(s) for v, s in speeds.items()}
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(
+        f"# {args.model} {img}px batch {batch} {dtype}, rank {args.rank}, on {name}; "
+        f"{rounds} rounds x {steps} steps; torch {torch.__version__}, compile={args.compile}"
+    )
+    print(f"# trainable parameters (our DoRA): {n_train:,}")
+    header = "| variant | img/s | vs PEFT LoRA | vs our LoRA |" + (" peak GiB |" if cuda else "")
+    print(header)
+    print("|---|---:|---:|---:|" + ("---:|" if cuda else ""))
+    for v in VARIANTS:
+        row = (
+            f"| {v} | {med[v]:.1f} | {med[v] / med['lora (peft)']:.2f} | {med[v] / med['lora (ours)']:.2f} |"
+        )
+        print(row + (f" {peak[v]:.2f} |" if cuda else ""))
+    print(f"\nour DoRA / PEFT DoRA speed: {med['dora (ours)'] / med['dora (peft)']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
