@@ -1,0 +1,175 @@
+"""Calibrate and certify an exit policy from a ``scores.npz`` file: the one function behind
+``stage1-pro calibrate``, the numbered scripts 25/33/36 and the KFP calibrate components.
+
+No model and no torch: it works on any scores file in the contract of :mod:`stage1_pro.scores`.
+The policy's grid and anything it fits come from ``val_select``; the certificate comes from
+``val_calib`` (see :mod:`stage1_pro.certify` for what is guaranteed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from typing import Any
+
+from stage1_pro import storage
+from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact
+from stage1_pro.certify import check_delta, check_target
+from stage1_pro.errors import ArtifactError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model_best.pth"
+SPLITS_FILE = "splits.json"
+
+
+def check_scores_match_splits(scores: Any, splits: dict[str, Any], scores_uri: str, splits_uri: str) -> None:
+    """Raise :class:`DataError` unless every split of the scores holds exactly that split's indices."""
+    for split in scores.splits:
+        got = set(scores.subset(split).index.tolist())
+        want = set(int(i) for i in splits["indices"].get(split, []))
+        if got != want:
+            missing, extra = len(want - got), len(got - want)
+            raise DataError(
+                f"{scores_uri}: split '{split}' holds {len(got)} rows but {splits_uri} lists {len(want)} "
+                f"({missing} listed rows missing from the scores, {extra} scored rows not in that split): "
+                "the scores were made with other splits; rescore the run or pass its own splits.json"
+            )
+
+
+def _sha256(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def _sibling(uri: str, name: str) -> str:
+    uri = str(uri)
+    if storage.is_gcs(uri):
+        return uri.rsplit("/", 1)[0] + "/" + name
+    return os.path.join(os.path.dirname(os.path.abspath(uri)), name)
+
+
+def _check_out_name(policy: str, out_uri: str) -> None:
+    """Refuse to write one policy's file under another policy's file name (e.g. gate -> thresholds.json)."""
+    name = str(out_uri).rstrip("/").rsplit("/", 1)[-1]
+    for other, kind in POLICY_ARTIFACT_KINDS.items():
+        if other != policy and name == DEFAULT_FILENAMES[kind]:
+            own = DEFAULT_FILENAMES[POLICY_ARTIFACT_KINDS[policy]]
+            raise ConfigError(
+                f"--out {out_uri}: the {policy} policy writes {own}, never {name} "
+                f"(that is the {other} policy's file)"
+            )
+
+
+def _other_policy_files(policy: str, out_uri: str) -> list[str]:
+    found = []
+    for other, kind in POLICY_ARTIFACT_KINDS.items():
+        if other != policy:
+            sibling = _sibling(out_uri, DEFAULT_FILENAMES[kind])
+            if storage.exists(sibling):
+                found.append(sibling)
+    return found
+
+
+def calibrate_policy(
+    policy: str,
+    scores_uri: str,
+    out_uri: str,
+    *,
+    target_fnr_exit: float = 0.02,
+    delta: float = 0.1,
+    method: str | None = None,
+    splits_uri: str | None = None,
+    model_version: str | None = None,
+    replace: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Fit ``policy`` on ``scores_uri`` (val_select), certify it on val_calib, write ``out_uri``.
+
+    Parameters
+    ----------
+    policy : {"softmax", "gate", "scrc"}
+    scores_uri : str
+        ``scores.npz`` (local or gs://) with ``val_select`` and ``val_calib`` rows.
+    out_uri : str
+        The policy file to write (``thresholds.json``, ``gateparams.json`` or ``scrcparams.json``).
+    target_fnr_exit, delta : float
+        Certified ``P(FNR_exit > target_fnr_exit) <= delta``.
+    method : str, optional
+        Family-wise procedure (:data:`stage1_pro.certify.PROCEDURES`), default split fixed sequence.
+    splits_uri : str, optional
+        ``splits.json``: the scores' rows must be exactly its val_select/val_calib/test indices.
+        Default: the ``splits.json`` next to the scores file, if there is one.
+    model_version : str, optional
+        Lineage; default the sha256 of ``model_best.pth`` next to the scores file, if present.
+    replace : bool
+        Delete another policy's file next to ``out_uri`` (a run holds exactly one policy file);
+        without it such a file is an error.
+    **options
+        Policy parameters, e.g. ``calibrator="isotonic"`` (gate), ``variant="SCRC-T"``,
+        ``selection_score="gate"`` (scrc), ``grid_size``.
+
+    Returns
+    -------
+    dict
+        The artifact as written (validated against its schema).
+
+    Raises
+    ------
+    ConfigError, DataError, ArtifactError, StorageError
+        Bad settings, bad or mismatched scores/splits, unwritable output; nothing is written.
+    """
+    from stage1_pro.policies import InfeasibleCertificateWarning, create_policy, get_policy_class
+    from stage1_pro.scores import load_scores
+
+    get_policy_class(policy)
+    target_fnr_exit = check_target(target_fnr_exit)
+    delta = check_delta(delta)
+    scores_uri, out_uri = str(scores_uri), str(out_uri)
+    _check_out_name(policy, out_uri)
+    others = _other_policy_files(policy, out_uri)
+    if others and not replace:
+        raise ArtifactError(
+            f"{others[0]} already exists next to {out_uri}: a run directory holds exactly one policy "
+            "file; pass --replace (replace=True) to delete it, or write elsewhere"
+        )
+    estimator = create_policy(policy, target_fnr_exit=target_fnr_exit, delta=delta, method=method, **options)
+
+    scores = load_scores(scores_uri)
+    lineage: dict[str, Any] = {"scores_sha256": _sha256(scores_uri)}
+    if splits_uri is None and storage.exists(_sibling(scores_uri, SPLITS_FILE)):
+        splits_uri = _sibling(scores_uri, SPLITS_FILE)
+    if splits_uri is not None:
+        splits = read_artifact(str(splits_uri), "splits")
+        check_scores_match_splits(scores, splits, scores_uri, str(splits_uri))
+        lineage["splits_version"] = splits["splits_version"]
+        lineage["data_fingerprint"] = splits["dataset"]["fingerprint"]
+    if model_version is None and storage.exists(_sibling(scores_uri, MODEL_FILE)):
+        model_version = _sha256(_sibling(scores_uri, MODEL_FILE))
+    if model_version is not None:
+        lineage["model_version"] = str(model_version)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InfeasibleCertificateWarning)
+        estimator.fit(scores)
+    for w in caught:
+        if issubclass(w.category, InfeasibleCertificateWarning):
+            log.warning("%s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    estimator.lineage_ = lineage
+    written = estimator.save(out_uri)
+    for other in others:
+        storage.delete(other)
+        log.info("deleted %s (replaced by %s)", other, out_uri)
+    log.info("%s", estimator.summary())
+    return written
+
+
+def default_out(policy: str, scores_uri: str) -> str:
+    """The policy file name next to the scores file (``RUN/thresholds.json`` for softmax...)."""
+    return _sibling(scores_uri, DEFAULT_FILENAMES[POLICY_ARTIFACT_KINDS[policy]])
+
+
+__all__ = ["calibrate_policy", "check_scores_match_splits", "default_out"]

@@ -1,0 +1,366 @@
+"""Decision constants and the base class of the certified exit policies.
+
+A policy maps class probabilities (and, for the gate, the gate logit) to one decision per image:
+:data:`EXIT_POSITIVE`, :data:`EXIT_NEGATIVE` or :data:`DEFER`. Every policy is a one-parameter
+family of exit rules ordered from strictest to loosest and certified by
+:func:`stage1_pro.certify.certify`:
+
+* the family (the grid) and anything fitted (Platt/isotonic calibrator, SCRC's path, the
+  testing order) come from ``val_select`` only;
+* each rule is tested on ``val_calib`` with an exact binomial p-value, a family-wise procedure
+  at ``delta`` keeps ``P(true FNR_exit of the deployed rule > target_fnr_exit) <= delta``;
+* the certified rule with the largest coverage is deployed; when nothing certifies the policy
+  is *infeasible* and defers every image (never an uncertified fallback).
+
+Policies follow scikit-learn conventions: the constructor only stores parameters, :meth:`fit`
+sets trailing-underscore attributes and returns ``self``; :meth:`to_dict` / :meth:`from_dict`
+round-trip through the validated artifact I/O (:func:`stage1_pro.artifacts.write_artifact`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+EXIT_POSITIVE = 1
+EXIT_NEGATIVE = 0
+DEFER = -1
+DECISION_NAMES: dict[int, str] = {
+    EXIT_POSITIVE: "exit-positive",
+    EXIT_NEGATIVE: "exit-negative",
+    DEFER: "defer",
+}
+#: Threshold stored by an infeasible softmax/gate policy: above every probability, so nothing exits.
+DEFER_ALL_THRESHOLD = 2.0
+#: Lineage fields a policy file may carry (set by :func:`stage1_pro.calibrate.calibrate_policy`).
+LINEAGE_FIELDS = ("created_at", "model_version", "splits_version", "data_fingerprint", "scores_sha256")
+
+
+class InfeasibleCertificateWarning(UserWarning):
+    """Nothing on the grid could be certified: the fitted policy defers every image."""
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The policy is used before :meth:`ExitPolicy.fit` (or :meth:`ExitPolicy.from_dict`)."""
+
+
+def check_probs(
+    probs: Any, gate_logit: Any | None = None, *, need_gate: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate inference inputs: ``probs`` (n, 2) finite in [0, 1]; ``gate_logit`` (n,) finite.
+
+    Raises :class:`~stage1_pro.errors.DataError` naming the argument.
+    """
+    from stage1_pro.errors import DataError
+
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise DataError(f"probs: expected shape (n, 2) (binary class probabilities), got {p.shape}")
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise DataError("probs: values must be finite probabilities in [0, 1] (pass softmax outputs)")
+    g = None
+    if gate_logit is not None:
+        g = np.asarray(gate_logit, dtype=np.float64)
+        if g.shape != (p.shape[0],):
+            raise DataError(f"gate_logit: expected shape ({p.shape[0]},), got {g.shape}")
+        if not np.isfinite(g).all():
+            raise DataError("gate_logit: holds NaN or inf")
+    elif need_gate:
+        raise DataError("gate_logit: this policy needs the gate head's logits (phase >= 3 model)")
+    return p, g
+
+
+def argmax_class(probs: np.ndarray) -> np.ndarray:
+    """Predicted class, ties (p1 == p0) going to the positive class: the safe side for FNR."""
+    return (probs[:, 1] >= probs[:, 0]).astype(np.int8)
+
+
+def now_iso() -> str:
+    """UTC time stamp for ``created_at``."""
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class ExitPolicy(ABC):
+    """Base class of the certified exit policies (softmax, gate, SCRC).
+
+    Parameters
+    ----------
+    target_fnr_exit : float, default 0.02
+        Certified bound on ``FNR_exit = FN_exit / (TP_exit + FN_exit)``, in (0, 0.1].
+    delta : float, default 0.1
+        Failure probability of the certificate, in (0, 0.5].
+    method : str, optional
+        Family-wise procedure, one of :data:`stage1_pro.certify.PROCEDURES`
+        (default :data:`stage1_pro.certify.DEFAULT_PROCEDURE`).
+    grid_size : int, default 200
+        Number of grid points (coverage levels of ``val_select``) before ties are removed.
+    """
+
+    #: Registry name (``create_policy(name)``) and the artifact kind of its policy file.
+    name: ClassVar[str]
+    artifact_kind: ClassVar[str]
+    #: Name of the grid value in ``sweep_results`` rows.
+    grid_key: ClassVar[str] = "threshold"
+
+    def __init__(
+        self,
+        target_fnr_exit: float = 0.02,
+        delta: float = 0.1,
+        method: str | None = None,
+        grid_size: int = 200,
+    ) -> None:
+        self.target_fnr_exit = target_fnr_exit
+        self.delta = delta
+        self.method = method
+        self.grid_size = grid_size
+
+    # ------------------------------------------------------------------ parameters
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters (scikit-learn convention)."""
+        import inspect
+
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {n: getattr(self, n) for n in names}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _check_params(self) -> None:
+        from stage1_pro.certify import check_delta, check_target, resolve_procedure
+        from stage1_pro.errors import ConfigError
+
+        self.target_fnr_exit = check_target(self.target_fnr_exit)
+        self.delta = check_delta(self.delta)
+        self.method = resolve_procedure(self.method)
+        if not isinstance(self.grid_size, int | np.integer) or self.grid_size < 2:
+            raise ConfigError(f"grid_size={self.grid_size!r} must be an integer >= 2 (default 200)")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "feasible_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted: call fit(scores) or load_policy(uri)"
+            )
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, scores: Any) -> ExitPolicy:
+        """Fit on ``val_select``, certify on ``val_calib`` and keep the deployed rule.
+
+        Parameters
+        ----------
+        scores : stage1_pro.scores.Scores
+            Must hold ``val_select`` and ``val_calib`` rows; ``val_calib`` needs positives.
+
+        Returns
+        -------
+        self
+        """
+        from stage1_pro.certify import certify
+        from stage1_pro.errors import DataError
+
+        self._check_params()
+        select = scores.subset("val_select")
+        calib = scores.subset("val_calib")
+        n_pos = int(calib.label.sum())
+        if n_pos == 0:
+            raise DataError(
+                f"{scores.source}: val_calib holds no positives, so FNR_exit cannot be certified; "
+                "re-split with more positives in val_calib (see the sample-size table in the README)"
+            )
+        self._fit_select(select)
+        sel_n, sel_k, _ = self._grid_counts(select)
+        cal_n, cal_k, cal_cov = self._grid_counts(calib)
+        cert = certify(
+            cal_n,
+            cal_k,
+            target=self.target_fnr_exit,
+            delta=self.delta,
+            method=self.method,
+            coverage=cal_cov,
+            n_select=sel_n,
+            k_select=sel_k,
+        )
+        self.certification_ = cert
+        self.feasible_ = cert.feasible
+        self.n_calib_ = len(calib)
+        self.n_calib_positives_ = n_pos
+        self._set_deployed(cert.deployed)
+        self.sweep_results_ = self._sweep_rows(cert, cal_cov)
+        self.certificate_ = self._certificate(cert)
+        self.val_calib_metrics_ = self.evaluate(calib)
+        self.val_select_metrics_ = self.evaluate(select)
+        if not self.feasible_:
+            warnings.warn(self.infeasible_message(), InfeasibleCertificateWarning, stacklevel=2)
+        return self
+
+    def infeasible_message(self) -> str:
+        """Why nothing certified and how many exited positives it would take."""
+        c = self.certificate_
+        return (
+            f"{self.name}: no grid point certifies FNR_exit <= {self.target_fnr_exit} at delta={self.delta} "
+            f"with {c['procedure']}: val_calib has {c['n_calib_positives']} positives, and certifying "
+            f"needs at least {c['positives_needed']} exited positives with no miss (more with misses). "
+            "The policy defers every image (feasible: false). Add labelled positives to val_calib or "
+            "relax the target."
+        )
+
+    def evaluate(self, scores: Any) -> dict[str, Any]:
+        """:func:`stage1_pro.metrics.exit_metrics` of this policy on a :class:`Scores` split."""
+        from stage1_pro.metrics import exit_metrics
+
+        decisions = self.decide(scores.probs, scores.gate_logit)
+        return exit_metrics(
+            decisions,
+            scores.label,
+            confidence=self.confidence(scores.probs, scores.gate_logit),
+            predictions=argmax_class(scores.probs),
+            delta=self.delta,
+        )
+
+    def _certificate(self, cert: Any) -> dict[str, Any]:
+        from stage1_pro.certify import NEEDS_SELECT, P_VALUE_METHOD
+
+        j = cert.deployed
+        out: dict[str, Any] = {
+            "target_fnr_exit": self.target_fnr_exit,
+            "delta": self.delta,
+            "procedure": cert.method,
+            "p_value_method": P_VALUE_METHOD,
+            "grid": [float(v) for v in self._grid_values()],
+            "grid_rule": self._grid_rule(),
+            "n_calib": self.n_calib_,
+            "n_calib_positives": self.n_calib_positives_,
+            "n": int(cert.n[j]) if j is not None else 0,
+            "k": int(cert.k[j]) if j is not None else 0,
+            "p_value": float(cert.p_values[j]) if j is not None else None,
+            "test_level": float(cert.levels[j]) if j is not None else None,
+            "upper_bound": cert.upper_bound(),
+            "feasible": cert.feasible,
+            "n_certified": cert.n_certified,
+            "positives_needed": None if cert.feasible else cert.positives_needed(),
+            "order_learned_on": "val_select" if cert.method in NEEDS_SELECT else None,
+            "guarantee": (
+                f"P(true FNR_exit > {self.target_fnr_exit}) <= {self.delta} over the draw of val_calib, "
+                "for images exchangeable with val_calib"
+            ),
+        }
+        return out
+
+    def _sweep_rows(self, cert: Any, coverage: np.ndarray) -> list[dict[str, Any]]:
+        rows = []
+        for j, value in enumerate(self._grid_values()):
+            n, k = int(cert.n[j]), int(cert.k[j])
+            rows.append(
+                {
+                    **self._grid_point(j),
+                    self.grid_key: float(value),
+                    "coverage": float(coverage[j]),
+                    "n_exited_positives": n,
+                    "n_false_negatives": k,
+                    "fnr_exit": k / n if n else None,
+                    "p_value": float(cert.p_values[j]),
+                    "certified": bool(cert.certified[j]),
+                }
+            )
+        return rows
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abstractmethod
+    def _fit_select(self, select: Any) -> None:
+        """Fit calibrators and build the grid from ``val_select`` only."""
+
+    @abstractmethod
+    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per grid point: exited positives, misses among them, coverage (vectorised)."""
+
+    @abstractmethod
+    def _set_deployed(self, j: int | None) -> None:
+        """Store the deployed rule (``None``: defer everything)."""
+
+    @abstractmethod
+    def _grid_values(self) -> np.ndarray:
+        """The grid as numbers (thresholds, or SCRC's xi), strictest first."""
+
+    def _grid_point(self, j: int) -> dict[str, Any]:
+        """Extra per-point fields of ``sweep_results``."""
+        return {}
+
+    @abstractmethod
+    def _grid_rule(self) -> str:
+        """How the grid was fixed before the calibration labels were seen."""
+
+    @abstractmethod
+    def confidence(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
+        """The score this policy ranks images by (higher exits first; used for AURC and curves)."""
+
+    @abstractmethod
+    def decide(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
+        """Decisions (int8): 1 exit-positive, 0 exit-negative, -1 defer."""
+
+    # ------------------------------------------------------------------ serialisation
+    def _common_dict(self) -> dict[str, Any]:
+        self._check_fitted()
+        out = {
+            "policy": self.name,
+            "feasible": bool(self.feasible_),
+            "target_fnr_exit": float(self.target_fnr_exit),
+            "delta": float(self.delta),
+            "certificate": self.certificate_,
+            "val_calib_metrics": self.val_calib_metrics_,
+            "val_select_metrics": self.val_select_metrics_,
+            "fnr_on_exits": self.val_calib_metrics_["fnr_exit"],
+            "coverage": self.val_calib_metrics_["coverage"],
+            "exit_accuracy": self.val_calib_metrics_["exit_accuracy"],
+            "sweep_results": self.sweep_results_,
+        }
+        lineage = getattr(self, "lineage_", {}) or {}
+        out.update({k: lineage[k] for k in LINEAGE_FIELDS if lineage.get(k) is not None})
+        out.setdefault("created_at", now_iso())
+        return out
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The policy file's content (without ``artifact``/``schema_version``)."""
+
+    def _restore_common(self, d: dict[str, Any]) -> None:
+        self.feasible_ = bool(d["feasible"])
+        self.certificate_ = d["certificate"]
+        self.val_calib_metrics_ = d["val_calib_metrics"]
+        self.val_select_metrics_ = d.get("val_select_metrics")
+        self.sweep_results_ = d.get("sweep_results", [])
+        self.n_calib_ = d["certificate"]["n_calib"]
+        self.n_calib_positives_ = d["certificate"].get("n_calib_positives")
+        self.lineage_ = {k: d[k] for k in LINEAGE_FIELDS if k in d}
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExitPolicy:
+        """Rebuild a fitted policy from a (validated) policy file's content."""
+
+    def save(self, uri: str) -> dict[str, Any]:
+        """Validate and write the policy file atomically; return what was written."""
+        from stage1_pro.artifacts import write_artifact
+
+        return write_artifact(uri, self.artifact_kind, self.to_dict())
+
+    def summary(self) -> str:
+        """One line: threshold, coverage, FNR_exit, certified bound, n, k."""
+        self._check_fitted()
+        c = self.certificate_
+        m = self.val_calib_metrics_
+        fnr = "n/a" if m["fnr_exit"] is None else f"{m['fnr_exit']:.4f}"
+        bound = "n/a" if c["upper_bound"] is None else f"{c['upper_bound']:.4f}"
+        state = "certified" if self.feasible_ else "INFEASIBLE (defers everything)"
+        return (
+            f"{self.name} [{state}] {self._rule_text()}  coverage(val_calib)={m['coverage']:.4f}  "
+            f"FNR_exit(val_calib)={fnr}  certified bound={bound} (target {self.target_fnr_exit}, "
+            f"delta {self.delta}, {c['procedure']})  n={c['n']} k={c['k']}"
+        )
+
+    @abstractmethod
+    def _rule_text(self) -> str:
+        """The deployed rule in words/numbers for :meth:`summary`."""

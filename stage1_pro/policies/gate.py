@@ -1,0 +1,197 @@
+"""Gate exit policy (``gateparams.json``): exit iff ``calibrator(gate_logit) >= gate_threshold``.
+
+The gate is SelectiveNet's selection head g (Geifman & El-Yaniv, ICML 2019, arXiv 1901.09192,
+§3): a phase >= 3 model outputs its logit beside the class probabilities. The logit is mapped
+to a probability of a correct exit by a calibrator fitted on ``val_select`` (never on
+``val_calib``, which certifies the threshold; ``research/methods.md`` §9.1-2):
+
+* ``platt`` (default): ``sigmoid(a * logit + b)``, a one-feature logistic regression (Platt
+  1999). Monotone, so it keeps the gate's ranking; only the threshold's scale changes.
+* ``isotonic``: a non-decreasing step-linear fit (Zadrozny & Elkan 2002). Its plateaus create
+  ties, so fewer distinct coverage levels can be certified.
+
+The exit label is the classifier's argmax. The threshold is certified exactly like the softmax
+policy's (:mod:`stage1_pro.certify`). Inference needs numpy only (no scikit-learn).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stage1_pro.certify import count_at_least, quantile_grid
+from stage1_pro.errors import ConfigError, DataError
+from stage1_pro.policies.base import (
+    DEFER,
+    DEFER_ALL_THRESHOLD,
+    ExitPolicy,
+    argmax_class,
+    check_probs,
+)
+
+CALIBRATORS: tuple[str, ...] = ("platt", "isotonic")
+
+
+def fit_calibrator(
+    kind: str, logits: np.ndarray, correct: np.ndarray, source: str = "val_select"
+) -> dict[str, Any]:
+    """Fit a gate calibrator on ``val_select``: the probability that an exit is correct given the logit.
+
+    Returns the JSON-ready parameters: ``{"a", "b"}`` for Platt, ``{"x", "y"}`` (the isotonic
+    breakpoints) for isotonic. Raises :class:`DataError` when ``correct`` has one class only.
+    """
+    if kind not in CALIBRATORS:
+        raise ConfigError(f"unknown gate calibrator {kind!r}; allowed: {', '.join(CALIBRATORS)}")
+    correct = np.asarray(correct).astype(np.int64)
+    if correct.min() == correct.max():
+        raise DataError(
+            f"{source}: the classifier is {'always' if correct[0] else 'never'} correct, so the gate "
+            f"calibrator ({kind}) cannot be fitted; use more val_select data or the softmax policy"
+        )
+    x = np.asarray(logits, dtype=np.float64)
+    if kind == "platt":
+        from sklearn.linear_model import LogisticRegression
+
+        # unpenalised one-feature logistic regression = Platt scaling
+        lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(x[:, None], correct)
+        return {"a": float(lr.coef_[0, 0]), "b": float(lr.intercept_[0])}
+    from sklearn.isotonic import IsotonicRegression
+
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(x, correct)
+    return {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+
+
+def apply_calibrator(kind: str, params: dict[str, Any], logits: np.ndarray) -> np.ndarray:
+    """Calibrated gate probability (numpy only; matches scikit-learn's ``predict``)."""
+    x = np.asarray(logits, dtype=np.float64)
+    if kind == "platt":
+        # the logistic function via tanh: overflow-free, no scipy needed at inference
+        return 0.5 * (1.0 + np.tanh(0.5 * (params["a"] * x + params["b"])))
+    if kind == "isotonic":
+        return np.interp(x, np.asarray(params["x"], float), np.asarray(params["y"], float))
+    raise ConfigError(f"unknown gate calibrator {kind!r}; allowed: {', '.join(CALIBRATORS)}")
+
+
+class GatePolicy(ExitPolicy):
+    """Exit iff the calibrated gate probability reaches a certified threshold.
+
+    Parameters
+    ----------
+    target_fnr_exit, delta, method, grid_size
+        See :class:`~stage1_pro.policies.base.ExitPolicy`.
+    calibrator : {"platt", "isotonic"}, default "platt"
+        Gate calibrator, fitted on ``val_select``.
+
+    Attributes
+    ----------
+    calibrator_params_ : dict
+        Fitted calibrator parameters.
+    grid_ : ndarray
+        Candidate thresholds on the calibrated probability, strictest first (``val_select``
+        quantiles).
+    gate_threshold_ : float
+        Deployed threshold (:data:`DEFER_ALL_THRESHOLD` when infeasible).
+    """
+
+    name = "gate"
+    artifact_kind = "gateparams"
+
+    def __init__(
+        self,
+        target_fnr_exit: float = 0.02,
+        delta: float = 0.1,
+        method: str | None = None,
+        grid_size: int = 200,
+        calibrator: str = "platt",
+    ) -> None:
+        super().__init__(target_fnr_exit=target_fnr_exit, delta=delta, method=method, grid_size=grid_size)
+        self.calibrator = calibrator
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.calibrator not in CALIBRATORS:
+            raise ConfigError(
+                f"unknown gate calibrator {self.calibrator!r}; allowed: {', '.join(CALIBRATORS)}"
+            )
+
+    def fit(self, scores: Any) -> GatePolicy:
+        if not scores.has_gate:
+            raise DataError(
+                f"{scores.source}: no 'gate_logit' array: the gate policy needs scores from a phase >= 3 "
+                "model (three heads); calibrate with --policy softmax instead"
+            )
+        return super().fit(scores)  # type: ignore[return-value]
+
+    def calibrated(self, gate_logit: np.ndarray) -> np.ndarray:
+        """Calibrated gate probability of each image."""
+        return apply_calibrator(self.calibrator, self.calibrator_params_, gate_logit)
+
+    def confidence(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
+        """The calibrated gate probability (``probs`` is ignored)."""
+        if gate_logit is None:
+            raise DataError("gate_logit: the gate policy needs the gate head's logits (phase >= 3 model)")
+        return self.calibrated(gate_logit)
+
+    def _fit_select(self, select: Any) -> None:
+        correct = argmax_class(select.probs) == select.label
+        self.calibrator_params_ = fit_calibrator(self.calibrator, select.gate_logit, correct, select.source)
+        self.grid_ = quantile_grid(self.calibrated(select.gate_logit), self.grid_size)
+
+    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        conf = self.calibrated(scores.gate_logit)
+        pos = scores.label == 1
+        miss = pos & (argmax_class(scores.probs) == 0)
+        return (
+            count_at_least(conf[pos], self.grid_),
+            count_at_least(conf[miss], self.grid_),
+            count_at_least(conf, self.grid_) / conf.size,
+        )
+
+    def _set_deployed(self, j: int | None) -> None:
+        self.gate_threshold_ = DEFER_ALL_THRESHOLD if j is None else float(self.grid_[j])
+
+    def _grid_values(self) -> np.ndarray:
+        return self.grid_
+
+    def _grid_rule(self) -> str:
+        return (
+            f"val_select quantiles of the {self.calibrator}-calibrated gate probability at coverage "
+            f"levels j/{self.grid_size}, ties removed"
+        )
+
+    def decide(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
+        """Decisions (int8): the argmax class where the calibrated gate >= ``gate_threshold_``."""
+        self._check_fitted()
+        p, g = check_probs(probs, gate_logit, need_gate=True)
+        if not self.feasible_:
+            return np.full(p.shape[0], DEFER, dtype=np.int8)
+        out = argmax_class(p)
+        out[self.calibrated(g) < self.gate_threshold_] = DEFER
+        return out
+
+    def _rule_text(self) -> str:
+        return f"exit iff {self.calibrator}(gate_logit) >= {self.gate_threshold_:.6g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self._common_dict(),
+            "gate_threshold": float(self.gate_threshold_),
+            "calibrator_type": self.calibrator,
+            "calibrator_params": self.calibrator_params_,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GatePolicy:
+        c = d["certificate"]
+        policy = cls(
+            target_fnr_exit=d["target_fnr_exit"],
+            delta=d["delta"],
+            method=c["procedure"],
+            calibrator=d["calibrator_type"],
+        )
+        policy._restore_common(d)
+        policy.grid_ = np.asarray(c["grid"], dtype=np.float64)
+        policy.calibrator_params_ = d["calibrator_params"]
+        policy.gate_threshold_ = float(d["gate_threshold"])
+        return policy
