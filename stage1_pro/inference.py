@@ -46,7 +46,9 @@ class Prediction:
         decision: 1 exit-positive, 0 exit-negative, -1 defer (``policies.base`` constants);
             None when the image could not be read (see ``error``).
         probs: class probabilities ``(p_negative, p_positive)`` from the model.
-        gate_prob: the gate policy's calibrated exit probability (gate policy only).
+        confidence: the score the policy thresholds (max probability for softmax, the
+            calibrated gate probability for gate, the selection score for SCRC).
+        gate_prob: the calibrated gate probability (gate policy, or SCRC selecting on the gate).
         gate_logit: the raw gate-head logit (models with a gate head).
         source: the path/URI of the image, or ``None`` for in-memory inputs.
         error: why the image was skipped (``predict(..., skip_bad=True)``), else None.
@@ -54,6 +56,7 @@ class Prediction:
 
     decision: int | None
     probs: tuple[float, float] | None
+    confidence: float | None = None
     gate_prob: float | None = None
     gate_logit: float | None = None
     source: str | None = None
@@ -80,6 +83,7 @@ class Prediction:
             "decision": self.decision_name,
             "p_negative": None if self.probs is None else self.probs[0],
             "p_positive": None if self.probs is None else self.probs[1],
+            "confidence": self.confidence,
             "gate_prob": self.gate_prob,
             "gate_logit": self.gate_logit,
             "error": self.error,
@@ -138,18 +142,22 @@ class Predictor:
     def decide(self, probs: np.ndarray, gate_logit: np.ndarray | None) -> list[Prediction]:
         """Apply the bundle's policy to model outputs (no model involved)."""
         decisions = np.asarray(self.policy.decide(probs, gate_logit))
-        gate_prob = None
-        if gate_logit is not None and hasattr(self.policy, "gate_probability"):
-            gate_prob = np.asarray(self.policy.gate_probability(gate_logit), dtype=np.float64)
+        confidence = np.asarray(self.policy.confidence(probs, gate_logit), dtype=np.float64)
         return [
             Prediction(
                 decision=int(decisions[i]),
                 probs=(float(probs[i, 0]), float(probs[i, 1])),
-                gate_prob=None if gate_prob is None else float(gate_prob[i]),
+                confidence=float(confidence[i]),
+                gate_prob=float(confidence[i]) if self._confidence_is_gate else None,
                 gate_logit=None if gate_logit is None else float(gate_logit[i]),
             )
             for i in range(len(decisions))
         ]
+
+    @property
+    def _confidence_is_gate(self) -> bool:
+        """The gate policy (and SCRC selecting on the gate) rank images by the calibrated gate."""
+        return self.policy.name == "gate" or getattr(self.policy, "selection_score", None) == "gate"
 
     def predict(
         self,

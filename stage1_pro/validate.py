@@ -104,25 +104,21 @@ def _clean(x: Any) -> Any:
 
 
 def _split_metrics(policy: Any, scores: Any, delta: float) -> tuple[dict[str, Any], np.ndarray]:
-    """Exit metrics of ``policy`` on one split of the scores (with the CP bound and AURC)."""
+    """Exit metrics of ``policy`` on one split of the scores (with the CP bound at ``delta`` and AURC)."""
     from stage1_pro import metrics
+    from stage1_pro.policies.base import argmax_class
 
     decisions = np.asarray(policy.decide(scores.probs, scores.gate_logit))
     m = metrics.exit_metrics(
         decisions,
         scores.label,
         confidence=policy_confidence(policy, scores),
-        predictions=exit_labels(scores),
+        predictions=argmax_class(scores.probs),  # the exit label of all three policies
         delta=delta,
     )
     if not m["n_exited_positives"]:  # no exited positive: nothing to bound (the CP formula gives 1)
         m["fnr_exit_upper_bound"] = None
     return _clean(m), decisions
-
-
-def exit_labels(scores: Any) -> np.ndarray:
-    """The class each image exits with when it exits: the classifier's argmax (all three policies)."""
-    return np.argmax(scores.probs, axis=1)
 
 
 def policy_confidence(policy: Any, scores: Any) -> np.ndarray:
@@ -142,8 +138,9 @@ def confusion(decisions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]:
     """FNR_exit and selective risk against coverage on one split, subsampled to CURVE_POINTS."""
     from stage1_pro import metrics
+    from stage1_pro.policies.base import argmax_class
 
-    confidence, predictions = policy_confidence(policy, scores), exit_labels(scores)
+    confidence, predictions = policy_confidence(policy, scores), argmax_class(scores.probs)
     curves = {
         risk: metrics.risk_coverage_curve(confidence, scores.label, predictions, risk=risk)
         for risk in ("fnr_exit", "selective")
@@ -351,6 +348,7 @@ def validate_run(
     Raises:
         ArtifactError, DataError, ConfigError: missing or invalid inputs, naming the file.
     """
+    from stage1_pro.calibrate import check_scores_match_splits
     from stage1_pro.policies import load_policy
     from stage1_pro.report import write_reports
     from stage1_pro.scores import load_scores
@@ -379,14 +377,7 @@ def validate_run(
         )
     policy = load_policy(policy_uri)
     scores = load_scores(uri[SCORES_FILE])
-    for split in ("val_calib", "test"):
-        want = set(splits["indices"][split])
-        got = set(scores.subset(split).index.tolist())
-        if got != want:
-            raise DataError(
-                f"{uri[SCORES_FILE]}: the '{split}' rows ({len(got)}) are not the {split} indices of "
-                f"{uri['splits.json']} ({len(want)}); the scores come from another split — rescore the run"
-            )
+    check_scores_match_splits(scores, splits, uri[SCORES_FILE], uri["splits.json"])
     if exit_policy == "gate" and not scores.has_gate:
         raise DataError(f"{uri[SCORES_FILE]}: no 'gate_logit' array; the gate policy needs phase >= 3 scores")
 
