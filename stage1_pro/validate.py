@@ -135,6 +135,13 @@ def confusion(decisions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return {"rows": ["label 0", "label 1"], "columns": [DECISION_NAMES[d] for d in cols], "matrix": matrix}
 
 
+_SCORE_NAMES = {
+    "softmax": "max class probability",
+    "gate": "calibrated gate probability",
+    "scrc": "SCRC selection score",
+}
+
+
 def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]:
     """FNR_exit and selective risk against coverage on one split, subsampled to CURVE_POINTS."""
     from stage1_pro import metrics
@@ -150,7 +157,7 @@ def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]
     if coverage.size > CURVE_POINTS:
         keep = np.unique(np.linspace(0, coverage.size - 1, CURVE_POINTS).round().astype(int))
     return {
-        "score": f"{type(policy).__name__} confidence",
+        "score": _SCORE_NAMES.get(policy.name, "policy confidence"),
         "coverage": _clean(coverage[keep].tolist()),
         "fnr_exit": _clean(np.asarray(curves["fnr_exit"]["risk"])[keep].tolist()),
         "selective_risk": _clean(np.asarray(curves["selective"]["risk"])[keep].tolist()),
@@ -350,11 +357,13 @@ def validate_run(
     """
     from stage1_pro.calibrate import check_scores_match_splits
     from stage1_pro.policies import load_policy
-    from stage1_pro.report import write_reports
+    from stage1_pro.report import REPORT_FORMATS, write_reports
     from stage1_pro.scores import load_scores
 
     if fnr_rule not in FNR_RULES:
         raise ConfigError(f"fnr_rule={fnr_rule!r} is unknown; allowed: {', '.join(FNR_RULES)}")
+    if report_format not in REPORT_FORMATS:
+        raise ConfigError(f"report_format={report_format!r} is unknown; allowed: {', '.join(REPORT_FORMATS)}")
     min_coverage = _check_fraction("min_coverage", min_coverage)
     min_exit_accuracy = _check_fraction("min_exit_accuracy", min_exit_accuracy)
     max_fpr_exit = _check_fraction("max_fpr_exit", max_fpr_exit)

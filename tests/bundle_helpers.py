@@ -128,41 +128,65 @@ def write_splits(run: Path, scores: dict[str, np.ndarray]) -> dict[str, Any]:
     return write_artifact(run / "splits.json", "splits", splits)
 
 
+def write_placeholder_model(out_dir: Path) -> Path:
+    """``model.json`` + a few bytes as ``model_best.pth``: for tests that never load the network."""
+    from stage1_pro.models import save_model_info
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "model_best.pth").write_bytes(b"placeholder weights: never loaded by these tests")
+    info = {
+        "model_name": TINY_MODEL, "img_size": TINY_IMG, "num_classes": 2,
+        "heads": ["classifier", "gate", "aux"], "mean": [0.5] * 3, "std": [0.5] * 3, "in_chans": 3,
+        "grayscale_to_rgb": True,
+    }  # fmt: skip
+    save_model_info(info, str(out_dir / "model.json"))
+    return out_dir
+
+
 def make_run(
     run: Path,
-    model_dir: Path,
+    model_dir: Path | None = None,
     *,
     policy: str = "softmax",
     n: int = 1500,
     seed: int = 0,
+    scores: dict[str, np.ndarray] | None = None,
+    score_kwargs: dict[str, Any] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    calibrate_kwargs: dict[str, Any] | None = None,
     calibrate: bool = True,
     validate: bool = True,
-    score_kwargs: dict[str, Any] | None = None,
     **validate_kwargs: Any,
 ) -> Path:
-    """A complete run directory (see the module docstring); validated unless ``validate=False``."""
+    """A complete run directory (see the module docstring); validated unless ``validate=False``.
+
+    ``model_dir`` holds the network files to copy (default: :func:`write_placeholder_model`);
+    ``scores`` replaces the Gaussian scores (arrays as :func:`gaussian_scores` returns them).
+    """
     from stage1_pro.calibrate import calibrate_policy
     from stage1_pro.config import save_config
     from stage1_pro.scores import save_scores
     from stage1_pro.validate import validate_run
 
     run.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(policy)
+    config = tiny_config(policy, **(config_overrides or {}))
     save_config(config, run / "config.json")
-    scores = gaussian_scores(n, seed, **(score_kwargs or {}))
+    if scores is None:
+        scores = gaussian_scores(n, seed, **(score_kwargs or {}))
     save_scores(str(run / "scores.npz"), **scores)
     write_splits(run, scores)
+    if model_dir is None:
+        model_dir = write_placeholder_model(run.parent / f".{run.name}-model")
     for name in ("model_best.pth", "model.json"):
         shutil.copyfile(model_dir / name, run / name)
     (run / "metrics.csv").write_text("epoch,train_loss,val_select_loss\n0,0.69,0.68\n", encoding="utf-8")
     if calibrate:
-        calibrate_policy(
-            policy,
-            str(run / "scores.npz"),
-            str(run / POLICY_FILE[policy]),
-            target_fnr_exit=config.target_fnr_exit,
-            delta=config.delta,
-        )
+        settings = {
+            "target_fnr_exit": config.target_fnr_exit,
+            "delta": config.delta,
+            **(calibrate_kwargs or {}),
+        }
+        calibrate_policy(policy, str(run / "scores.npz"), str(run / POLICY_FILE[policy]), **settings)
     if calibrate and validate:
         validate_run(run, **validate_kwargs)
     return run
