@@ -67,8 +67,8 @@ def test_window_one_gives_the_midpoint_and_the_same_exits() -> None:
     s, miss = _positives(300, 7)
     lam, k_star = crc_exit_threshold(s, miss, 0.05, window=0.0)
     ranked = np.sort(s.detach().numpy())[::-1]
-    assert float(lam) == pytest.approx((ranked[k_star - 1] + ranked[k_star]) / 2)
-    assert int((s.detach().numpy() >= float(lam)).sum()) == k_star
+    assert float(lam.detach()) == pytest.approx((ranked[k_star - 1] + ranked[k_star]) / 2)
+    assert int((s.detach().numpy() >= float(lam.detach())).sum()) == k_star
     lam.backward()
     grad = s.grad.numpy()
     assert np.count_nonzero(grad) == 2 and grad.sum() == pytest.approx(1.0)  # the two boundary scores
