@@ -110,8 +110,15 @@ def binomial_log_p_values(k: Any, n: Any, target: float) -> np.ndarray:
     """``log`` of :func:`binomial_p_values` without underflow (used to rank points)."""
     from scipy import stats
 
-    k_arr, n_arr = np.broadcast_arrays(np.asarray(k), np.asarray(n))
-    logp = stats.binom.logcdf(k_arr, n_arr, target)
+    k_arr, n_arr = np.broadcast_arrays(np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64))
+    logp = np.asarray(stats.binom.logcdf(k_arr, n_arr, target), dtype=np.float64)
+    deep = ~np.isfinite(logp) & (n_arr > 0)
+    if deep.any():
+        # the cdf underflowed (far lower tail, k << n * target): sum the pmf as a geometric series,
+        # log cdf = log pmf(k) - log(1 - r) with r = pmf(k-1)/pmf(k), exact to O(r^2) relative
+        kd, nd = k_arr[deep], n_arr[deep]
+        r = kd * (1.0 - target) / ((nd - kd + 1.0) * target)
+        logp[deep] = stats.binom.logpmf(kd, nd, target) - np.log1p(-np.minimum(r, 1 - 1e-12))
     return np.where(n_arr > 0, logp, 0.0)
 
 

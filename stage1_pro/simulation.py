@@ -19,6 +19,7 @@ integral over ``z`` otherwise, evaluated on a fine fixed grid (absolute error < 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import integrate, special, stats
@@ -107,6 +108,25 @@ class GaussianScoreModel:
         fnr = miss / exited_pos if exited_pos > 0 else float("nan")
         return fnr, self.prevalence * exited_pos + (1 - self.prevalence) * exited_neg
 
+    def oracle_gate(self, target: float) -> tuple[float, float]:
+        """The loosest gate-logit threshold whose true FNR_exit is ``<= target``: ``(x*, coverage)``.
+
+        FNR_exit decreases in the gate threshold here (the gate is a noisy ``|z - z0|``), so
+        ``x*`` is the root of ``FNR(x) = target`` (Brent's method).
+        """
+        from scipy import optimize
+
+        def excess(x: float) -> float:
+            return self.rule_curve(0.5, x)[0] - target
+
+        lo, hi = -5.0, 0.0
+        while excess(hi) > 0:
+            hi += 2.0
+        if excess(lo) <= 0:
+            return float("-inf"), 1.0
+        x = float(optimize.brentq(excess, lo, hi, xtol=1e-10))
+        return x, self.rule_curve(0.5, x)[1]
+
     def oracle_softmax(self, target: float) -> tuple[float, float]:
         """The loosest softmax threshold whose true FNR_exit is ``<= target``: ``(t*, coverage)``."""
         t = np.linspace(0.5, 1.0, 200001)
@@ -116,3 +136,117 @@ class GaussianScoreModel:
             return float("inf"), 0.0
         j = int(np.argmax(np.where(ok, cov, -1.0)))
         return float(t[j]), float(cov[j])
+
+
+# --------------------------------------------------------------------------- validity harness
+
+
+def make_scores(
+    model: GaussianScoreModel, n_select: int, n_calib: int, rng: np.random.Generator, n_test: int = 0
+) -> Any:
+    """A :class:`~stage1_pro.scores.Scores` with fresh ``val_select``/``val_calib`` (and ``test``) draws."""
+    from stage1_pro.scores import Scores
+
+    sizes = {"val_select": n_select, "val_calib": n_calib, "test": n_test}
+    parts = {s: model.sample(n, rng) for s, n in sizes.items() if n > 0}
+    total = sum(len(p["label"]) for p in parts.values())
+    return Scores(
+        index=np.arange(total),
+        split=np.concatenate([np.full(len(p["label"]), s) for s, p in parts.items()]),
+        label=np.concatenate([p["label"] for p in parts.values()]),
+        probs=np.concatenate([p["probs"] for p in parts.values()]),
+        gate_logit=np.concatenate([p["gate_logit"] for p in parts.values()]),
+        source="<simulated>",
+    )
+
+
+def _gate_logit_threshold(policy: Any, t: float) -> float:
+    """The gate-logit threshold equivalent to ``calibrated >= t`` (calibrators are non-decreasing)."""
+    params = policy.calibrator_params_
+    if policy.calibrator == "platt":
+        a, b = params["a"], params["b"]
+        if a <= 0:
+            raise ValueError("the simulated gate is informative: Platt's slope must be positive")
+        return float((special.logit(min(max(t, 1e-300), 1 - 1e-16)) - b) / a)
+    x, y = np.asarray(params["x"]), np.asarray(params["y"])
+    above = np.nonzero(y >= t)[0]
+    if above.size == 0:
+        return float("inf")
+    i = int(above[0])
+    if i == 0:
+        return float("-inf")
+    return float(x[i - 1] + (t - y[i - 1]) * (x[i] - x[i - 1]) / (y[i] - y[i - 1]))
+
+
+def rule_truth(
+    policy: Any, model: GaussianScoreModel, point: dict[str, float] | None = None
+) -> tuple[float, float]:
+    """True ``(FNR_exit, coverage)`` of a fitted policy's deployed rule (or of an SCRC ``point``).
+
+    Infeasible policies exit nothing: ``(nan, 0.0)``. Supports the softmax policy, the gate
+    policy and SCRC with the ``max_prob``/``margin`` selection score (the rule is then a
+    threshold on the max probability).
+    """
+    if not policy.feasible_:
+        return float("nan"), 0.0
+    if policy.name == "softmax":
+        fnr, cov = model.softmax_curve(policy.exit_threshold_)
+        return float(fnr), float(cov)
+    if policy.name == "gate":
+        return model.rule_curve(0.5, _gate_logit_threshold(policy, policy.gate_threshold_))
+    if policy.selection_score == "gate":
+        raise NotImplementedError("rule_truth covers SCRC with max_prob/margin selection")
+    lam1 = point["lambda1"] if point else policy.lambda1_
+    lam2 = point["lambda2"] if point else policy.lambda2_
+    sel = 1.0 - lam1 if policy.selection_score == "max_prob" else (2.0 - lam1) / 2.0  # margin = 2 maxp - 1
+    single = lam2 if lam2 >= 0.5 else 1.0 - lam2
+    fnr, cov = model.softmax_curve(max(sel, single))
+    return float(fnr), float(cov)
+
+
+def validity_run(
+    policy: str,
+    model: GaussianScoreModel,
+    *,
+    n_calib: int,
+    n_select: int | None = None,
+    draws: int = 1000,
+    seed: int = 0,
+    target_fnr_exit: float = 0.02,
+    delta: float = 0.1,
+    **params: Any,
+) -> dict[str, Any]:
+    """Calibrate ``policy`` on ``draws`` independent (val_select, val_calib) draws from ``model``.
+
+    Returns the fraction of draws whose deployed rule has a true FNR_exit above the target
+    (``violation_rate``) with its Monte-Carlo standard error, the mean true coverage of the
+    deployed rule (0 when infeasible), the infeasible fraction, and, for SCRC-T, the fraction
+    where *any* certified path point violates (``fwer``), which bounds every batch's rule.
+    """
+    import warnings
+
+    from stage1_pro.policies import InfeasibleCertificateWarning, create_policy
+
+    rng = np.random.default_rng(seed)
+    violations, coverages, infeasible, fwer = [], [], 0, []
+    for _ in range(draws):
+        scores = make_scores(model, n_select or n_calib, n_calib, rng)
+        est = create_policy(policy, target_fnr_exit=target_fnr_exit, delta=delta, **params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InfeasibleCertificateWarning)
+            est.fit(scores)
+        fnr, cov = rule_truth(est, model)
+        violations.append(bool(est.feasible_ and fnr > target_fnr_exit))
+        coverages.append(cov)
+        infeasible += not est.feasible_
+        if policy == "scrc":
+            fwer.append(any(rule_truth(est, model, p)[0] > target_fnr_exit for p in est.certified_path_))
+    rate = float(np.mean(violations))
+    return {
+        "draws": draws,
+        "violation_rate": rate,
+        "mc_se": float(np.sqrt(max(delta * (1 - delta), 1e-12) / draws)),
+        "mean_coverage": float(np.mean(coverages)),
+        "infeasible_rate": infeasible / draws,
+        "fwer": float(np.mean(fwer)) if fwer else None,
+    }

@@ -185,6 +185,9 @@ class ExitPolicy(ABC):
             k_select=sel_k,
         )
         self.certification_ = cert
+        # per grid point: (exited positives, misses[, coverage]); kept for diagnostics and benchmarks
+        self.select_counts_ = (sel_n, sel_k)
+        self.calib_counts_ = (cal_n, cal_k, cal_cov)
         self.feasible_ = cert.feasible
         self.n_calib_ = len(calib)
         self.n_calib_positives_ = n_pos

@@ -5,8 +5,9 @@ The gate is SelectiveNet's selection head g (Geifman & El-Yaniv, ICML 2019, arXi
 to a probability of a correct exit by a calibrator fitted on ``val_select`` (never on
 ``val_calib``, which certifies the threshold; ``research/methods.md`` §9.1-2):
 
-* ``platt`` (default): ``sigmoid(a * logit + b)``, a one-feature logistic regression (Platt
-  1999). Monotone, so it keeps the gate's ranking; only the threshold's scale changes.
+* ``platt`` (default): ``sigmoid(a * logit + b)``, a one-feature logistic regression with
+  Platt's smoothed targets (Platt 1999; :func:`platt_fit`). Monotone, so it keeps the gate's
+  ranking; only the threshold's scale changes.
 * ``isotonic``: a non-decreasing step-linear fit (Zadrozny & Elkan 2002). Its plateaus create
   ties, so fewer distinct coverage levels can be certified.
 
@@ -51,15 +52,53 @@ def fit_calibrator(
         )
     x = np.asarray(logits, dtype=np.float64)
     if kind == "platt":
-        from sklearn.linear_model import LogisticRegression
-
-        # unpenalised one-feature logistic regression = Platt scaling
-        lr = LogisticRegression(C=np.inf, solver="lbfgs", max_iter=1000).fit(x[:, None], correct)
-        return {"a": float(lr.coef_[0, 0]), "b": float(lr.intercept_[0])}
+        a, b = platt_fit(x, correct)
+        return {"a": a, "b": b}
     from sklearn.isotonic import IsotonicRegression
 
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(x, correct)
     return {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+
+
+def _nll(z: np.ndarray, t: np.ndarray) -> float:
+    return float(np.sum(np.logaddexp(0.0, z) - t * z))
+
+
+def platt_fit(
+    x: np.ndarray, y: np.ndarray, *, smooth: bool = True, max_iter: int = 100
+) -> tuple[float, float]:
+    """Platt scaling: ``P(y = 1 | x) = sigmoid(a x + b)`` by maximum likelihood.
+
+    Newton's method with backtracking (Lin, Lin & Weng, "A note on Platt's probabilistic outputs
+    for support vector machines", Machine Learning 2007, Alg. 1). With ``smooth`` the targets are
+    Platt's (1999) ``(N+ + 1)/(N+ + 2)`` and ``1/(N- + 2)``, which keeps ``a`` finite when the
+    classes separate; ``smooth=False`` is plain logistic regression.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    t = np.where(y, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0)) if smooth else y.astype(np.float64)
+    a, b = 0.0, float(np.log((n_pos + 1.0) / (n_neg + 1.0)))
+    loss = _nll(a * x + b, t)
+    for _ in range(max_iter):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (a * x + b)))
+        r, w = p - t, p * (1.0 - p)
+        grad = np.array([np.dot(r, x), r.sum()])
+        if np.abs(grad).max() < 1e-9 * max(1, x.size):
+            break
+        hess = np.array([[np.dot(w, x * x), np.dot(w, x)], [np.dot(w, x), w.sum()]]) + 1e-12 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        s = 1.0
+        while s > 1e-10:  # backtracking line search on the negative log-likelihood
+            a_new, b_new = a - s * step[0], b - s * step[1]
+            new = _nll(a_new * x + b_new, t)
+            if new <= loss - 1e-4 * s * float(grad @ step):
+                break
+            s /= 2.0
+        else:
+            break
+        a, b, loss = a_new, b_new, new
+    return float(a), float(b)
 
 
 def apply_calibrator(kind: str, params: dict[str, Any], logits: np.ndarray) -> np.ndarray:
