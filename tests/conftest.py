@@ -17,19 +17,19 @@ import os
 # Before anything imports timm/huggingface_hub: never reach for the network in tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import platform  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from importlib import resources  # noqa: E402
-from pathlib import Path  # noqa: E402
+import platform
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 DATA_DIR = TESTS_DIR / "data"
@@ -124,7 +124,8 @@ def _wait_until_answering(proc: subprocess.Popen, url: str, log_path: Path, time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"fake-gcs-server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            log = log_path.read_text()[-2000:]
+            raise RuntimeError(f"fake-gcs-server exited with {proc.returncode}: {log}")
         try:
             with urllib.request.urlopen(url, timeout=1) as resp:
                 if resp.status == 200:
@@ -132,7 +133,8 @@ def _wait_until_answering(proc: subprocess.Popen, url: str, log_path: Path, time
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"fake-gcs-server did not answer on {url} within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+    log = log_path.read_text()[-2000:]
+    raise RuntimeError(f"fake-gcs-server did not answer on {url} within {timeout:.0f} s: {log}")
 
 
 @pytest.fixture(scope="session")
