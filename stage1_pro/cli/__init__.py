@@ -28,12 +28,16 @@ class Command:
 
 #: verb -> implementation. Verbs are added here by the issue that builds them.
 COMMANDS: dict[str, Command] = {
-    "demo-data": Command("stage1_pro.cli.demo_data", "write the embedded MNIST dataset as PNG files + manifest"),
+    "demo-data": Command(
+        "stage1_pro.cli.demo_data", "write the embedded MNIST dataset as PNG files + manifest"
+    ),
     "split": Command("stage1_pro.cli.split", "deterministic, stratified, group-aware split -> splits.json"),
     "prepare": Command("stage1_pro.cli.prepare", "decode images once into training-resolution shards"),
     "train": Command("stage1_pro.cli.train", "train one phase -> model_best.pth, metrics.csv, scores.npz"),
     "calibrate": Command("stage1_pro.cli.calibrate", "certify an exit policy on scores.npz -> policy file"),
-    "validate": Command("stage1_pro.cli.validate", "audit the policy on test, bless or not -> validation.json"),
+    "validate": Command(
+        "stage1_pro.cli.validate", "audit the policy on test, bless or not -> validation.json"
+    ),
     "export": Command("stage1_pro.cli.export", "export a validated run as a deployable bundle folder"),
     "predict": Command("stage1_pro.cli.predict", "exit-positive / exit-negative / defer per image"),
     "publish": Command("stage1_pro.cli.publish", "upload a bundle to gs://.../<version>/, move latest"),
