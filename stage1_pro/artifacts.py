@@ -31,6 +31,7 @@ DEFAULT_FILENAMES: dict[str, str] = {
     "latest": "latest",
     "model": "model.json",
     "prepared": "index.json",
+    "explora": "explora.json",
 }
 
 #: Exit policy name -> kind of its policy file. Policy files are mutually exclusive.

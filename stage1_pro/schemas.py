@@ -28,6 +28,7 @@ ARTIFACT_KINDS: tuple[str, ...] = (
     "latest",
     "model",
     "prepared",
+    "explora",
 )
 
 #: Version written into every artifact this release produces (``schema_version``).
