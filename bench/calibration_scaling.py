@@ -26,6 +26,8 @@ import numpy as np
 from stage1_pro.certify import certify, count_at_least, quantile_grid
 from stage1_pro.simulation import GaussianScoreModel
 
+N_SELECT = 20_000
+
 
 def ours(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, sel_n, sel_k):
     conf = probs.max(axis=1)
@@ -34,7 +36,10 @@ def ours(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, sel_n, sel_k):
     n = count_at_least(conf[pos], grid)
     k = count_at_least(conf[miss], grid)
     cov = count_at_least(conf, grid) / conf.size
-    return certify(n, k, target=0.02, delta=0.1, coverage=cov, n_select=sel_n, k_select=sel_k)
+    scale = conf.size / N_SELECT
+    return certify(
+        n, k, target=0.02, delta=0.1, coverage=cov, n_select=sel_n, k_select=sel_k, calib_scale=scale
+    )
 
 
 def reference(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, sel_n, sel_k):
@@ -51,7 +56,10 @@ def reference(probs: np.ndarray, labels: np.ndarray, grid: np.ndarray, sel_n, se
         cov[j] = np.count_nonzero(exited) / conf.size
     if sel_n is None:
         return n, k, cov
-    return certify(n, k, target=0.02, delta=0.1, coverage=cov, n_select=sel_n, k_select=sel_k)
+    scale = conf.size / N_SELECT
+    return certify(
+        n, k, target=0.02, delta=0.1, coverage=cov, n_select=sel_n, k_select=sel_k, calib_scale=scale
+    )
 
 
 def _best_time(repeats: int, fn, *args) -> float:
@@ -93,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     model = GaussianScoreModel()
     rng = np.random.default_rng(0)
-    select = model.sample(20_000, rng)
+    select = model.sample(N_SELECT, rng)
     grid = quantile_grid(select["probs"].max(axis=1), args.grid)
     conf_s = select["probs"].max(axis=1)
     pos_s = select["label"] == 1

@@ -25,11 +25,12 @@ the probability being over the draw of ``val_calib``. It is obtained with Learn-
 Procedures (all valid; see ``bench/calibration_validity.py`` for the measured coverage):
 
 ``split_fixed_sequence`` (default)
-    The start of the sequence is learned on ``val_select`` (the grid point with the smallest
-    p-value there); on ``val_calib`` the grid is then tested from that point towards looser
-    points at level delta, stopping at the first failure (LTT fixed-sequence testing with a
-    data-independent order, Bauer 1991; the split variant is MAPIE's
-    ``split_fixed_sequence``). No multiplicity cost.
+    The start of the sequence is learned on ``val_select``: the grid point most likely to pass
+    on ``val_calib`` under the ``val_select`` posterior predictive
+    (:func:`predicted_pass_probability`); on ``val_calib`` the grid is then tested from that
+    point towards looser points at level delta, stopping at the first failure (LTT
+    fixed-sequence testing with a data-independent order, Bauer 1991; MAPIE calls the split
+    variant ``split_fixed_sequence``). No multiplicity cost.
 ``sgr_binary_search``
     Selection with Guaranteed Risk (Geifman & El-Yaniv, arXiv 1705.08500, Alg. 1): binary
     search over the grid, each test at ``delta / K`` with ``K = ceil(log2(m + 1))`` the largest
@@ -193,19 +194,46 @@ def fixed_sequence(p: np.ndarray, delta: float, **_: Any) -> np.ndarray:
     return out
 
 
-def split_fixed_sequence(
-    p: np.ndarray, delta: float, *, log_p_select: np.ndarray | None = None, **_: Any
+def predicted_pass_probability(
+    n_select: Any, k_select: Any, *, target: float, level: float, scale: float = 1.0
 ) -> np.ndarray:
-    """Fixed sequence starting at the point with the smallest ``val_select`` p-value, then looser.
+    """Probability that each grid point passes its test on ``val_calib``, predicted from ``val_select``.
 
-    The order depends on ``val_select`` only, so fixed-sequence testing on ``val_calib``
-    controls the family-wise error at ``delta`` (Bauer 1991; LTT §3).
+    A point passes iff its misses ``K <= k_max(n)``, the largest count with
+    ``P(Bin(n, target) <= k_max) <= level``. Its ``val_calib`` exited positives are predicted as
+    ``n = round(scale * n_select)`` (``scale = |val_calib| / |val_select|``, label-free), and
+    ``K`` by the Jeffreys posterior predictive of its ``val_select`` miss rate,
+    ``BetaBinomial(n, k_select + 1/2, n_select - k_select + 1/2)``. Uses ``val_select`` only.
     """
-    if log_p_select is None or len(log_p_select) != p.size:
-        raise ValueError("split_fixed_sequence needs the val_select p-values of the same grid")
-    lp = np.asarray(log_p_select, dtype=np.float64)
-    # the loosest of tied minima: stricter starts only cost coverage
-    start = int(p.size - 1 - np.argmin(lp[::-1]))
+    from scipy import stats
+
+    ns = np.asarray(n_select, dtype=np.float64)
+    ks = np.asarray(k_select, dtype=np.float64)
+    n_hat = np.rint(ns * scale)
+    k0 = stats.binom.ppf(level, n_hat, target)  # least k with cdf >= level
+    k_max = np.where(stats.binom.cdf(k0, n_hat, target) <= level, k0, k0 - 1)
+    ok = (n_hat > 0) & (k_max >= 0)
+    out = np.zeros(ns.shape)
+    out[ok] = stats.betabinom.cdf(k_max[ok], n_hat[ok], ks[ok] + 0.5, ns[ok] - ks[ok] + 0.5)
+    return out
+
+
+def split_fixed_sequence(
+    p: np.ndarray, delta: float, *, start_scores: np.ndarray | None = None, **_: Any
+) -> np.ndarray:
+    """Fixed sequence from the point most likely to pass (learned on ``val_select``), then looser.
+
+    ``start_scores`` rank the possible starts (:func:`predicted_pass_probability`; ties go to
+    the looser point, since a stricter start only costs coverage). The order depends on
+    ``val_select`` only, so fixed-sequence testing on ``val_calib`` controls the family-wise
+    error at ``delta`` (Bauer 1991; LTT §3). On the validity benchmark this start beats the
+    point with the smallest ``val_select`` p-value (MAPIE's ``learn_fixed_sequence_order``
+    ranking) by 1-30% coverage, most at small n.
+    """
+    if start_scores is None or len(start_scores) != p.size:
+        raise ValueError("split_fixed_sequence needs start scores learned on val_select for the same grid")
+    sc = np.asarray(start_scores, dtype=np.float64)
+    start = int(p.size - 1 - np.argmax(sc[::-1]))
     out = np.full(p.size, np.nan)
     _fixed_sequence_from(p, start, delta, out)
     return out
@@ -355,6 +383,7 @@ def certify(
     coverage: Any | None = None,
     n_select: Any | None = None,
     k_select: Any | None = None,
+    calib_scale: float = 1.0,
     starts: int = DEFAULT_STARTS,
 ) -> Certification:
     """Certify a grid of exit rules on ``val_calib`` and choose the one to deploy.
@@ -373,6 +402,8 @@ def certify(
         one with the largest coverage (ties: the looser). Default: grid order.
     n_select, k_select : array (m,), optional
         The same counts on ``val_select``; required by ``split_fixed_sequence``.
+    calib_scale : float
+        ``|val_calib| / |val_select|`` (row counts, label-free), to predict the calibration counts.
     starts : int
         Number of sequences for ``multistart_fixed_sequence``.
     """
@@ -384,12 +415,14 @@ def certify(
     if n_arr.ndim != 1 or n_arr.shape != k_arr.shape or n_arr.size == 0:
         raise ValueError("n and k must be 1-D arrays of the same, non-zero length")
     p = binomial_p_values(k_arr, n_arr, target)
-    log_p_select = None
+    start_scores = None
     if name in NEEDS_SELECT:
         if n_select is None or k_select is None:
             raise ValueError(f"{name} needs the val_select counts (n_select, k_select)")
-        log_p_select = binomial_log_p_values(np.asarray(k_select), np.asarray(n_select), target)
-    levels = PROCEDURES[name](p, delta, log_p_select=log_p_select, starts=starts)
+        start_scores = predicted_pass_probability(
+            n_select, k_select, target=target, level=delta, scale=calib_scale
+        )
+    levels = PROCEDURES[name](p, delta, start_scores=start_scores, starts=starts)
     cert = ~np.isnan(levels)
     deployed = None
     if cert.any():

@@ -83,17 +83,36 @@ def test_fixed_sequence_stops_at_once_when_the_strictest_point_fails() -> None:
     np.testing.assert_array_equal(~np.isnan(lv), [1, 1, 1, 1, 0, 0])
 
 
-def test_split_fixed_sequence_starts_at_the_val_select_minimum() -> None:
-    log_p_select = np.log([0.9, 0.3, 0.001, 0.01, 0.2, 0.5, 0.6])
-    lv = C.split_fixed_sequence(P, 0.1, log_p_select=log_p_select)
+def test_split_fixed_sequence_starts_at_the_best_learned_start() -> None:
+    start_scores = np.array([0.1, 0.3, 0.99, 0.9, 0.2, 0.5, 0.6])
+    lv = C.split_fixed_sequence(P, 0.1, start_scores=start_scores)
     # starts at index 2, passes 2, 3, 4, stops at 5 (0.2 > 0.1); index 6 is never reached
     np.testing.assert_array_equal(~np.isnan(lv), [0, 0, 1, 1, 1, 0, 0])
     assert np.nanmax(lv) == 0.1
-    # ties: the loosest of equal minima
-    lv = C.split_fixed_sequence(P, 0.1, log_p_select=np.log([0.5, 0.5, 0.01, 0.01, 0.5, 0.5, 0.5]))
+    # ties: the loosest of equal maxima
+    lv = C.split_fixed_sequence(P, 0.1, start_scores=np.array([0, 0, 0.9, 0.9, 0, 0, 0]))
     np.testing.assert_array_equal(~np.isnan(lv), [0, 0, 0, 1, 1, 0, 0])
     with pytest.raises(ValueError, match="val_select"):
         C.split_fixed_sequence(P, 0.1)
+
+
+def test_predicted_pass_probability() -> None:
+    # 0 misses among 1,000 positives: the calibration test (k_max(1000) = 13) passes almost surely
+    # 20 misses among 1,000: FNR 0.02 is the target itself, the test passes rarely
+    # 0 misses among 50: 50 exited positives can never certify (114 needed)
+    pp = C.predicted_pass_probability([1000, 1000, 50], [0, 20, 0], target=0.02, level=0.1)
+    assert pp[0] > 0.999 and pp[1] < 0.2 and pp[2] == 0.0
+    # Monte Carlo check of the posterior predictive for a middle case
+    rng = np.random.default_rng(0)
+    n, k = 600, 5
+    f = rng.beta(k + 0.5, n - k + 0.5, 200_000)
+    kmax = 7  # P(Bin(600, .02) <= 7) = 0.087 <= 0.1 < P(... <= 8)
+    assert C.binomial_p_values(kmax, n, 0.02) <= 0.1 < C.binomial_p_values(kmax + 1, n, 0.02)
+    mc = np.mean(rng.binomial(n, f) <= kmax)
+    assert C.predicted_pass_probability([n], [k], target=0.02, level=0.1)[0] == pytest.approx(mc, abs=0.005)
+    # scale: twice the calibration data makes a good point more likely to pass
+    a, b = (C.predicted_pass_probability([300], [1], target=0.02, level=0.1, scale=s)[0] for s in (1, 2))
+    assert b > a
 
 
 def test_bonferroni_and_holm_by_hand() -> None:

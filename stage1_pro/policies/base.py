@@ -183,6 +183,7 @@ class ExitPolicy(ABC):
             coverage=cal_cov,
             n_select=sel_n,
             k_select=sel_k,
+            calib_scale=len(calib) / len(select),
         )
         self.certification_ = cert
         # per grid point: (exited positives, misses[, coverage]); kept for diagnostics and benchmarks
@@ -197,18 +198,38 @@ class ExitPolicy(ABC):
         self.val_calib_metrics_ = self.evaluate(calib)
         self.val_select_metrics_ = self.evaluate(select)
         if not self.feasible_:
-            warnings.warn(self.infeasible_message(), InfeasibleCertificateWarning, stacklevel=2)
+            self.certificate_["notes"] = self.infeasible_message()
+            warnings.warn(self.certificate_["notes"], InfeasibleCertificateWarning, stacklevel=2)
         return self
 
     def infeasible_message(self) -> str:
         """Why nothing certified and how many exited positives it would take."""
+        from stage1_pro.certify import min_exited_positives
+
         c = self.certificate_
-        return (
+        msg = (
             f"{self.name}: no grid point certifies FNR_exit <= {self.target_fnr_exit} at delta={self.delta} "
-            f"with {c['procedure']}: val_calib has {c['n_calib_positives']} positives, and certifying "
-            f"needs at least {c['positives_needed']} exited positives with no miss (more with misses). "
-            "The policy defers every image (feasible: false). Add labelled positives to val_calib or "
-            "relax the target."
+            f"with {c['procedure']}: val_calib has {c['n_calib_positives']} positives; certifying needs at "
+            f"least {c['positives_needed']} exited positives with no miss."
+        )
+        cert = getattr(self, "certification_", None)
+        if cert is not None and cert.n.max() > 0:
+            j = int(np.argmin(cert.p_values))
+            n, k = int(cert.n[j]), int(cert.k[j])
+            level = self.delta if c["procedure"] != "bonferroni" else self.delta / cert.n.size
+            msg += (
+                f" The most promising grid point exited {n} positives with {k} misses (FNR_exit {k / n:.4f}, "
+                f"p-value {cert.p_values[j]:.3g})"
+            )
+            if k / n < self.target_fnr_exit:
+                msg += (
+                    f"; with {k} misses it would need {min_exited_positives(self.target_fnr_exit, level, k)}."
+                )
+            else:
+                msg += "; the model misses too many positives even at its strictest thresholds."
+        return (
+            msg + " The policy defers every image (feasible: false). Add labelled positives to val_calib, "
+            "improve the model or relax the target."
         )
 
     def evaluate(self, scores: Any) -> dict[str, Any]:
