@@ -189,3 +189,42 @@ def test_unknown_method() -> None:
         ConfigError, match="unknown certification method 'magic'; allowed: split_fixed_sequence"
     ):
         C.certify([100], [0], target=0.02, delta=0.1, method="magic")
+
+
+def test_matches_mapie_binary_classification_controller() -> None:
+    """Same grid, same data: MAPIE 1.6's Holm-certified point and p-values equal ours."""
+    import warnings
+
+    mapie_rc = pytest.importorskip("mapie.risk_control")
+    from stage1_pro.simulation import GaussianScoreModel
+
+    data = GaussianScoreModel().sample(5000, np.random.default_rng(4))
+    probs, y = data["probs"], data["label"]
+    grid = np.linspace(0.95, 0.999, 25)
+    risk = mapie_rc.BinaryRisk(
+        risk_occurrence=lambda y_true, y_pred: y_pred == 0,
+        risk_condition=lambda y_true, y_pred: (y_true == 1) & ~np.isnan(y_pred),
+        higher_is_better=False,
+    )
+
+    def predict(x: np.ndarray, t: float) -> np.ndarray:
+        out = (x[:, 1] >= x[:, 0]).astype(float)
+        out[x.max(axis=1) < t] = np.nan
+        return out
+
+    bcc = mapie_rc.BinaryClassificationController(
+        predict_function=predict, risk=risk, target_level=0.02, confidence_level=0.9,
+        best_predict_param_choice="abstention_rate", list_predict_params=grid[:, None],
+        fwer_method="bonferroni_holm",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bcc.calibrate(probs, y)
+    conf, pos = probs.max(axis=1), y == 1
+    n = C.count_at_least(conf[pos], grid)
+    k = C.count_at_least(conf[pos & (probs[:, 1] < probs[:, 0])], grid)
+    cert = C.certify(
+        n, k, target=0.02, delta=0.1, method="holm", coverage=C.count_at_least(conf, grid) / conf.size
+    )
+    np.testing.assert_allclose(np.ravel(bcc.p_values), cert.p_values, rtol=1e-9)
+    assert cert.feasible and float(np.ravel(bcc.best_predict_param)[0]) == grid[cert.deployed]
