@@ -67,6 +67,27 @@ def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return loss
 
 
+def test_step_without_closure_finishes_a_perturbed_update_like_second_step() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randn(16)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    b.load_state_dict(a.state_dict())
+    opt_a = FSAM(torch.optim.SGD(a.parameters(), lr=LR))
+    opt_b = FSAM(torch.optim.SGD(b.parameters(), lr=LR))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda step: 1.0)  # counts optimizer.step() calls
+    for _ in range(2):
+        fsam_step(opt_a, lambda: _mse(a, x, y), model=a)
+        opt_b.zero_grad()
+        _mse(b, x, y)
+        opt_b.first_step(zero_grad=True)
+        _mse(b, x, y)
+        opt_b.step()  # the way a loop that always calls optimizer.step() finishes the update
+        opt_b.zero_grad()
+        sched.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
 def test_sigma_zero_is_plain_sam() -> None:
     """sigma = 0 removes the EMA from the direction: the step must equal SAM's."""
     torch.manual_seed(0)
@@ -199,6 +220,8 @@ def test_misuse_errors() -> None:
         opt.first_step()
     with pytest.raises(RuntimeError, match="before first_step"):
         opt.second_step()
+    with pytest.raises(RuntimeError, match=r"without a closure finishes an update begun by first_step"):
+        opt.step()
     with pytest.raises(ValueError, match="lmbda"):
         FSAM(torch.optim.SGD(model.parameters(), lr=0.1), lmbda=1.0)
     x, y = torch.randn(4, 2), torch.randn(4)

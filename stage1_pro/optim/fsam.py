@@ -148,15 +148,27 @@ class FSAM(torch.optim.Optimizer):
         self._perturbed = False
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """SAM-style ``step(closure)``: the gradient at ``w`` must already be there; ``closure``
-        recomputes it (forward + backward) at the perturbed point. Prefer :func:`fsam_step`."""
-        if closure is None:
-            raise RuntimeError("FSAM.step needs a closure that recomputes the loss and gradients")
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            result = closure()
+        """Two ways to finish an update.
+
+        * ``step(closure)`` (SAM style): the gradient at ``w`` must already be there; ``closure``
+          recomputes it (forward + backward) at the perturbed point. Prefer :func:`fsam_step`.
+        * ``step()`` after :meth:`first_step` and the second backward pass: the same as
+          :meth:`second_step`; this lets a training loop that always calls ``optimizer.step()``
+          (and LR schedulers that count those calls) drive F-SAM.
+        """
+        if closure is not None:
+            self.first_step(zero_grad=True)
+            with torch.enable_grad():
+                result = closure()
+            self.second_step()
+            return result
+        if not self._perturbed:
+            raise RuntimeError(
+                "FSAM.step() without a closure finishes an update begun by first_step(); call first_step() "
+                "and the second forward/backward first, or pass a closure"
+            )
         self.second_step()
-        return result
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """The gradient EMA (not the transient weight copies) plus the base optimiser's state."""
