@@ -7,9 +7,11 @@ timed in interleaved rounds so that drifting machine load hits all of them alike
 the median images/s over the rounds and ratios against PEFT's LoRA (the speed goal: our DoRA
 >= 0.8x LoRA) and against our LoRA.
 
-Defaults: on CUDA the issue's setting (``vit_small_patch14_dinov2``, 224 px, batch 256, bf16);
-on CPU a small one (98 px = 7x7 patches, batch 16, fp32) that finishes in about a minute on two
-cores. Run ``python bench/dora.py --help`` for the knobs.
+Defaults: on CUDA the issue's setting (``vit_small_patch14_dinov2``, 224 px, batch 256, bf16),
+timed by wall clock between synchronisations; on CPU a small one (98 px = 7x7 patches, batch 16,
+fp32) with one intra-op thread, timed by the thread's CPU time (``time.thread_time``), so that
+other load on a shared machine does not distort the ratios (about a minute of CPU time).
+Run ``python bench/dora.py --help`` for the knobs.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, default=None, help="interleaved rounds (default: 5 CUDA, 3 CPU)"
     )
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default: 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
     args = parser.parse_args(argv)
 
@@ -92,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if cuda or args.threads > 1 else time.thread_time
 
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False, num_classes=2, img_size=img)
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         model, opt = models[variant], optimizers[variant]
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(n):
             with autocast:
                 loss = F.cross_entropy(model(x), y)
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-        return n * batch / (time.perf_counter() - start)
+        return n * batch / (clock() - start)
 
     peak = {}
     for variant in VARIANTS:  # warm-up (and compilation), then the peak memory of one step
@@ -135,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             speeds[variant].append(run(variant, steps))
 
     med = {v: statistics.median(s) for v, s in speeds.items()}
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} thread(s))"
+    timing = "wall clock" if clock is time.perf_counter else "thread CPU time"
     print(
         f"# {args.model} {img}px batch {batch} {dtype}, rank {args.rank}, on {name}; "
-        f"{rounds} rounds x {steps} steps; torch {torch.__version__}, compile={args.compile}"
+        f"{rounds} rounds x {steps} steps, {timing}; torch {torch.__version__}, compile={args.compile}"
     )
     print(f"# trainable parameters (our DoRA): {n_train:,}")
     header = "| variant | img/s | vs PEFT LoRA | vs our LoRA |" + (" peak GiB |" if cuda else "")
