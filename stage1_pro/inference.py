@@ -157,7 +157,7 @@ class Predictor:
     @property
     def _confidence_is_gate(self) -> bool:
         """The gate policy (and SCRC selecting on the gate) rank images by the calibrated gate."""
-        return self.policy.name == "gate" or getattr(self.policy, "selection_score", None) == "gate"
+        return uses_gate(self.policy)
 
     def predict(
         self,
@@ -218,6 +218,11 @@ class Predictor:
         return [r for r in results if r is not None]
 
 
+def uses_gate(policy: Any) -> bool:
+    """True when ``policy`` decides on the gate head's logit (gate, or SCRC selecting on the gate)."""
+    return policy.name == "gate" or getattr(policy, "selection_score", None) == "gate"
+
+
 def _is_single(x: Any) -> bool:
     from PIL import Image
 
@@ -265,9 +270,10 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, device: str = "cpu") -> P
     info_name = meta.get("model_info_file", "model.json")
     info_path = root / info_name
     model_info = read_artifact(info_path, "model")
-    if meta["active_exit_policy"] == "gate" and "gate" not in model_info.get("heads", []):
+    if uses_gate(policy) and "gate" not in model_info["heads"]:
         raise ArtifactError(
-            f"{info_path}: the gate policy needs a gate head; the model's heads are {model_info['heads']}"
+            f"{info_path}: the {policy.name} policy decides on the gate head's logit, but the model's heads "
+            f"are {model_info['heads']}"
         )
     model = load_model(str(root), model_file=meta["model_file"], model_json=info_name)
     log.info("loaded bundle %s (%s policy) from %s", meta["version"], meta["active_exit_policy"], root)

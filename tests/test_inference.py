@@ -174,7 +174,11 @@ def test_gate_policy_needs_a_gate_head(bundles: dict[str, Path], tmp_path: Path)
     info = read_artifact(bundle / "model.json", "model")
     write_artifact(bundle / "model.json", "model", {**info, "heads": ["classifier"]})
     refresh_checksums(bundle)
-    with pytest.raises(ArtifactError, match=r"model.json: the gate policy needs a gate head"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"model.json: the gate policy decides on the gate head's logit, but the model's heads are "
+        r"\['classifier'\]",
+    ):
         load_bundle(bundle)
 
 
