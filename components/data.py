@@ -63,6 +63,18 @@ def prepare(
     from stage1_pro.prepare import prepare_dataset
 
     summary = prepare_dataset(data_uri, splits.path, prepared.path, img_size)
-    prepared.metadata.update({"img_size": img_size, "data_fingerprint": data_fingerprint})
-    prepared.metadata.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
-    print(f"[stage1-pro] prepare: {summary}")
+    n_images = sum(int(shard["n"]) for shard in summary["shards"])
+    prepared.metadata.update(
+        {
+            "img_size": img_size,
+            "data_fingerprint": data_fingerprint,
+            "n": n_images,
+            "n_failed": summary["n_failed"],
+        }
+    )
+    print(
+        f"[stage1-pro] prepare: {n_images} images at {img_size}px in {len(summary['shards'])} shard(s), "
+        f"{summary['n_failed']} failed to decode ({summary['seconds']:.1f} s, {summary['workers']} workers)"
+    )
+    for failure in summary["failed"][:20]:
+        print(f"[stage1-pro]   skipped {failure['uri']} ({failure['split']}): {failure.get('error', '')}")

@@ -1,7 +1,5 @@
 """The validate gate: audit the certified policy on the test split and decide the blessing."""
 
-from typing import NamedTuple
-
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metrics, Model, Output
 
 from components.base import stage1_component
@@ -17,7 +15,7 @@ def validate(
     exits: Output[ClassificationMetrics],
     report: Output[HTML],
     model_card: Output[Markdown],
-) -> NamedTuple("ValidateOutputs", [("blessed", bool)]):
+) -> bool:
     """Audit the policy on the test split and bless the run (or not); only a blessed run is exported.
 
     Computes on test: coverage, FNR_exit with its Clopper-Pearson upper bound, FPR_exit, exit
@@ -36,7 +34,8 @@ def validate(
         model_card: Model card (intended use, data, metrics, limits).
 
     Returns:
-        blessed: Whether every check passed.
+        Whether the run is blessed (every check passed). A plain ``bool`` output rather than a
+        named one: kfp.local (2.17) cannot resolve a named output in a nested condition.
     """
     import os
     import tempfile
@@ -65,4 +64,4 @@ def validate(
     )
     for check in result["checks"]:
         print(f"[stage1-pro]   {'pass' if check['passed'] else 'FAIL'} {check['name']}: {check['message']}")
-    return (blessed,)
+    return blessed

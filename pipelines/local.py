@@ -269,6 +269,8 @@ class _Progress(io.TextIOBase):
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
             self._line(_ANSI.sub("", line))
+        if lines:
+            self.log.flush()  # the log follows the run, for `tail -f`
         return len(text)
 
     def flush(self) -> None:

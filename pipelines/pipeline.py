@@ -185,7 +185,7 @@ def build_pipeline(
                 ),
                 "validate",
             )
-            with dsl.If(validated.outputs["blessed"] == True, name="blessed"):  # noqa: E712 - a KFP condition
+            with dsl.If(validated.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition
                 exported = cpu_task(
                     export(
                         model=trained.outputs["model"],

@@ -112,7 +112,7 @@ def test_three_exit_policy_branches_each_self_contained(spec: dict) -> None:
         blessed = next(t for t in inner.values() if t["taskInfo"]["name"] == "blessed")
         validate_key = next(k for k, t in inner.items() if t["taskInfo"]["name"] == "validate")
         assert blessed["triggerPolicy"]["condition"] == (
-            f"inputs.parameter_values['pipelinechannel--{validate_key}-blessed'] == true"
+            f"inputs.parameter_values['pipelinechannel--{validate_key}-Output'] == true"
         )
         in_blessed = group_tasks(spec, blessed)
         assert {t["taskInfo"]["name"] for t in in_blessed.values()} == {"export", "publish-prefix-set"}
@@ -242,7 +242,7 @@ def test_ui_metrics_and_report_outputs_of_validate(spec: dict) -> None:
         "report": "system.HTML",
         "model_card": "system.Markdown",
     }
-    assert outputs["parameters"]["blessed"]["parameterType"] == "BOOLEAN"
+    assert outputs["parameters"]["Output"]["parameterType"] == "BOOLEAN"  # blessed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,3 +327,14 @@ def test_parse_assignments_converts_to_parameter_types() -> None:
         convert("config_overrides", "[1]")
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_assignments(["phase"])
+
+
+def test_readme_parameter_table_matches_the_pipeline() -> None:
+    import json
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Kubeflow pipeline", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", section, re.M)
+    assert [name for name, _ in rows] == [p.name for p in PARAMETERS]
+    for (name, cell), p in zip(rows, PARAMETERS, strict=True):
+        assert cell.strip() == ("required" if p.required else f"`{json.dumps(p.default)}`"), name

@@ -1,0 +1,200 @@
+"""Orchestration overhead of ``stage1-pro run-local``: the kfp.local pipeline vs the same steps in-process.
+
+Runs the pipeline twice on the same data and settings:
+
+* **direct**: the component functions themselves (``component.python_func``), called one after the
+  other in this process with artifacts in a scratch folder: exactly the work of the steps;
+* **run-local**: :func:`pipelines.local.run_local`, i.e. compile, then kfp.local's
+  ``SubprocessRunner(use_venv=False)``: one Python subprocess per task, kfp's executor, artifact
+  bookkeeping, the branch conditions.
+
+It prints both wall times, their ratio (the orchestration overhead) and the per-step times, and
+checks the whole local run against the 3-minute budget. The machine is shared, so only the ratio
+measured within one run is meaningful; ``--repeats`` alternates the order.
+
+    python bench/pipeline_local.py                 # the README's main job: full demo data, defaults
+    python bench/pipeline_local.py --fast          # the test settings (2,500 images, frozen backbone)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BUDGET_S = 180.0
+FAST = {"img_size": 64, "epochs": 1, "target_fnr_exit": 0.05, "config_overrides": {"finetune_mode": "frozen"}}
+
+
+def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
+    """Run every step's component function in this process; return seconds per step."""
+    from kfp import dsl
+
+    from components.calibrate import calibrate_gate, calibrate_scrc, calibrate_softmax
+    from components.check_config import check_config, fingerprint
+    from components.data import prepare, split
+    from components.export import export
+    from components.train import train
+    from components.validate import validate
+
+    def art(cls: type, name: str) -> Any:
+        return cls(name=name, uri=str(scratch / name), metadata={})
+
+    times: dict[str, float] = {}
+
+    def step(name: str, fn: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = fn.python_func(**kwargs)
+        times[name] = time.perf_counter() - start
+        print(f"  direct {name}: {times[name]:.1f} s", flush=True)
+        return out
+
+    config = art(dsl.Artifact, "config")
+    check_args = {k: v for k, v in params.items() if k != "data_uri"}
+    step("check-config", check_config, data_uri=params["data_uri"], config=config, **check_args)
+    fp = step("fingerprint", fingerprint, data_uri=params["data_uri"])
+    splits = art(dsl.Dataset, "splits")
+    step("split", split, data_uri=params["data_uri"], data_fingerprint=fp, seed=params["seed"], splits=splits)
+    prepared = art(dsl.Dataset, "prepared")
+    step(
+        "prepare",
+        prepare,
+        data_uri=params["data_uri"],
+        data_fingerprint=fp,
+        img_size=params["img_size"],
+        splits=splits,
+        prepared=prepared,
+    )
+    model, scores = art(dsl.Model, "model"), art(dsl.Dataset, "scores")
+    step(
+        "train",
+        train,
+        config=config,
+        splits=splits,
+        prepared=prepared,
+        data_fingerprint=fp,
+        gpu_count=1,
+        model=model,
+        scores=scores,
+        metrics=art(dsl.Metrics, "train-metrics"),
+    )
+    calibrate = {"softmax": calibrate_softmax, "gate": calibrate_gate, "scrc": calibrate_scrc}[
+        params["exit_policy"]
+    ]
+    policy = art(dsl.Artifact, "policy")
+    step(
+        f"calibrate-{params['exit_policy']}",
+        calibrate,
+        scores=scores,
+        target_fnr_exit=params["target_fnr_exit"],
+        delta=params["delta"],
+        policy=policy,
+        metrics=art(dsl.Metrics, "calibrate-metrics"),
+    )
+    validation = art(dsl.Artifact, "validation")
+    blessed = step(
+        "validate",
+        validate,
+        model=model,
+        policy=policy,
+        baseline_bundle=params["baseline_bundle"],
+        validation=validation,
+        metrics=art(dsl.Metrics, "validate-metrics"),
+        exits=art(dsl.ClassificationMetrics, "exits"),
+        report=art(dsl.HTML, "report"),
+        model_card=art(dsl.Markdown, "model_card"),
+    )
+    if blessed:
+        step(
+            "export",
+            export,
+            model=model,
+            policy=policy,
+            validation=validation,
+            bundle=art(dsl.Model, "bundle"),
+        )
+    return times
+
+
+def run_pipeline(params: dict[str, Any], out: Path) -> tuple[float, dict[str, float]]:
+    from pipelines.local import run_local
+
+    start = time.perf_counter()
+    result = run_local(params, out, echo=lambda line: print(f"  run-local {line.strip()}", flush=True))
+    return time.perf_counter() - start, result.tasks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="test settings: 2,500 images, frozen backbone, 64 px"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="measurements of each (alternating order)")
+    parser.add_argument("--keep", help="keep the outputs in this folder")
+    args = parser.parse_args()
+
+    from pipelines.local import local_parameters
+    from stage1_pro.demo_data import write_demo_dataset
+
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-pipeline-local-"))
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = write_demo_dataset(root / "data", per_digit=250 if args.fast else None)
+    params = local_parameters({"data_uri": str(manifest), **(FAST if args.fast else {})})
+    print(f"settings: {params}")
+
+    pipeline_s: list[float] = []
+    direct_s: list[float] = []
+    tasks: dict[str, float] = {}
+    direct: dict[str, float] = {}
+    try:
+        for r in range(args.repeats):
+            order = ("direct", "pipeline") if r % 2 == 0 else ("pipeline", "direct")
+            for which in order:
+                if which == "direct":
+                    scratch = root / f"direct-{r}"
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    scratch.mkdir()
+                    start = time.perf_counter()
+                    direct = run_direct(params, scratch)
+                    direct_s.append(time.perf_counter() - start)
+                else:
+                    wall, tasks = run_pipeline(params, root / f"run-local-{r}")
+                    pipeline_s.append(wall)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    best_pipeline, best_direct = min(pipeline_s), min(direct_s)
+    print()
+    print(f"{'step':<20}{'direct s':>10}{'in run-local s':>16}")
+    for name in direct:
+        print(f"{name:<20}{direct[name]:>10.1f}{tasks.get(name, float('nan')):>16.1f}")
+    print()
+    every_direct = ", ".join(f"{s:.1f}" for s in direct_s)
+    every_pipeline = ", ".join(f"{s:.1f}" for s in pipeline_s)
+    print(f"direct (sum of the steps in-process): {best_direct:7.1f} s   (all: {every_direct})")
+    print(f"run-local (kfp.local, whole run):     {best_pipeline:7.1f} s   (all: {every_pipeline})")
+    print(
+        f"orchestration overhead ratio run-local / direct = {best_pipeline / best_direct:.3f} "
+        f"(+{best_pipeline - best_direct:.1f} s)"
+    )
+    verdict = "within" if best_pipeline <= BUDGET_S else "OVER"
+    print(
+        f"whole local run {best_pipeline:.0f} s: {verdict} the {BUDGET_S:.0f} s budget "
+        f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,285 @@
+"""The whole pipeline under kfp.local (SubprocessRunner, no venv), and the components' run-time glue.
+
+The slow tests run the compiled package end to end, as ``stage1-pro run-local`` does, on a part of
+the embedded MNIST data with small training settings (frozen backbone, 64 px, target 0.05 so the
+smaller val_calib can certify): exactly one exit-policy branch runs, the bundle holds exactly one
+policy file, it is published to a local registry, pulled back and predicts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from components.runtime import (
+    copy_run_files,
+    durable_run_dir,
+    log_metrics,
+    log_validation,
+    policy_file_name,
+    stage_run_dir,
+    written_files,
+)
+from pipelines.local import PipelineRunError, format_summary, local_parameters, run_local
+from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS
+from stage1_pro.cli import main
+
+POLICY_FILES = {DEFAULT_FILENAMES[kind] for kind in POLICY_ARTIFACT_KINDS.values()}
+#: Small, fast settings that still certify on 2,500 images (500 in val_calib).
+FAST = {
+    "img_size": 64,
+    "epochs": 1,
+    "target_fnr_exit": 0.05,
+    "config_overrides": {"finetune_mode": "frozen"},
+}
+
+
+@pytest.fixture(scope="module")
+def medium_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,500 demo images (250 per digit) as a manifest."""
+    from stage1_pro.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("medium"), per_digit=250)
+
+
+def image_folder(manifest: Path, dest: Path) -> Path:
+    """The same images as a user's own image folder: 0/ and 1/ sub-folders."""
+    import csv
+
+    with manifest.open() as f:
+        for row in csv.DictReader(f):
+            target = dest / row["label"] / Path(row["uri"]).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest.parent / row["uri"], target)
+    return dest
+
+
+def tasks_that_ran(run_dir: str) -> set[str]:
+    return {p.parent.name for p in Path(run_dir).glob("*/executor_output.json")}
+
+
+def check_bundle_pulls_and_predicts(
+    bundle: Path, policy: str, registry: Path, dest: Path, images: list[Path]
+) -> None:
+    from stage1_pro.inference import load_bundle
+    from stage1_pro.registry import pull
+
+    assert POLICY_FILES & {p.name for p in bundle.iterdir()} == {
+        DEFAULT_FILENAMES[POLICY_ARTIFACT_KINDS[policy]]
+    }
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["active_exit_policy"] == policy and meta["blessed"] is True
+    pulled = pull(str(registry), dest)  # follows 'latest'
+    assert json.loads((pulled / "bundle.json").read_text())["version"] == meta["version"]
+    predictor = load_bundle(pulled)
+    predictions = predictor.predict([str(p) for p in images])
+    assert len(predictions) == len(images)
+    for p in predictions:
+        assert p.decision in (-1, 0, 1) and p.error is None
+        assert np.isclose(sum(p.probs), 1.0, atol=1e-4)
+    assert any(p.exited for p in predictions), "the certified policy exits some demo images"
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole pipeline
+
+
+@pytest.mark.slow
+def test_run_local_softmax_on_a_user_image_folder(
+    medium_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = image_folder(medium_dataset, tmp_path / "my_images")
+    registry = tmp_path / "registry"
+    out = tmp_path / "run"
+    args = ["run-local", "--data", str(folder), "--out", str(out), "--publish-prefix", str(registry)]
+    args += ["--img-size", "64", "--epochs", "1", "--target-fnr-exit", "0.05"]
+    args += ["--config-overrides", json.dumps(FAST["config_overrides"])]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for task in ("check-config", "fingerprint", "split", "prepare", "train", "calibrate-softmax", "validate"):
+        assert f"ok  {task} (" in printed, task
+    assert "blessed                yes" in printed
+    assert f"bundle                 {out / 'bundle'}" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_policy"] == "softmax" and summary["blessed"] is True
+    assert summary["test_fnr_exit"] <= 0.05 and summary["certified_fnr_exit_upper_bound"] <= 0.05
+    ran = tasks_that_ran(summary["run_dir"])
+    assert {t for t in ran if t.startswith("calibrate")} == {"calibrate-softmax"}, ran
+    assert {t for t in ran if t.startswith(("validate", "export", "publish"))} == {
+        "validate",
+        "export",
+        "publish",
+    }
+    images = sorted(folder.glob("*/*.png"))[::125]
+    check_bundle_pulls_and_predicts(out / "bundle", "softmax", registry, tmp_path / "pulled", images)
+
+
+@pytest.mark.slow
+def test_run_local_gate_phase3(medium_dataset: Path, tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    lines: list[str] = []
+    result = run_local(
+        {
+            "data_uri": str(medium_dataset),
+            "phase": 3,
+            "exit_policy": "gate",
+            "publish_prefix": str(registry),
+            **FAST,
+        },
+        tmp_path / "run",
+        echo=lines.append,
+    )
+    assert result.exit_policy == "gate" and result.blessed, result.failed_checks
+    ran = tasks_that_ran(result.run_dir)
+    # the gate branch's tasks carry the compiler's "-2" suffix; no other branch ran
+    assert {t for t in ran if t.startswith("calibrate")} == {"calibrate-gate"}, ran
+    assert {t for t in ran if t.startswith(("validate", "export", "publish"))} == {
+        "validate-2",
+        "export-2",
+        "publish-2",
+    }
+    assert any(line.strip().startswith("ok  calibrate-gate") for line in lines)
+    images = sorted(medium_dataset.parent.glob("images/*.png"))[::250]
+    check_bundle_pulls_and_predicts(Path(result.bundle), "gate", registry, tmp_path / "pulled", images)
+    assert "certified FNR_exit <=" in format_summary(result)
+
+
+def test_run_local_fails_early_on_a_bad_combination(tmp_path: Path) -> None:
+    from stage1_pro.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gate needs phase >= 3"):
+        run_local({"data_uri": "x.csv", "exit_policy": "gate"}, tmp_path, echo=None)
+    assert not (tmp_path / "pipeline-root").exists(), "nothing ran"
+
+
+@pytest.mark.slow
+def test_run_local_names_the_failing_task_and_its_error(tmp_path: Path) -> None:
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("uri,label\nmissing.png,3\n")
+    with pytest.raises(PipelineRunError) as info:
+        run_local({"data_uri": str(manifest)}, tmp_path / "run", echo=None)
+    message = str(info.value)
+    assert "failed in task 'fingerprint'" in message
+    assert "DataError" in message and "bad.csv" in message
+    assert str(tmp_path / "run" / "run-local.log") in message
+
+
+def test_local_parameters_use_the_laptop_profile() -> None:
+    from stage1_pro.config import Stage1ProConfig
+
+    params = local_parameters({"epochs": 2, "lr": None})
+    defaults = Stage1ProConfig()
+    assert params["model_name"] == defaults.model_name and params["img_size"] == defaults.img_size
+    assert params["lr"] == defaults.lr and params["epochs"] == 2
+    assert params["exit_policy"] == "softmax" and params["gpu_count"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# components' run-time glue
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.confusion: tuple[list[str], list[list[int]]] | None = None
+        self.roc: tuple[list[float], list[float], list[float]] | None = None
+
+    def log_metric(self, key: str, value: float) -> None:
+        self.values[key] = value
+
+    def log_confusion_matrix(self, categories: list[str], matrix: list[list[int]]) -> None:
+        self.confusion = (categories, matrix)
+
+    def log_roc_curve(self, fpr: list[float], tpr: list[float], threshold: list[float]) -> None:
+        self.roc = (fpr, tpr, threshold)
+
+
+def test_durable_run_dir_only_for_gcs_roots() -> None:
+    assert (
+        durable_run_dir("gs://b/root/stage1-pro/run-1/train/model")
+        == "gs://b/root/stage1-pro/run-1/train/model.run"
+    )
+    assert durable_run_dir("/tmp/root/train/model") is None
+
+
+def test_stage_run_dir_links_files_and_keeps_what_the_library_writes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "model_best.pth").write_bytes(b"w")
+    (run / "config.json").write_text("{}")
+    (run / "checkpoints" / "last.pth").write_bytes(b"c")
+    policy = tmp_path / "calibrate" / "policy"
+    policy.parent.mkdir()
+    policy.write_text("p")
+    work = stage_run_dir(tmp_path / "work", run, {"thresholds.json": str(policy)})
+    assert sorted(p.name for p in work.iterdir()) == ["config.json", "model_best.pth", "thresholds.json"]
+    assert all(p.is_symlink() for p in work.iterdir())
+    assert (work / "thresholds.json").read_text() == "p"
+    (work / "validation.json").write_text("{}")
+    assert [p.name for p in written_files(work)] == ["validation.json"]
+    dest = tmp_path / "copied"
+    dest.mkdir()
+    assert copy_run_files(str(run), dest) == ["config.json", "model_best.pth"]  # not checkpoints/
+
+
+def test_policy_file_name_reads_the_kind(tmp_path: Path) -> None:
+    from stage1_pro.config import Stage1ProConfig, save_config
+    from stage1_pro.errors import ArtifactError
+
+    config = tmp_path / "config"
+    save_config(Stage1ProConfig(), config)
+    with pytest.raises(ArtifactError, match="a 'config' artifact, not a policy file"):
+        policy_file_name(str(config))
+
+
+def test_log_metrics_flattens_and_skips_non_numbers() -> None:
+    metrics = FakeMetrics()
+    log_metrics(
+        metrics,
+        {"best": 0.9, "epochs": 3, "ok": True, "name": "x", "nan": float("nan"), "test": {"acc": 0.8}},
+    )
+    assert metrics.values == {"best": 0.9, "epochs": 3.0, "ok": 1.0, "test_acc": 0.8}
+
+
+def test_log_validation_sends_confusion_on_exits_and_a_finite_roc(tmp_path: Path) -> None:
+    from stage1_pro.scores import save_scores
+
+    rng = np.random.default_rng(0)
+    n = 400
+    label = np.arange(n) % 2
+    p1 = np.clip(label * 0.6 + rng.uniform(0, 0.4, n), 0, 1)
+    split = np.array(["test"] * n)
+    save_scores(
+        tmp_path / "scores.npz",
+        index=np.arange(n),
+        split=split,
+        label=label,
+        probs=np.stack([1 - p1, p1], axis=1),
+    )
+    validation: dict[str, Any] = {
+        "test_metrics": {"n": n, "coverage": 0.5, "fnr_exit": 0.01, "fnr_exit_upper_bound": 0.03},
+        "certificate": {"upper_bound": 0.019},
+        "target_fnr_exit": 0.02,
+        "delta": 0.1,
+        "blessed": True,
+        "confusion": {
+            "rows": ["0", "1"],
+            "columns": ["exit-negative", "exit-positive", "defer"],
+            "matrix": [[90, 10, 100], [2, 98, 100]],
+        },
+    }
+    metrics, exits = FakeMetrics(), FakeMetrics()
+    log_validation(validation, str(tmp_path / "scores.npz"), metrics, exits)
+    assert exits.confusion == (["negative", "positive"], [[90, 10], [2, 98]])
+    assert metrics.values["test_n_deferred"] == 200
+    assert metrics.values["certified_fnr_exit_upper_bound"] == 0.019 and metrics.values["blessed"] == 1.0
+    assert metrics.values["test_fnr_exit"] == 0.01
+    fpr, tpr, thresholds = exits.roc
+    assert len(fpr) == len(tpr) == len(thresholds) <= 200
+    assert all(np.isfinite(thresholds)) and fpr[0] == 0.0 and tpr[-1] == 1.0
