@@ -295,7 +295,7 @@ def export_bundle(
         # bundle.json is validated on write and written last: its presence marks a complete bundle.
         write_artifact(tmp / BUNDLE_FILE, "bundle", meta)
         if out.exists():
-            out.rmdir()  # empty (checked above); os.replace cannot replace a folder
+            out.rmdir()  # empty (checked above); renaming onto an existing folder is not portable
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
