@@ -356,21 +356,21 @@ class Certification:
         j = self.deployed
         return float(clopper_pearson_upper(int(self.k[j]), int(self.n[j]), float(self.levels[j])))
 
-    def positives_needed(self) -> int:
-        """Exited positives that would certify with no miss at the level of this procedure.
-
-        For the fixed-sequence procedures that level is delta; for the others it is the
-        smallest level they test at (``delta / m`` for Bonferroni...).
-        """
+    def smallest_level(self) -> float:
+        """The smallest level this procedure tests a point at (delta for fixed sequences,
+        ``delta / m`` for Bonferroni and Holm, ``delta / K`` for SGR, ``delta / s`` multi-start)."""
         m = self.n.size
-        level = {
+        return {
             "bonferroni": self.delta / m,
             "holm": self.delta / m,
             "sgr_binary_search": self.delta / max(1, math.ceil(math.log2(m + 1))),
             "multistart_fixed_sequence": self.delta
             / max(1, min(self.extra.get("starts", DEFAULT_STARTS), m)),
         }.get(self.method, self.delta)
-        return min_exited_positives(self.target, level, 0)
+
+    def positives_needed(self, misses: int = 0) -> int:
+        """Exited positives that would certify with ``misses`` misses at :meth:`smallest_level`."""
+        return min_exited_positives(self.target, self.smallest_level(), misses)
 
 
 def certify(

@@ -204,8 +204,6 @@ class ExitPolicy(ABC):
 
     def infeasible_message(self) -> str:
         """Why nothing certified and how many exited positives it would take."""
-        from stage1_pro.certify import min_exited_positives
-
         c = self.certificate_
         msg = (
             f"{self.name}: no grid point certifies FNR_exit <= {self.target_fnr_exit} at delta={self.delta} "
@@ -216,15 +214,12 @@ class ExitPolicy(ABC):
         if cert is not None and cert.n.max() > 0:
             j = int(np.argmin(cert.p_values))
             n, k = int(cert.n[j]), int(cert.k[j])
-            level = self.delta if c["procedure"] != "bonferroni" else self.delta / cert.n.size
             msg += (
                 f" The most promising grid point exited {n} positives with {k} misses (FNR_exit {k / n:.4f}, "
                 f"p-value {cert.p_values[j]:.3g})"
             )
             if k / n < self.target_fnr_exit:
-                msg += (
-                    f"; with {k} misses it would need {min_exited_positives(self.target_fnr_exit, level, k)}."
-                )
+                msg += f"; with {k} misses it would need {cert.positives_needed(k)}."
             else:
                 msg += "; the model misses too many positives even at its strictest thresholds."
         return (
