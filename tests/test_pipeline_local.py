@@ -283,3 +283,66 @@ def test_log_validation_sends_confusion_on_exits_and_a_finite_roc(tmp_path: Path
     fpr, tpr, thresholds = exits.roc
     assert len(fpr) == len(tpr) == len(thresholds) <= 200
     assert all(np.isfinite(thresholds)) and fpr[0] == 0.0 and tpr[-1] == 1.0
+
+
+@pytest.mark.slow
+def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
+    gcs_emulator: Any, tiny_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cluster path of the train task: run dir on gs://, and a retry in a fresh pod resumes."""
+    import logging
+
+    from kfp import dsl
+
+    from components.train import train
+    from pipelines.parameters import config_from_parameters
+    from stage1_pro import storage
+    from stage1_pro.config import save_config
+    from stage1_pro.data import load_dataset
+    from stage1_pro.prepare import prepare_dataset
+    from stage1_pro.splits import split_dataset
+
+    bucket = gcs_emulator.make_bucket()
+    model_uri = f"{bucket}/pipeline-root/stage1-pro/run-1/train/model"
+    split_dataset(str(tiny_dataset), str(tmp_path / "splits.json"), seed=0)
+    prepare_dataset(str(tiny_dataset), str(tmp_path / "splits.json"), str(tmp_path / "prepared"), 32)
+    config = config_from_parameters(
+        {"img_size": 32, "epochs": 1, "config_overrides": {"finetune_mode": "frozen", "head_epochs": 2}}
+    )
+    save_config(config, tmp_path / "config.json")
+
+    def run_task(pod: str) -> dsl.Model:
+        # what the KFP launcher hands the task: gs:// URIs, local paths under the pod's file system
+        model = dsl.Model(name="model", uri=model_uri, metadata={})
+        model.custom_path = str(tmp_path / pod / "model")
+        scores = dsl.Dataset(name="scores", uri=f"{bucket}/x/scores", metadata={})
+        scores.custom_path = str(tmp_path / pod / "scores")
+        metrics = dsl.Metrics(name="metrics", uri=f"{bucket}/x/metrics", metadata={})
+        metrics.custom_path = str(tmp_path / pod / "metrics")
+        train.python_func(
+            config=dsl.Artifact(name="config", uri=str(tmp_path / "config.json"), metadata={}),
+            splits=dsl.Dataset(name="splits", uri=str(tmp_path / "splits.json"), metadata={}),
+            prepared=dsl.Dataset(name="prepared", uri=str(tmp_path / "prepared"), metadata={}),
+            data_fingerprint=load_dataset(str(tiny_dataset)).fingerprint,
+            gpu_count=1,
+            model=model,
+            scores=scores,
+            metrics=metrics,
+        )
+        return model
+
+    first = run_task("pod-1")
+    run_dir = f"{model_uri}.run"
+    assert storage.exists(f"{run_dir}/checkpoints/last.pth"), "checkpoints go straight to GCS"
+    local = sorted(p.name for p in Path(first.path).iterdir())
+    assert {"model_best.pth", "model.json", "scores.npz", "config.json", "splits.json", "metrics.csv"} <= set(
+        local
+    )
+    assert "checkpoints" not in local and (tmp_path / "pod-1" / "scores").is_file()
+
+    with caplog.at_level(logging.INFO):
+        second = run_task("pod-2")  # the retry: same output URI, a new pod with an empty disk
+    assert f"resumed from {run_dir}/checkpoints/last.pth" in caplog.text
+    assert (Path(second.path) / "model_best.pth").read_bytes() == (
+        Path(first.path) / "model_best.pth"
+    ).read_bytes()
