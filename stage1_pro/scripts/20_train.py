@@ -1,0 +1,12 @@
+"""Step 20 of the plan: train one phase (same flags and function as ``stage1-pro train``)::
+
+    python stage1_pro/scripts/20_train.py --phase 1 --exit_policy softmax \
+        --data demo/manifest.csv --splits splits.json --out runs/p1
+"""
+
+import sys
+
+from stage1_pro.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,145 @@
+"""Batch loading for training and scoring: whole batches from memory-mapped shards or tensors.
+
+Batches are fetched as a whole (one fancy-indexing read per shard) rather than image by image,
+and stay ``uint8`` NHWC until they reach the device, where :func:`stage1_pro.transforms.normalize`
+turns them into float input (a quarter of the host-to-device bytes). Order is decided by
+:class:`EpochBatchSampler` from ``(seed, epoch)`` alone, so a resumed run replays exactly the
+batches an uninterrupted run would have seen, and each data-parallel rank takes its slice of
+every global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class ShardBatches(torch.utils.data.Dataset):
+    """Prepared rows as batches: ``ds[list_of_rows] -> (uint8 NHWC, labels, rows)``.
+
+    Shards are memory-mapped lazily in each process (DataLoader workers included), so the
+    object pickles cheaply and no worker copies the whole dataset.
+    """
+
+    def __init__(
+        self, shard_paths: Sequence[str], shard: np.ndarray, offset: np.ndarray, label: np.ndarray
+    ) -> None:
+        self.shard_paths = list(shard_paths)
+        self.shard = np.asarray(shard)
+        self.offset = np.asarray(offset)
+        self.label = torch.as_tensor(np.asarray(label, dtype=np.int64))
+        self._maps: list[np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def _shards(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [np.load(p, mmap_mode="r") for p in self.shard_paths]
+        return self._maps
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = np.asarray(rows, dtype=np.int64)
+        maps = self._shards()
+        shard, offset = self.shard[rows], self.offset[rows]
+        first = maps[int(shard[0])]
+        out = np.empty((rows.size, *first.shape[1:]), dtype=first.dtype)
+        for s in np.unique(shard):
+            mask = shard == s
+            out[mask] = maps[int(s)][offset[mask]]
+        return torch.from_numpy(out), self.label[rows], torch.from_numpy(rows)
+
+
+class TensorBatches(torch.utils.data.Dataset):
+    """In-memory rows (images or cached features) with the same batch interface as :class:`ShardBatches`."""
+
+    def __init__(self, inputs: torch.Tensor, label: torch.Tensor | np.ndarray) -> None:
+        self.inputs = inputs
+        self.label = torch.as_tensor(np.asarray(label, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def __getitem__(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        return self.inputs[idx], self.label[idx], idx
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Global batches of ``rows`` in a (seed, epoch)-determined order; this rank's slice of each.
+
+    Args:
+        rows: the dataset rows to iterate (e.g. the training split's prepared rows).
+        batch_size: global batch size (all ranks together).
+        shuffle: permute the rows each epoch (training) or keep their order (scoring).
+        seed: base seed; the permutation of epoch ``e`` depends on ``(seed, e)`` only.
+        drop_last: drop the last incomplete global batch (training: equal per-rank batches).
+        rank, world_size: data-parallel position.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return self.rows
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return self.rows[torch.randperm(len(self.rows), generator=gen).numpy()]
+
+    def __len__(self) -> int:
+        n = len(self.rows)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self._order()
+        for b in range(len(self)):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.world_size > 1:
+                share = -(-len(batch) // self.world_size)
+                batch = batch[self.rank * share : (self.rank + 1) * share]
+            if len(batch):
+                yield batch.tolist()
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    sampler: EpochBatchSampler,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader that hands each sampled batch of rows to ``dataset[rows]`` in one call."""
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,  # the sampler yields whole batches
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
