@@ -17,6 +17,7 @@ generator so that runs are reproducible and resumable.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,13 +78,22 @@ def load_image(uri: str, img_size: int) -> np.ndarray:
         ) from exc
 
 
+@functools.lru_cache(maxsize=16)
+def _norm_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device: building them from Python lists each step would be a blocking host copy.
+    mean_t = torch.tensor([m * 255.0 for m in mean], device=device).view(1, -1, 1, 1)
+    inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=device).view(1, -1, 1, 1)
+    return mean_t, inv_std
+
+
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``uint8`` NHWC (or float NCHW already in [0, 255]) -> normalised float32 NCHW."""
     if batch.dtype == torch.uint8:
         batch = batch.permute(0, 3, 1, 2)
     x = batch.float()
-    mean_t = torch.tensor([m * 255.0 for m in mean], device=x.device).view(1, -1, 1, 1)
-    inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=x.device).view(1, -1, 1, 1)
+    mean_t, inv_std = _norm_constants(tuple(float(m) for m in mean), tuple(float(s) for s in std), x.device)
     return (x - mean_t) * inv_std
 
 
@@ -107,13 +117,13 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
         raise ValueError(f"augment={mode!r}; allowed: {', '.join(AUGMENTATIONS)}")
     n, _, h, w = x.shape
     pad = max(1, h // 8)
-    # Draw on the CPU generator (same stream on any device), then move the small index tensors.
-    dy = torch.randint(-pad, pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(-pad, pad + 1, (n,), generator=generator).to(x.device)
+    dev = generator.device  # a generator on the batch's device avoids blocking host-to-device copies
+    dy = torch.randint(-pad, pad + 1, (n,), generator=generator, device=dev).to(x.device)
+    dx = torch.randint(-pad, pad + 1, (n,), generator=generator, device=dev).to(x.device)
     rows = (torch.arange(h, device=x.device).view(1, h) - dy.view(n, 1)).clamp_(-1, h)
     cols = (torch.arange(w, device=x.device).view(1, w) - dx.view(n, 1)).clamp_(-1, w)
     if mode == "flip_shift":
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(n, 1)
+        flip = (torch.rand(n, generator=generator, device=dev) < 0.5).to(x.device).view(n, 1)
         cols = torch.where(flip, (w - 1) - cols, cols).clamp_(-1, w)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1))  # zeros outside = mean colour
     idx_r = (rows + 1).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2)

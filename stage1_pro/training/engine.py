@@ -45,7 +45,13 @@ from stage1_pro.training.distributed import (
     init_distributed,
     per_rank_batch,
 )
-from stage1_pro.training.loaders import EpochBatchSampler, ShardBatches, TensorBatches, make_loader
+from stage1_pro.training.loaders import (
+    EpochBatchSampler,
+    ShardBatches,
+    TensorBatches,
+    device_batches,
+    make_loader,
+)
 from stage1_pro.training.phases import PhaseRecipe, check_finetune_mode, get_phase
 from stage1_pro.training.progress import Progress
 from stage1_pro.training.scoring import autocast, predict, score_splits, softmax
@@ -344,16 +350,15 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, epoc
     step_fn = state.recipe.train_step or default_train_step
     # Per-(seed, epoch, rank) streams: a resumed epoch replays exactly.
     torch.manual_seed(config.seed * 7919 + epoch * 104729 + dist_info.rank)
-    aug_gen = torch.Generator().manual_seed(config.seed * 31337 + epoch * 1009 + dist_info.rank)
+    aug_gen = torch.Generator(state.device).manual_seed(config.seed * 31337 + epoch * 1009 + dist_info.rank)
     sums: dict[str, torch.Tensor] = {}
     n_steps = len(loader)
     progress = Progress(
         n_steps, f"epoch {epoch + 1}/{state.epochs}", enabled=dist_info.is_main, log_every=config.log_every
     )
     start, n_images = time.perf_counter(), 0
-    for step, (x, y, _) in enumerate(loader):
-        x = prepare_batch(state, x.to(state.device, non_blocking=True), aug_gen)
-        y = y.to(state.device, non_blocking=True)
+    for step, (x, y, _) in enumerate(device_batches(loader, state.device)):
+        x = prepare_batch(state, x, aug_gen)
         last_micro = (step + 1) % accum == 0 or step + 1 == n_steps
         sync = getattr(state.step_module, "no_sync", None)
         ctx = sync() if (sync is not None and not last_micro) else contextlib.nullcontext()

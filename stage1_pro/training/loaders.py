@@ -10,7 +10,7 @@ every global batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -124,6 +124,40 @@ class EpochBatchSampler(Sampler[list[int]]):
                 batch = batch[self.rank * share : (self.rank + 1) * share]
             if len(batch):
                 yield batch.tolist()
+
+
+def device_batches(
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y, rows)`` with ``x``/``y`` on ``device``.
+
+    On CUDA the next batch is copied on a side stream while the current one computes (timm's
+    prefetcher idea), so the host-to-device copy of pinned memory is hidden behind the step.
+    """
+    if device.type != "cuda":
+        for x, y, rows in loader:
+            yield x.to(device), y.to(device), rows
+        return
+    side = torch.cuda.Stream(device)
+    batches = iter(loader)
+
+    def fetch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        try:
+            x, y, rows = next(batches)
+        except StopIteration:
+            return None
+        with torch.cuda.stream(side):
+            return x.to(device, non_blocking=True), y.to(device, non_blocking=True), rows
+
+    upcoming = fetch()
+    while upcoming is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)
+        x, y, rows = upcoming
+        x.record_stream(current)  # the caching allocator must not reuse them before the step is done
+        y.record_stream(current)
+        upcoming = fetch()
+        yield x, y, rows
 
 
 def make_loader(

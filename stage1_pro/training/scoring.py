@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from stage1_pro.training.distributed import DistInfo, gather_objects
-from stage1_pro.training.loaders import EpochBatchSampler, make_loader
+from stage1_pro.training.loaders import EpochBatchSampler, device_batches, make_loader
 
 SCORED_SPLITS: tuple[str, ...] = ("val_select", "val_calib", "test")
 
@@ -49,8 +49,8 @@ def predict(
     sampler = EpochBatchSampler(rows, batch_size, shuffle=False, rank=info.rank, world_size=info.world_size)
     loader = make_loader(dataset, sampler, num_workers=num_workers, pin_memory=device.type == "cuda")
     parts: dict[str, list[np.ndarray]] = {}
-    for x, _, batch_rows in loader:
-        x = prepare_input(x.to(device, non_blocking=True))
+    for x, _, batch_rows in device_batches(loader, device):
+        x = prepare_input(x)
         with autocast(device, amp_dtype):
             out = forward(x)
         for key, value in out.items():
