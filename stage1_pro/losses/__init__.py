@@ -3,8 +3,8 @@
 Every loss is an ``nn.Module`` with ``forward(outputs: dict, target) -> dict``: ``"loss"`` is the
 scalar to back-propagate, other entries are detached values for logging.
 
-``create_loss("ce" | "selective", config=None, **overrides)``; phases register new losses
-with :func:`register_loss` (e.g. phase 6's ConformalRiskLoss).
+``create_loss("ce" | "selective" | "conformal_risk", config=None, **overrides)``; other losses
+can be added with :func:`register_loss`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from stage1_pro.errors import ConfigError
 from stage1_pro.losses.classification import CrossEntropyLoss
+from stage1_pro.losses.conformal_risk import ConformalRiskLoss
 from stage1_pro.losses.selective import SelectiveLoss
 
 if TYPE_CHECKING:
@@ -36,10 +37,22 @@ def _selective_kwargs(config: Stage1ProConfig) -> dict[str, Any]:
     }
 
 
+def _conformal_risk_kwargs(config: Stage1ProConfig) -> dict[str, Any]:
+    return {
+        **_ce_kwargs(config),
+        "target_fnr_exit": config.target_fnr_exit,
+        "temperature": config.crt_temperature,
+        "window": config.crt_window,
+        "ce_weight": config.crt_ce_weight,
+        "aux_weight": config.selective_aux_weight,
+    }
+
+
 #: name -> (loss class, function reading its keyword arguments from a config).
 LOSSES: dict[str, tuple[Callable[..., nn.Module], Callable[[Stage1ProConfig], dict[str, Any]]]] = {
     "ce": (CrossEntropyLoss, _ce_kwargs),
     "selective": (SelectiveLoss, _selective_kwargs),
+    "conformal_risk": (ConformalRiskLoss, _conformal_risk_kwargs),
 }
 
 
@@ -60,4 +73,4 @@ def create_loss(name: str, config: Stage1ProConfig | None = None, **overrides: A
     return factory(**kwargs)
 
 
-__all__ = ["LOSSES", "CrossEntropyLoss", "SelectiveLoss", "create_loss", "register_loss"]
+__all__ = ["LOSSES", "ConformalRiskLoss", "CrossEntropyLoss", "SelectiveLoss", "create_loss", "register_loss"]

@@ -92,14 +92,14 @@ def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str |
     from stage1_pro.transforms import AUGMENTATIONS
 
     config.validate()  # phase/policy matrix and ranges
-    recipe = get_phase(config.phase)  # NotBuiltError for phases 4-6 until they land
+    recipe = get_phase(config.phase)  # NotBuiltError for a designed phase that is not built
     check_finetune_mode(recipe, config.resolved_finetune_mode)
     if recipe.check_config is not None:
         recipe.check_config(config)
     if config.resolved_finetune_mode == "peft" and config.peft_method == "doran":
-        raise NotBuiltError(
-            "peft_method=doran is not built yet (no reference code for DoRAN); use dora or lora"
-        )
+        from stage1_pro.models.dora import DORAN_NOT_BUILT
+
+        raise NotBuiltError(DORAN_NOT_BUILT)
     if config.augment not in AUGMENTATIONS:
         raise ConfigError(f"augment={config.augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
     if (data_uri is None) == (prepared_uri is None):
@@ -461,7 +461,9 @@ def _train(
     cached = config.resolved_finetune_mode == "frozen"
     epochs = config.head_epochs if cached else config.epochs
     shards = ShardBatches(data.shard_paths, data.shard, data.offset, data.label)
-    workers = config.num_workers
+    # Loader worker processes feed a GPU; on CPU the cores are busy training and reading
+    # memory-mapped shards in the training process costs almost nothing.
+    workers = config.num_workers if device.type == "cuda" else 0
     eval_batch = max(local_batch, 2 * config.batch_size)
 
     if recipe.before_training is not None:  # e.g. phase 4's self-supervised extended pre-training

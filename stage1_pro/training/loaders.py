@@ -126,6 +126,85 @@ class EpochBatchSampler(Sampler[list[int]]):
                 yield batch.tolist()
 
 
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    """Batches with a fixed share of positives (phase 6: each half of a batch needs enough positives).
+
+    Each class is drawn from its own stream of ``(seed, epoch)``-determined permutations, started
+    again with a fresh permutation when used up, so every image of the rarer class comes up
+    equally often (oversampled when rare; repeated within a batch only if the class has fewer
+    images than its share of one) and a resumed epoch replays exactly. An epoch holds
+    ``len(rows) // batch_size`` global batches, as many images as a plain epoch. As in
+    :class:`EpochBatchSampler`, ``batch_size`` is the global batch: each data-parallel rank gets a
+    balanced batch of ``batch_size // world_size`` images, in shuffled order.
+
+    Args:
+        rows: dataset rows of the training split.
+        labels: their 0/1 labels (same order).
+        batch_size: global batch size (a multiple of ``world_size``).
+        positive_fraction: share of positives in each batch (default 0.5).
+        seed, rank, world_size: as in :class:`EpochBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        batch_size: int,
+        *,
+        positive_fraction: float = 0.5,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        from stage1_pro.errors import DataError
+
+        self.rows = np.asarray(rows, dtype=np.int64)
+        labels = np.asarray(labels)
+        if labels.shape != self.rows.shape:
+            raise ValueError(f"rows {self.rows.shape} and labels {labels.shape} must have the same length")
+        if not 0.0 < positive_fraction < 1.0:
+            raise ValueError(f"positive_fraction={positive_fraction} must be in (0, 1)")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} does not split over {world_size} processes")
+        self.local = batch_size // world_size
+        self.n_pos = min(self.local - 1, max(1, round(self.local * positive_fraction)))
+        self.n_neg = self.local - self.n_pos
+        if self.n_pos < 1 or self.n_neg < 1:
+            raise ValueError(f"a per-process batch of {self.local} cannot hold both classes")
+        self.pos, self.neg = self.rows[labels == 1], self.rows[labels != 1]
+        if len(self.pos) == 0 or len(self.neg) == 0:
+            raise DataError(
+                f"class-balanced batches need both classes in the training split; it has {len(self.pos)} "
+                f"positive and {len(self.neg)} negative images"
+            )
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return max(1, len(self.rows) // self.batch_size)
+
+    @staticmethod
+    def _stream(pool: np.ndarray, count: int, gen: torch.Generator) -> np.ndarray:
+        rounds = -(-count // len(pool))
+        return np.concatenate(
+            [pool[torch.randperm(len(pool), generator=gen).numpy()] for _ in range(rounds)]
+        )[:count]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self) * self.world_size  # per-process batches of the epoch, all ranks together
+        pos = self._stream(self.pos, n * self.n_pos, gen).reshape(n, self.n_pos)
+        neg = self._stream(self.neg, n * self.n_neg, gen).reshape(n, self.n_neg)
+        shuffles = [torch.randperm(self.local, generator=gen).numpy() for _ in range(n)]
+        for b in range(self.rank, n, self.world_size):
+            yield np.concatenate([pos[b], neg[b]])[shuffles[b]].tolist()
+
+
 def device_batches(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
