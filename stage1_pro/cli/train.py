@@ -2,9 +2,11 @@
 
 Phases (cumulative): 1 timm backbone + classifier (cross-entropy); 2 DoRA/LoRA adapters;
 3 SelectiveNet heads (classifier, gate, auxiliary) with SelectiveLoss (maximise coverage under a
-soft FNR_exit <= target_fnr_exit); 4-6 are routed here and fail with "not built yet" until
-they land. The phase/policy matrix is checked before any work: phases 1-2 train for the
-softmax policy only, 3-5 for softmax|gate, 6 also scrc.
+soft FNR_exit <= target_fnr_exit); 4 ExPLoRA self-supervised extended pre-training of a ViT
+backbone, then phase 3; 5 phase 3 with the F-SAM optimiser; 6 conformal risk training
+(ConformalRiskLoss on class-balanced batches; SCRC is its recommended policy). The phase/policy
+matrix is checked before any work: phases 1-2 train for the softmax policy only, 3-5 for
+softmax|gate, 6 also scrc.
 
 Writes into --out: config.json, splits.json, metrics.csv (per epoch), model_best.pth (chosen on
 val_select; plain weights, adapters merged), model.json, scores.npz (val_select, val_calib,
