@@ -343,3 +343,40 @@ def test_empty_train_split_is_a_clear_error(tiny, tmp_path) -> None:
             splits_uri=tiny["splits"],
             out_dir=str(tmp_path),
         )
+
+
+# ------------------------------------------------------------------------------------------
+# optimiser, schedule, progress
+
+
+def test_adamw_groups_and_warmup_cosine_schedule() -> None:
+    from stage1_pro.optim import create_optimizer, create_scheduler, warmup_cosine
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    opt = create_optimizer(model, _config(lr=0.1, weight_decay=0.05))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and [p.shape for p in decayed["params"]] == [(2, 8)]
+    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # LayerNorm weight/bias, Linear bias
+    assert not opt.defaults["fused"]  # fused AdamW is for CUDA
+    sched = create_scheduler(opt, _config(epochs=2, warmup_epochs=0.5), updates_per_epoch=4)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.05, 0.1, 0.1])  # linear warm-up over 2 updates
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # then cosine decay
+    assert warmup_cosine(8, 8, 2) == pytest.approx(0.0)
+
+
+def test_progress_logs_lines_when_not_on_a_terminal(caplog) -> None:
+    from stage1_pro.training.progress import Progress
+
+    caplog.set_level("INFO", logger="stage1_pro.training")
+    progress = Progress(5, "epoch 1/1", log_every=2)
+    for _ in range(5):
+        progress.update(loss=torch.tensor(0.5))
+    progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3 and lines[-1].startswith("epoch 1/1 step 5/5") and "loss=0.5" in lines[-1]

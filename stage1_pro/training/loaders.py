@@ -48,11 +48,15 @@ class ShardBatches(torch.utils.data.Dataset):
         rows = np.asarray(rows, dtype=np.int64)
         maps = self._shards()
         shard, offset = self.shard[rows], self.offset[rows]
-        first = maps[int(shard[0])]
-        out = np.empty((rows.size, *first.shape[1:]), dtype=first.dtype)
-        for s in np.unique(shard):
-            mask = shard == s
-            out[mask] = maps[int(s)][offset[mask]]
+        shards = np.unique(shard)
+        if shards.size == 1:  # one gather straight out of the memory map (the common case)
+            out = maps[int(shards[0])][offset]
+        else:
+            first = maps[int(shard[0])]
+            out = np.empty((rows.size, *first.shape[1:]), dtype=first.dtype)
+            for s in shards:
+                pos = np.flatnonzero(shard == s)
+                out[pos] = maps[int(s)][offset[pos]]
         return torch.from_numpy(out), self.label[rows], torch.from_numpy(rows)
 
 
