@@ -163,7 +163,7 @@ def calibrate_policy(
     for other in others:
         storage.delete(other)
         log.info("deleted %s (replaced by %s)", other, out_uri)
-    log.info("%s", estimator.summary())
+    log.debug("%s", estimator.summary())  # the CLI and the KFP component print their own summary
     return written
 
 

@@ -78,8 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from stage1_pro import storage
     from stage1_pro.calibrate import calibrate_policy, default_out
     from stage1_pro.config import load_config
@@ -124,5 +122,5 @@ def run(args: argparse.Namespace) -> int:
         model_version=args.model_version, replace=args.replace, **options,
     )  # fmt: skip
     print(load_policy(out).summary())
-    print(f"wrote {out if storage.is_gcs(out) else os.path.relpath(out)}")
+    print(f"wrote {out}")
     return 0
