@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -212,7 +213,7 @@ def format_summary(result: LocalRunResult) -> str:
         (
             "bundle",
             result.bundle or "none (not blessed)",
-            "stage1_pro.inference.load_bundle(path)" if result.bundle else "",
+            "predict: stage1-pro predict --bundle PATH IMAGE..." if result.bundle else "",
         ),
         ("report", result.report or "n/a", ""),
     ]
@@ -254,11 +255,25 @@ class _Progress(io.TextIOBase):
 
     def __enter__(self) -> _Progress:
         sys.stdout = self
+        # kfp.local's orchestrator also logs through the root logger ("Skipping conditional task
+        # ..."); keep those records in the log file rather than on the user's console.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._kfp_records)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self._kfp_records)
         self.flush()
         sys.stdout = self._stdout
+
+    def _kfp_records(self, record: logging.LogRecord) -> bool:
+        if "kfp/local" not in record.pathname.replace("\\", "/"):
+            return True
+        self.log.write(f"{record.levelname} {record.getMessage()}\n")
+        if self.verbose:
+            self._out(f"{record.levelname} {record.getMessage()}")
+        return False
 
     def writable(self) -> bool:
         return True
