@@ -57,9 +57,14 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
         print(f"  direct {name}: {times[name]:.1f} s", flush=True)
         return out
 
-    config = art(dsl.Artifact, "config")
     check_args = {k: v for k, v in params.items() if k != "data_uri"}
-    step("check-config", check_config, data_uri=params["data_uri"], config=config, **check_args)
+    checked = step(
+        "check-config",
+        check_config,
+        data_uri=params["data_uri"],
+        config=art(dsl.Artifact, "config"),
+        **check_args,
+    )
     fp = step("fingerprint", fingerprint, data_uri=params["data_uri"])
     splits = art(dsl.Dataset, "splits")
     step("split", split, data_uri=params["data_uri"], data_fingerprint=fp, seed=params["seed"], splits=splits)
@@ -77,7 +82,7 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
     step(
         "train",
         train,
-        config=config,
+        config_json=checked[0],
         splits=splits,
         prepared=prepared,
         data_fingerprint=fp,

@@ -29,7 +29,12 @@ def check_config(
     config: Output[Artifact],
 ) -> NamedTuple(
     "CheckConfigOutputs",
-    [("gpu_node_selector", dict), ("train_cpu_request", str), ("train_memory_request", str)],
+    [
+        ("config_json", str),
+        ("gpu_node_selector", dict),
+        ("train_cpu_request", str),
+        ("train_memory_request", str),
+    ],
 ):
     """Validate the run's parameters and write the resolved training config (config.json).
 
@@ -56,15 +61,18 @@ def check_config(
         publish_prefix: Registry prefix to publish to; empty for none.
         baseline_bundle: Bundle to compare against; empty for none.
         config_overrides: Further Stage1ProConfig settings.
-        config: The resolved, schema-validated config.json.
+        config: The resolved, schema-validated config.json (for lineage and the UI).
 
     Returns:
+        config_json: The same config as canonical JSON, the train task's input. A string, compared
+            by value in the cache key: re-running this step (say, for a new publish_prefix) does
+            not invalidate a trained model whose config is unchanged.
         gpu_node_selector: Node selector of the train task.
         train_cpu_request: CPU request of the train task.
         train_memory_request: Memory request of the train task.
     """
     from pipelines.parameters import check_parameters
-    from stage1_pro.config import save_config
+    from stage1_pro.config import config_json, save_config
 
     checked = check_parameters(
         {
@@ -94,7 +102,12 @@ def check_config(
         f"{target_fnr_exit}, delta {delta}, {model_name} @ {img_size}px; train on {gpu_count} x {gpu_type} "
         f"(cpu {checked.train_cpu_request}, memory {checked.train_memory_request})"
     )
-    return checked.gpu_node_selector, checked.train_cpu_request, checked.train_memory_request
+    return (
+        config_json(checked.config),
+        checked.gpu_node_selector,
+        checked.train_cpu_request,
+        checked.train_memory_request,
+    )
 
 
 @stage1_component

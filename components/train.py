@@ -1,13 +1,13 @@
 """The train component: the pipeline's only GPU task."""
 
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.base import stage1_component
 
 
 @stage1_component(gpu=True)
 def train(
-    config: Input[Artifact],
+    config_json: str,
     splits: Input[Dataset],
     prepared: Input[Dataset],
     data_fingerprint: str,
@@ -27,7 +27,7 @@ def train(
     stopped.
 
     Args:
-        config: Resolved config.json from check-config.
+        config_json: The resolved config (canonical JSON) from check-config.
         splits: splits.json from the split step.
         prepared: Prepared shards from the prepare step.
         data_fingerprint: Dataset fingerprint (cache key: a changed dataset is never served from cache).
@@ -36,14 +36,15 @@ def train(
         scores: scores.npz (val_select, val_calib, test).
         metrics: Training summary (best val_select metrics, epochs, wall time).
     """
+    import json
     import os
 
     from components.runtime import copy_file, copy_run_files, durable_run_dir, log_metrics
     from stage1_pro.cli.train import _worker as train_worker
-    from stage1_pro.config import load_config
+    from stage1_pro.config import Stage1ProConfig
     from stage1_pro.training.distributed import launch
 
-    cfg = load_config(config.path)
+    cfg = Stage1ProConfig.from_dict(json.loads(config_json), source="check-config's config_json")
     remote_run_dir = durable_run_dir(model.uri)
     kwargs = {
         "prepared_uri": prepared.path,

@@ -152,7 +152,7 @@ def build_pipeline(
         )
 
         trained = train(
-            config=checked.outputs["config"],
+            config_json=checked.outputs["config_json"],
             splits=splits.outputs["splits"],
             prepared=prepared.outputs["prepared"],
             data_fingerprint=fp.output,

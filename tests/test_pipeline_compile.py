@@ -182,6 +182,17 @@ def test_check_config_runs_before_data_is_read_and_before_the_gpu_task(spec: dic
     assert {"check-config", "fingerprint", "prepare", "split"} <= set(root["train"]["dependentTasks"])
 
 
+def test_train_takes_the_config_by_value(spec: dict) -> None:
+    """A string input is compared by value in the cache key, an artifact by identity: a re-run of
+    check-config (new publish_prefix, say) must not invalidate an unchanged trained model."""
+    inputs = spec["root"]["dag"]["tasks"]["train"]["inputs"]
+    assert inputs["parameters"]["config_json"]["taskOutputParameter"] == {
+        "producerTask": "check-config",
+        "outputParameterKey": "config_json",
+    }
+    assert set(inputs["artifacts"]) == {"splits", "prepared"}
+
+
 def test_parameters_defaults_and_descriptions(spec: dict) -> None:
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert list(inputs) == sorted(p.name for p in PARAMETERS)

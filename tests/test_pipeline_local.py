@@ -150,6 +150,30 @@ def test_run_local_gate_phase3(medium_dataset: Path, tmp_path: Path) -> None:
     assert "certified FNR_exit <=" in format_summary(result)
 
 
+@pytest.mark.slow
+def test_run_local_scrc_phase6(medium_dataset: Path, tmp_path: Path) -> None:
+    """Phase 6 (ConformalRiskLoss, class-balanced batches) feeding the SCRC branch (research engineer)."""
+    registry = tmp_path / "registry"
+    result = run_local(
+        {
+            "data_uri": str(medium_dataset),
+            "phase": 6,
+            "exit_policy": "scrc",
+            "publish_prefix": str(registry),
+            **FAST,
+        },
+        tmp_path / "run",
+        echo=None,
+    )
+    assert result.exit_policy == "scrc" and result.blessed, result.failed_checks
+    ran = tasks_that_ran(result.run_dir)
+    assert {t for t in ran if t.startswith("calibrate")} == {"calibrate-scrc"}, ran
+    assert len({t for t in ran if t.startswith("validate")}) == 1, ran  # exactly one branch ran
+    assert len({t for t in ran if t.startswith("export")}) == 1, ran
+    images = sorted(medium_dataset.parent.glob("images/*.png"))[::250]
+    check_bundle_pulls_and_predicts(Path(result.bundle), "scrc", registry, tmp_path / "pulled", images)
+
+
 def test_run_local_fails_early_on_a_bad_combination(tmp_path: Path) -> None:
     from stage1_pro.errors import ConfigError
 
@@ -297,7 +321,7 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
     from components.train import train
     from pipelines.parameters import config_from_parameters
     from stage1_pro import storage
-    from stage1_pro.config import save_config
+    from stage1_pro.config import config_json
     from stage1_pro.data import load_dataset
     from stage1_pro.prepare import prepare_dataset
     from stage1_pro.splits import split_dataset
@@ -309,7 +333,6 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
     config = config_from_parameters(
         {"img_size": 32, "epochs": 1, "config_overrides": {"finetune_mode": "frozen", "head_epochs": 2}}
     )
-    save_config(config, tmp_path / "config.json")
 
     def run_task(pod: str) -> dsl.Model:
         # what the KFP launcher hands the task: gs:// URIs, local paths under the pod's file system
@@ -320,7 +343,7 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
         metrics = dsl.Metrics(name="metrics", uri=f"{bucket}/x/metrics", metadata={})
         metrics.custom_path = str(tmp_path / pod / "metrics")
         train.python_func(
-            config=dsl.Artifact(name="config", uri=str(tmp_path / "config.json"), metadata={}),
+            config_json=config_json(config),
             splits=dsl.Dataset(name="splits", uri=str(tmp_path / "splits.json"), metadata={}),
             prepared=dsl.Dataset(name="prepared", uri=str(tmp_path / "prepared"), metadata={}),
             data_fingerprint=load_dataset(str(tiny_dataset)).fingerprint,
