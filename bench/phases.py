@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     from stage1_pro.scores import load_scores
     from stage1_pro.splits import split_dataset
     from stage1_pro.training import train
+    from stage1_pro.training.research import crt_batch_size
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model-name", default="tf_efficientnet_lite0")
@@ -61,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.02)
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared CPUs)")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     root = args.out or tempfile.mkdtemp(prefix="bench-phases-")
     t0 = time.perf_counter()
     manifest = write_demo_dataset(os.path.join(root, "data"))
@@ -82,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             delta=args.delta, log_every=10_000,
         )  # fmt: skip
         run = os.path.join(root, f"phase{phase}")
+        with open(splits) as fh:
+            n_train = len(json.load(fh)["indices"]["train"])
+        batch = crt_batch_size(config) if phase == 6 else config.batch_size
+        updates = args.epochs * (n_train // batch)
         start = time.perf_counter()
         summary = train(config, prepared_uri=prepared, splits_uri=splits, out_dir=run, resume=False)
         seconds = time.perf_counter() - start
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 "test_coverage": m["coverage"], "test_fnr_exit": m["fnr_exit"],
                 "test_fnr_upper": m.get("fnr_exit_upper_bound"), "test_exit_accuracy": m["exit_accuracy"],
                 "test_accuracy": summary.get("test", {}).get("accuracy"), "train_seconds": seconds,
+                "batch": batch, "updates": updates,
             })  # fmt: skip
         print(f"# phase {phase} trained in {seconds:.0f} s", flush=True)
 
@@ -112,14 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         f"target FNR_exit {args.target}, delta {args.delta}; total {time.perf_counter() - t0:.0f} s"
     )
     print("| phase | policy | certified | val_calib coverage | test coverage | test FNR_exit (CP upper) "
-          "| test exit accuracy | train s |")  # fmt: skip
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+          "| test exit accuracy | test accuracy | batch x updates | train s |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['phase']} | {r['policy']}{' *' if r['default'] else ''} "
             f"| {'yes' if r['certified'] else 'no'} | {fmt(r['calib_coverage'])} | {fmt(r['test_coverage'])} "
             f"| {fmt(r['test_fnr_exit'], 4)} ({fmt(r['test_fnr_upper'], 4)}) "
-            f"| {fmt(r['test_exit_accuracy'], 4)} | {r['train_seconds']:.0f} |"
+            f"| {fmt(r['test_exit_accuracy'], 4)} | {fmt(r['test_accuracy'], 4)} "
+            f"| {r['batch']} x {r['updates']} | {r['train_seconds']:.0f} |"
         )
     with open(os.path.join(root, "phases.json"), "w") as fh:
         json.dump(rows, fh, indent=1)

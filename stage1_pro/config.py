@@ -112,7 +112,7 @@ class Stage1ProConfig:
     crt_ce_weight: float = 0.5
     """Phase 6: weight of the classifier's cross-entropy added to ConformalRiskLoss for stability."""
     crt_batch_size: int | None = None
-    """Phase 6 batch (class-balanced); None: max(batch_size, 4*(ceil(1/target_fnr_exit)-1))."""
+    """Phase 6 batch (class-balanced); None: max(batch_size, 8*(ceil(1/target_fnr_exit)-1))."""
 
     # --- run hygiene --------------------------------------------------------------------
     seed: int = 0

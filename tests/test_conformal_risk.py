@@ -150,17 +150,33 @@ def test_gradients_reach_every_head_and_the_backbone() -> None:
         assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
-def test_descent_on_the_crt_term_raises_soft_coverage() -> None:
+def test_descent_on_the_crt_term_raises_the_correct_exits() -> None:
     model = _pretrained()
     x, y = _batch(seed=2)
     loss_fn = ConformalRiskLoss(target_fnr_exit=0.05, ce_weight=0.0, aux_weight=0.0, scores=("softmax",))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    first = float(loss_fn(model(x), y)["coverage"])
+    first = float(loss_fn(model(x), y)["crt"])
     for _ in range(20):
         opt.zero_grad()
         loss_fn(model(x), y)["loss"].backward()
         opt.step()
-    assert float(loss_fn(model(x), y)["coverage"]) > first
+    assert float(loss_fn(model(x), y)["crt"]) < first  # more images exit, and exit right
+
+
+def test_calling_everything_positive_is_not_rewarded() -> None:
+    """No exited misses, so the CRC threshold exits every positive; only the right exits count."""
+    y = (torch.arange(400) % 2).long()
+    margin = torch.linspace(2.0, 6.0, 400)[torch.randperm(400, generator=torch.Generator().manual_seed(0))]
+    all_positive = torch.stack([-margin / 2, margin / 2], 1)
+    loss_fn = ConformalRiskLoss(target_fnr_exit=0.02, scores=("softmax",))
+    out = loss_fn({"logits": all_positive}, y)
+    assert float(out["feasible"]) == 1.0 and float(out["fnr_soft"]) < 0.05
+    # half of what exits is a negative called positive: it earns nothing
+    assert float(out["crt"]) == pytest.approx(1 - float(out["coverage"]) / 2, abs=0.02)
+    always_right = torch.where(y[:, None] == 1, all_positive, all_positive.flip(1))  # same confidences
+    right = loss_fn({"logits": always_right}, y)
+    assert float(right["crt"]) == pytest.approx(1 - float(right["coverage"]), abs=0.02)
+    assert float(right["crt"]) < float(out["crt"]) - 0.2
 
 
 def test_infeasible_batch_counts_as_zero_coverage_and_trains_the_cross_entropy() -> None:

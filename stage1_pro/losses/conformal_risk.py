@@ -42,16 +42,25 @@ confident false negatives down and everything else up.
 
 **Objective.** On the pseudo-prediction half (all images: coverage counts negatives too)
 
-    L_crt = 1 - mean_i sigmoid((s_i - lambda_hat) / T),
+    L_crt = 1 - mean_i sigmoid((s_i - lambda_hat) / T) * p_i(y_i),
 
-with ``T = crt_temperature`` (0.1 in the reference code). When no threshold is feasible the
-batch exits nothing: ``L_crt = 1`` (a constant), so losses stay comparable across batches and
-epochs. The CRT term is averaged over the exit scores the model has (softmax, and the gate from
-phase 3 on), so every head is trained and any of the three policies can be calibrated on the
-scores. A small cross-entropy on the classifier (``ce_weight``) and SelectiveNet's auxiliary
-head (``aux_weight``) keep the argmax accurate and training stable from fresh heads: the paper
-uses no such term but starts from a trained, frozen backbone. The training-time ``lambda_hat``
-is never deployed: the deployed threshold is certified on ``val_calib`` after training.
+with ``T = crt_temperature`` (0.1 in the reference code) and ``p_i(y_i)`` the classifier's
+probability of the true class: one minus the smoothed share of images that exit *and are right*
+(deferrals plus wrong exits). Plain smoothed coverage, ``1 - mean sigmoid(...)``, is gamed under
+an FNR-only constraint: a classifier that calls everything positive has no exited misses, so the
+CRC threshold drops to the bottom and coverage reaches 1 (measured on the embedded data: coverage
+1.0, FNR_exit 0, exit accuracy 0.60 - the failure the validate gate's exit-accuracy check exists
+for). Weighting each exit by ``p(y)`` is the analogue of the reference code minimising the
+*other* error (FPR) at the FNR-calibrated threshold: false-positive exits now cost as much as
+deferrals. When no threshold is feasible the batch exits nothing: ``L_crt = 1`` (a constant), so
+losses stay comparable across batches and epochs.
+
+The CRT term is averaged over the exit scores the model has (softmax, and the gate from phase 3
+on), so every head is trained and any of the three policies can be calibrated on the scores. A
+small cross-entropy on the classifier (``ce_weight``) and SelectiveNet's auxiliary head
+(``aux_weight``) keep the argmax accurate and training stable from fresh heads: the paper uses no
+such term but starts from a trained, frozen backbone. The training-time ``lambda_hat`` is never
+deployed: the deployed threshold is certified on ``val_calib`` after training.
 
 Phase 6 allows all three policies; its recommended production policy is ``scrc`` (the config's
 ``exit_policy`` default stays ``softmax``, as the contract says).
@@ -149,7 +158,7 @@ def crc_exit_threshold(
 
 
 class ConformalRiskLoss(nn.Module):
-    """Conformal risk training for FNR_exit: maximise the smoothed coverage at the batch's CRC threshold.
+    """Conformal risk training for FNR_exit: maximise the smoothed correct exits at the batch's CRC threshold.
 
     Args:
         target_fnr_exit: alpha, the FNR_exit level of the training-time CRC threshold.
@@ -163,9 +172,10 @@ class ConformalRiskLoss(nn.Module):
         class_weights, label_smoothing: of both cross-entropies.
 
     ``forward(outputs, target)`` returns ``{"loss", "crt", "coverage", "fnr_soft", "feasible",
-    "k_star", "ce"[, "aux_ce"], "lambda_<score>"}``; all but ``loss`` are detached, ``coverage``
-    and ``fnr_soft`` are the smoothed coverage and FNR_exit of the pseudo-prediction half at
-    ``lambda_hat`` (averaged over the scores; 0 coverage for an infeasible score).
+    "k_star", "ce"[, "aux_ce"], "lambda_<score>"}``; all but ``loss`` are detached; ``crt`` is
+    ``1 - `` the smoothed correct-exit share, ``coverage`` and ``fnr_soft`` the smoothed coverage
+    and FNR_exit of the pseudo-prediction half at ``lambda_hat`` (averaged over the scores; 0
+    coverage for an infeasible score).
     """
 
     def __init__(
@@ -215,7 +225,9 @@ class ConformalRiskLoss(nn.Module):
         cal_pos = cal[target[cal] == 1]
         miss = logits[:, 1].detach() < logits[:, 0].detach()  # argmax negative (ties go positive)
         pred_pos = (target[pred] == 1).float()
-        p_miss = torch.softmax(logits.float(), dim=1)[pred, 0]  # soft error on a positive
+        probs_pred = torch.softmax(logits.float(), dim=1)[pred]
+        p_miss = probs_pred[:, 0]  # soft error on a positive
+        p_right = probs_pred.gather(1, target[pred, None]).squeeze(1)  # p(y): soft correctness
         zero = logits.new_zeros((), dtype=torch.float32)
         terms, covs, fnrs, logs = [], [], [], {}
         feasible = k_star_sum = 0
@@ -230,9 +242,8 @@ class ConformalRiskLoss(nn.Module):
                 logs[f"lambda_{name}"] = torch.ones_like(zero)
                 continue
             soft_exit = torch.sigmoid((s[pred] - lam) / self.temperature)
-            coverage = soft_exit.mean()
-            terms.append(1.0 - coverage)
-            covs.append(coverage.detach())
+            terms.append(1.0 - (soft_exit * p_right).mean())
+            covs.append(soft_exit.mean().detach())
             exited_pos = (soft_exit * pred_pos).sum()
             fnrs.append(((soft_exit * pred_pos * p_miss).sum() / exited_pos.clamp_min(1e-8)).detach())
             logs[f"lambda_{name}"] = lam.detach()

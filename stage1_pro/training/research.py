@@ -12,9 +12,9 @@ Each is phase 3 (SelectiveNet heads: classifier, gate, auxiliary) plus one chang
   ``optimizer.step()`` then restores ``w`` and steps AdamW with the second gradient.
 * **6, conformal risk training** (:mod:`stage1_pro.losses.conformal_risk`): ConformalRiskLoss on
   class-balanced batches (:class:`~stage1_pro.training.loaders.ClassBalancedBatchSampler`) of
-  ``crt_batch_size`` images, large enough that each pseudo-calibration half holds
-  ``ceil(1/target_fnr_exit) - 1`` positives. All three policies can be calibrated afterwards;
-  SCRC is the recommended production policy.
+  ``crt_batch_size`` images, by default large enough that each pseudo-calibration half holds
+  twice the ``ceil(1/target_fnr_exit) - 1`` positives the CRC threshold needs. All three
+  policies can be calibrated afterwards; SCRC is the recommended production policy.
 """
 
 from __future__ import annotations
@@ -114,17 +114,20 @@ def _fsam_train_step(
 
 
 def crt_batch_size(config: Stage1ProConfig, world_size: int = 1) -> int:
-    """Phase 6's global batch: ``crt_batch_size``, or the larger of ``batch_size`` and the CRC minimum.
+    """Phase 6's global batch: ``crt_batch_size``, else the larger of ``batch_size`` and 2x the CRC minimum.
 
     ConformalRiskLoss works on each process's batch, so every process needs the minimum
-    (:func:`~stage1_pro.losses.conformal_risk.min_batch_size`): the default is at least
-    ``world_size`` times it, and an explicit value below that is an error.
+    (:func:`~stage1_pro.losses.conformal_risk.min_batch_size`: each pseudo-calibration half must hold
+    ``ceil(1/target) - 1`` positives). At exactly the minimum the threshold exists only when *every*
+    calibration positive is classified right (``k* = n``); twice as many positives leave room for
+    the threshold to sit above a few low-confidence misses, hence the default. An explicit value
+    below the minimum is an error.
     """
     from stage1_pro.losses.conformal_risk import min_batch_size, min_positives
 
     minimum = min_batch_size(config.target_fnr_exit) * world_size
     if config.crt_batch_size is None:
-        batch = max(config.batch_size, minimum)
+        batch = max(config.batch_size, 2 * minimum)
         return -(-batch // world_size) * world_size  # a multiple of the process count
     if config.crt_batch_size < minimum:
         per = f" per process ({world_size} processes)" if world_size > 1 else ""
@@ -132,8 +135,8 @@ def crt_batch_size(config: Stage1ProConfig, world_size: int = 1) -> int:
             f"crt_batch_size={config.crt_batch_size} is too small for "
             f"target_fnr_exit={config.target_fnr_exit}: each pseudo-calibration half of a class-balanced "
             f"batch needs >= {min_positives(config.target_fnr_exit)} positives before the CRC threshold "
-            f"exists, i.e. a batch of >= {minimum // world_size}{per}; pass --crt-batch-size {minimum} "
-            "(or leave it unset)"
+            f"exists, i.e. a batch of >= {minimum // world_size}{per}; pass --crt-batch-size {2 * minimum} "
+            "(or leave it unset for that default)"
         )
     return config.crt_batch_size
 
@@ -152,7 +155,7 @@ def _crt_sampler(
     per_rank_batch(batch, dist)  # ConfigError unless it splits evenly
     if batch != config.batch_size:
         _LOG.info(
-            "phase 6: class-balanced batches of %d (batch_size=%d is below the CRC minimum for "
+            "phase 6: class-balanced batches of %d (batch_size=%d is below twice the CRC minimum for "
             "target_fnr_exit=%g; set --crt-batch-size to choose)",
             batch, config.batch_size, config.target_fnr_exit,
         )  # fmt: skip
