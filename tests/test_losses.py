@@ -120,7 +120,7 @@ def test_lagrange_multiplier_rises_only_while_training_above_target() -> None:
     logits = torch.tensor([[2.0, -2.0]] * 4)  # every positive missed: soft FNR ~ 0.98
     out = {"logits": logits, "gate_logit": torch.zeros(4), "aux_logits": logits}
     y = torch.ones(4, dtype=torch.long)
-    loss_fn = SelectiveLoss(target_fnr_exit=0.02, dual_lr=0.5)
+    loss_fn = SelectiveLoss(target_fnr_exit=0.1, dual_lr=0.5)
     loss_fn.eval()
     loss_fn(out, y)
     assert float(loss_fn.mu) == 0.0
@@ -130,7 +130,7 @@ def test_lagrange_multiplier_rises_only_while_training_above_target() -> None:
     loss_fn(out, y)
     assert 0 < first < float(loss_fn.mu)
     good = {"logits": -5 * logits, "gate_logit": torch.zeros(4), "aux_logits": -logits}  # now all correct
-    for _ in range(200):  # mu falls by dual_lr * (target - ~0) = 0.01 per step
+    for _ in range(40):  # mu falls by dual_lr * (target - ~0) = 0.05 per step
         loss_fn(good, y)
     assert float(loss_fn.mu) == 0.0  # projected back to >= 0 once the constraint holds
 
@@ -139,7 +139,9 @@ def _digit_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     from stage1_pro.demo_data import demo_labels, load_mnist_5k
 
     images, digits = load_mnist_5k()
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255.0)
+    # 14 x 14 (2 x 2 average pooling) keeps it quick; still the real digits
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32) / 255.0)
+    x = torch.nn.functional.avg_pool2d(x[:, None], 2).flatten(1)
     y = torch.as_tensor(demo_labels(np.asarray(digits)))
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]

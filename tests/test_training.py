@@ -318,20 +318,21 @@ def test_phase_two_exports_merged_weights(tiny, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_phase_three_gate_trains_and_does_not_collapse(demo_dataset: Path, tmp_path) -> None:
+    """The local default (pretrained Lite0 @ 64 px) with the three heads on the embedded digits."""
     from stage1_pro.scores import load_scores
 
     splits = tmp_path / "splits.json"
     split_dataset(str(demo_dataset), str(splits))
-    config = _config(phase=3, exit_policy="gate", epochs=4, batch_size=64, lr=5e-3)
+    config = Stage1ProConfig(phase=3, exit_policy="gate", num_workers=0, log_every=1000)
     summary = train(config, data_uri=str(demo_dataset), splits_uri=str(splits), out_dir=str(tmp_path / "run"))
-    assert summary["test"]["accuracy"] > 0.85
+    assert summary["test"]["accuracy"] > 0.9
     scores = load_scores(str(tmp_path / "run" / "scores.npz"))
     assert scores.has_gate
     test = scores.subset("test")
     exits = test.gate_logit >= 0
     assert 0.02 < exits.mean() < 0.98, f"gate collapsed: coverage {exits.mean():.3f}"
     wrong = test.probs.argmax(1) != test.label
-    assert wrong[~exits].mean() > wrong[exits].mean()  # the gate defers the harder images
+    assert wrong[~exits].mean() > 2 * wrong[exits].mean()  # the gate defers the harder images
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert {"val_gate_coverage", "val_gate_fnr_exit", "val_soft_fnr"} <= set(rows[0])
 

@@ -373,6 +373,8 @@ def train_one_epoch(state: TrainState, loader: torch.utils.data.DataLoader, epoc
         n_images += int(y.shape[0])
         progress.update(loss=losses["loss"].detach())
     progress.close()
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)  # the last steps may still be queued
     seconds = time.perf_counter() - start
     means = {f"train_{k}": float(all_reduce_mean(dist_info, v / max(1, n_steps))) for k, v in sums.items()}
     means["train_seconds"] = seconds
@@ -535,8 +537,6 @@ def _train(
     scheduler = create_scheduler(optimizer, config, updates_per_epoch=updates_per_epoch, epochs=epochs)
 
     step_module: nn.Module = module
-    if config.compile:
-        step_module = torch.compile(step_module)
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -545,6 +545,8 @@ def _train(
         step_module = DistributedDataParallel(
             step_module, device_ids=[device] if device.type == "cuda" else None
         )
+    if config.compile:  # after DDP, so that dynamo's DDPOptimizer splits graphs at bucket boundaries
+        step_module = torch.compile(step_module)
 
     state = TrainState(
         config,
