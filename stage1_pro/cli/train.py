@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         summary = launch(args.nproc_per_node, _worker, config.to_dict(), kwargs)[0]
     else:
         summary = _worker(config.to_dict(), kwargs)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     best = summary["best"]
     print(
         f"trained phase {summary['phase']} for {summary['epochs']} epoch(s) in {summary['seconds']:.1f} s: "

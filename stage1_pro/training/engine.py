@@ -41,6 +41,7 @@ from stage1_pro.training.distributed import (
     DistInfo,
     all_reduce_mean,
     barrier,
+    broadcast_object,
     cleanup,
     init_distributed,
     per_rank_batch,
@@ -720,4 +721,4 @@ def _score_best(
             "scores.npz: %s",
             ", ".join(f"{k} accuracy {v['accuracy']:.4f} (n={v['n']})" for k, v in summary.items()),
         )
-    return summary
+    return broadcast_object(dist_info, summary)  # every rank returns the same summary
