@@ -64,22 +64,19 @@ def _decode(task: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str | N
         return row, None, str(exc)
 
 
-def _worker_init() -> None:
-    # A forked child must not reuse the parent's GCS client (its HTTP session is not fork-safe).
-    storage.gcs_client.cache_clear()
-
-
 def _decoded(
     tasks: list[tuple[int, str, int]], workers: int
 ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     if workers <= 1:
         yield from map(_decode, tasks)
         return
+    # Never plain fork: the caller may hold threads (torch's OpenMP pool, the GCS client's HTTP
+    # threads) and a forked child can deadlock on a lock one of them held (seen in CI).
     ctx = multiprocessing.get_context(
-        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     )
     chunk = max(1, min(64, len(tasks) // (workers * 8)))
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
+    with ctx.Pool(workers) as pool:
         yield from pool.imap(_decode, tasks, chunksize=chunk)
 
 
