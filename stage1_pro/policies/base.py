@@ -383,3 +383,28 @@ class ExitPolicy(ABC):
     @abstractmethod
     def _rule_text(self) -> str:
         """The deployed rule in words/numbers for :meth:`summary`."""
+
+
+class ConfidenceThresholdPolicy(ExitPolicy):
+    """A policy that exits, with the argmax class, where ``confidence >= threshold``.
+
+    The grid holds confidence thresholds (``grid_``, strictest first), so the per-point counts
+    are the same for every such policy; only :meth:`confidence` differs (softmax response,
+    calibrated gate probability).
+    """
+
+    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # Imported here: stage1_pro.metrics (imported by certify) imports this module's constants.
+        from stage1_pro.certify import count_at_least
+
+        conf = self.confidence(scores.probs, scores.gate_logit)
+        pos = scores.label == 1
+        miss = pos & (argmax_class(scores.probs) == 0)
+        return (
+            count_at_least(conf[pos], self.grid_),
+            count_at_least(conf[miss], self.grid_),
+            count_at_least(conf, self.grid_) / conf.size,
+        )
+
+    def _grid_values(self) -> np.ndarray:
+        return self.grid_

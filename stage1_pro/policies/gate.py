@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from stage1_pro.certify import count_at_least, quantile_grid
+from stage1_pro.certify import quantile_grid
 from stage1_pro.errors import ConfigError, DataError
 from stage1_pro.policies.base import (
     DEFER,
     DEFER_ALL_THRESHOLD,
-    ExitPolicy,
+    ConfidenceThresholdPolicy,
     argmax_class,
     check_probs,
 )
@@ -112,7 +112,7 @@ def apply_calibrator(kind: str, params: dict[str, Any], logits: np.ndarray) -> n
     raise ConfigError(f"unknown gate calibrator {kind!r}; allowed: {', '.join(CALIBRATORS)}")
 
 
-class GatePolicy(ExitPolicy):
+class GatePolicy(ConfidenceThresholdPolicy):
     """Exit iff the calibrated gate probability reaches a certified threshold.
 
     Parameters
@@ -177,21 +177,8 @@ class GatePolicy(ExitPolicy):
         self.calibrator_params_ = fit_calibrator(self.calibrator, select.gate_logit, correct, select.source)
         self.grid_ = quantile_grid(self.calibrated(select.gate_logit), self.grid_size)
 
-    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        conf = self.calibrated(scores.gate_logit)
-        pos = scores.label == 1
-        miss = pos & (argmax_class(scores.probs) == 0)
-        return (
-            count_at_least(conf[pos], self.grid_),
-            count_at_least(conf[miss], self.grid_),
-            count_at_least(conf, self.grid_) / conf.size,
-        )
-
     def _set_deployed(self, j: int | None) -> None:
         self.gate_threshold_ = DEFER_ALL_THRESHOLD if j is None else float(self.grid_[j])
-
-    def _grid_values(self) -> np.ndarray:
-        return self.grid_
 
     def _grid_rule(self) -> str:
         return (

@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from stage1_pro.certify import count_at_least, quantile_grid
+from stage1_pro.certify import quantile_grid
 from stage1_pro.policies.base import (
     DEFER,
     DEFER_ALL_THRESHOLD,
-    ExitPolicy,
+    ConfidenceThresholdPolicy,
     argmax_class,
     check_probs,
 )
 
 
-class SoftmaxThresholdPolicy(ExitPolicy):
+class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):
     """Exit iff the max class probability reaches a certified threshold.
 
     Parameters
@@ -59,21 +59,8 @@ class SoftmaxThresholdPolicy(ExitPolicy):
     def _fit_select(self, select: Any) -> None:
         self.grid_ = quantile_grid(self.confidence(select.probs), self.grid_size)
 
-    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        conf = self.confidence(scores.probs)
-        pos = scores.label == 1
-        miss = pos & (argmax_class(scores.probs) == 0)
-        return (
-            count_at_least(conf[pos], self.grid_),
-            count_at_least(conf[miss], self.grid_),
-            count_at_least(conf, self.grid_) / conf.size,
-        )
-
     def _set_deployed(self, j: int | None) -> None:
         self.exit_threshold_ = DEFER_ALL_THRESHOLD if j is None else float(self.grid_[j])
-
-    def _grid_values(self) -> np.ndarray:
-        return self.grid_
 
     def _grid_rule(self) -> str:
         return f"val_select max-probability quantiles at coverage levels j/{self.grid_size}, ties removed"
