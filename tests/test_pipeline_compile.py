@@ -17,6 +17,7 @@ from pipelines import cluster
 from pipelines.parameters import (
     LOCAL_PROFILE,
     PARAMETERS,
+    PIPELINE_LOADER_WORKERS,
     check_parameters,
     config_from_parameters,
     convert,
@@ -265,8 +266,16 @@ def test_check_parameters_defaults_resolve_to_a_config() -> None:
     assert checked.config.model_name == "vit_small_patch14_dinov2"
     assert checked.config.model_path is None
     assert checked.gpu_node_selector == {cluster.ACCELERATOR_LABEL: cluster.DEFAULT_ACCELERATOR}
-    assert (checked.train_cpu_request, checked.train_memory_request) == train_resources(
-        1, checked.config.num_workers
+    assert checked.config.num_workers == PIPELINE_LOADER_WORKERS
+    resources = (checked.train_cpu_request, checked.train_memory_request)
+    assert (
+        resources == train_resources(1, PIPELINE_LOADER_WORKERS) == (str(1 + PIPELINE_LOADER_WORKERS), "16Gi")
+    )
+    custom = check_parameters({"data_uri": "m.csv", "gpu_count": 2, "config_overrides": {"num_workers": 3}})
+    assert (custom.config.num_workers, custom.train_cpu_request, custom.train_memory_request) == (
+        3,
+        "8",
+        "32Gi",
     )
 
 
