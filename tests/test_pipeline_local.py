@@ -161,6 +161,12 @@ def test_run_local_scrc_phase6(medium_dataset: Path, tmp_path: Path) -> None:
             "exit_policy": "scrc",
             "publish_prefix": str(registry),
             **FAST,
+            # One epoch of conformal risk training from fresh heads on 1,250 images leaves the
+            # classifier too weak to certify 0.05 on 250 val_calib positives (seen: nothing certified);
+            # a stronger cross-entropy term and the loosest allowed target keep this test about
+            # the pipeline's scrc branch, not about phase 6's sample efficiency (bench/phases.py).
+            "target_fnr_exit": 0.1,
+            "config_overrides": {**FAST["config_overrides"], "crt_ce_weight": 5.0},
         },
         tmp_path / "run",
         echo=None,
