@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from stage1_pro.config import check_delta, check_target  # the one range check, re-exported
 from stage1_pro.errors import ConfigError
 from stage1_pro.metrics import clopper_pearson_upper
 
@@ -67,28 +68,6 @@ P_VALUE_METHOD = "binomial_exact"
 DEFAULT_STARTS = 4
 #: Default number of grid points.
 DEFAULT_GRID_SIZE = 200
-
-
-def check_delta(delta: float, source: str = "delta") -> float:
-    """Return ``delta`` as float if it lies in (0, 0.5]; raise :class:`ConfigError` otherwise."""
-    try:
-        value = float(delta)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}={delta!r} is not a number; use e.g. 0.1") from exc
-    if not 0.0 < value <= 0.5 or math.isnan(value):
-        raise ConfigError(f"{source}={delta} is outside (0, 0.5]; use e.g. 0.1 (90% confidence) or 0.05")
-    return value
-
-
-def check_target(target: float, source: str = "target_fnr_exit") -> float:
-    """Return ``target`` as float if it lies in (0, 0.1]; raise :class:`ConfigError` otherwise."""
-    try:
-        value = float(target)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}={target!r} is not a number; the default is 0.02") from exc
-    if not 0.0 < value <= 0.1 or math.isnan(value):
-        raise ConfigError(f"{source}={target} is outside the valid range (0, 0.1]; the default is 0.02")
-    return value
 
 
 # --------------------------------------------------------------------------- p-values

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -137,11 +138,8 @@ class Stage1ProConfig:
     def validate(self) -> Stage1ProConfig:
         """Check ranges and the phase/policy matrix; raise :class:`ConfigError` otherwise."""
         check_phase_policy(self.phase, self.exit_policy)
-        check_target_fnr_exit(self.target_fnr_exit)
-        if not 0.0 < self.delta <= 0.5:
-            raise ConfigError(
-                f"delta={self.delta} is outside (0, 0.5]; use e.g. 0.1 (90% confidence) or 0.05"
-            )
+        check_target(self.target_fnr_exit)
+        check_delta(self.delta)
         if not 0.0 <= self.legacy_exit_threshold_for_logging <= 1.0:
             raise ConfigError("legacy_exit_threshold_for_logging must be in [0, 1]")
         if self.finetune_mode not in ("auto", "full", "frozen", "peft"):
@@ -194,13 +192,27 @@ def check_phase_policy(phase: int, exit_policy: str) -> None:
         )
 
 
-def check_target_fnr_exit(value: float) -> None:
-    """Raise :class:`ConfigError` unless ``0 < value <= 0.1``."""
+def check_target(target: float, source: str = "target_fnr_exit") -> float:
+    """Return ``target`` as float if it lies in (0, 0.1]; raise :class:`ConfigError` otherwise."""
     low, high = TARGET_FNR_RANGE
-    if not (isinstance(value, int | float) and low < value <= high):
-        raise ConfigError(
-            f"target_fnr_exit={value!r} is outside the valid range (0, 0.1]; the default is 0.02"
-        )
+    try:
+        value = float(target)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}={target!r} is not a number; the default is 0.02") from exc
+    if not low < value <= high or math.isnan(value):
+        raise ConfigError(f"{source}={target} is outside the valid range (0, 0.1]; the default is 0.02")
+    return value
+
+
+def check_delta(delta: float, source: str = "delta") -> float:
+    """Return ``delta`` as float if it lies in (0, 0.5]; raise :class:`ConfigError` otherwise."""
+    try:
+        value = float(delta)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}={delta!r} is not a number; use e.g. 0.1") from exc
+    if not 0.0 < value <= 0.5 or math.isnan(value):
+        raise ConfigError(f"{source}={delta} is outside (0, 0.5]; use e.g. 0.1 (90% confidence) or 0.05")
+    return value
 
 
 # ------------------------------------------------------------------------------------------
