@@ -96,16 +96,7 @@ def upload(
             raise KFPError(f"pipeline {name!r} ({pipeline.pipeline_id}) was created but lists no version")
         first = versions[0]
         return Uploaded(pipeline.pipeline_id, first.pipeline_version_id, first.display_name, True, False)
-    existing = [
-        v
-        for v in _paged(
-            client.list_pipeline_versions,
-            "pipeline_versions",
-            pipeline_id=pipeline_id,
-            filter=_name_filter(version),
-        )
-        if v.display_name == version
-    ]
+    existing = _named(client.list_pipeline_versions, "pipeline_versions", version, pipeline_id=pipeline_id)
     if existing:
         return Uploaded(pipeline_id, existing[0].pipeline_version_id, version, False, True)
     created = _call(
@@ -252,16 +243,7 @@ def unschedule(client: Any, *, name: str, experiment: str = DEFAULT_EXPERIMENT) 
 
 def recurring_runs_named(client: Any, name: str, experiment_id: str) -> list[Any]:
     """Recurring runs of ``experiment_id`` whose display name is ``name``."""
-    return [
-        r
-        for r in _paged(
-            client.list_recurring_runs,
-            "recurring_runs",
-            experiment_id=experiment_id,
-            filter=_name_filter(name),
-        )
-        if r.display_name == name
-    ]
+    return _named(client.list_recurring_runs, "recurring_runs", name, experiment_id=experiment_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,6 +336,11 @@ def _experiment_id(client: Any, name: str) -> str:
 
 def _name_filter(name: str) -> str:
     return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+
+
+def _named(method: Any, items: str, name: str, **kwargs: Any) -> list[Any]:
+    """Objects of a paged list call whose display name is exactly ``name`` (server-side filter first)."""
+    return [x for x in _paged(method, items, filter=_name_filter(name), **kwargs) if x.display_name == name]
 
 
 def _paged(method: Any, items: str, **kwargs: Any) -> Iterator[Any]:
