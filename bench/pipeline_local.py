@@ -4,7 +4,7 @@ Runs the pipeline twice on the same data and settings:
 
 * **direct**: the component functions themselves (``component.python_func``), called one after the
   other in this process with artifacts in a scratch folder: exactly the work of the steps;
-* **run-local**: :func:`pipelines.local.run_local`, i.e. compile, then kfp.local's
+* **run-local**: :func:`stage1_pro.pipelines.local.run_local`, i.e. compile, then kfp.local's
   ``SubprocessRunner(use_venv=False)``: one Python subprocess per task, kfp's executor, artifact
   bookkeeping, the branch conditions.
 
@@ -39,12 +39,12 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
     """Run every step's component function in this process; return seconds per step."""
     from kfp import dsl
 
-    from components.calibrate import calibrate_gate, calibrate_scrc, calibrate_softmax
-    from components.check_config import check_config, fingerprint
-    from components.data import prepare, split
-    from components.export import export
-    from components.train import train
-    from components.validate import validate
+    from stage1_pro.components.calibrate import calibrate_gate, calibrate_scrc, calibrate_softmax
+    from stage1_pro.components.check_config import check_config, fingerprint
+    from stage1_pro.components.data import prepare, split
+    from stage1_pro.components.export import export
+    from stage1_pro.components.train import train
+    from stage1_pro.components.validate import validate
 
     def art(cls: type, name: str) -> Any:
         return cls(name=name, uri=str(scratch / name), metadata={})
@@ -131,7 +131,7 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
 
 
 def run_pipeline(params: dict[str, Any], out: Path) -> tuple[float, dict[str, float]]:
-    from pipelines.local import run_local
+    from stage1_pro.pipelines.local import run_local
 
     start = time.perf_counter()
     result = run_local(params, out, echo=lambda line: print(f"  run-local {line.strip()}", flush=True))
@@ -155,8 +155,8 @@ def main() -> int:
     parser.add_argument("--keep", help="keep the outputs in this folder")
     args = parser.parse_args()
 
-    from pipelines.local import local_parameters
     from stage1_pro.demo_data import write_demo_dataset
+    from stage1_pro.pipelines.local import local_parameters
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-pipeline-local-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from kfp import dsl
 
-from components.image import component_image
+from stage1_pro.components.image import component_image
 
 
 def stage1_component(func: Callable[..., Any] | None = None, *, gpu: bool = False) -> Any:
@@ -16,7 +16,7 @@ def stage1_component(func: Callable[..., Any] | None = None, *, gpu: bool = Fals
     The image already holds stage1-pro and the pinned kfp (``pyproject.toml``), so the container
     runs the function as-is: no ``pip install`` at start-up, hence no network access needed and no
     version drift between the compiled pipeline and the code it runs. The image comes from
-    :func:`components.image.component_image` (the GPU variant for ``gpu=True``); the pipeline may
+    :func:`stage1_pro.components.image.component_image` (the GPU variant for ``gpu=True``); the pipeline may
     still override it per task at compile time (``stage1-pro compile --image``).
     """
 

@@ -9,7 +9,7 @@ image and says so; there is never an uncertified fallback.
 
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
 
-from components.base import stage1_component
+from stage1_pro.components.base import stage1_component
 
 
 @stage1_component
@@ -32,7 +32,7 @@ def calibrate_softmax(
         policy: thresholds.json with the certificate (grid, n, k, Clopper-Pearson bound).
         metrics: val_calib coverage and FNR_exit, the certified bound.
     """
-    from components.runtime import calibrate
+    from stage1_pro.components.runtime import calibrate
 
     calibrate("softmax", scores.path, policy, metrics, target_fnr_exit, delta)
 
@@ -57,7 +57,7 @@ def calibrate_gate(
         policy: gateparams.json with the calibrator and the certificate.
         metrics: val_calib coverage and FNR_exit, the certified bound.
     """
-    from components.runtime import calibrate
+    from stage1_pro.components.runtime import calibrate
 
     calibrate("gate", scores.path, policy, metrics, target_fnr_exit, delta)
 
@@ -79,6 +79,6 @@ def calibrate_scrc(
         policy: scrcparams.json with both thresholds and the certificate.
         metrics: val_calib coverage and FNR_exit, the certified bound.
     """
-    from components.runtime import calibrate
+    from stage1_pro.components.runtime import calibrate
 
     calibrate("scrc", scores.path, policy, metrics, target_fnr_exit, delta)

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp.dsl import Artifact, Output
 
-from components.base import stage1_component
+from stage1_pro.components.base import stage1_component
 
 
 @stage1_component
@@ -71,8 +71,8 @@ def check_config(
         train_cpu_request: CPU request of the train task.
         train_memory_request: Memory request of the train task.
     """
-    from pipelines.parameters import check_parameters
     from stage1_pro.config import config_json, save_config
+    from stage1_pro.run_parameters import check_parameters
 
     checked = check_parameters(
         {

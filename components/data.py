@@ -2,7 +2,7 @@
 
 from kfp.dsl import Dataset, Input, Output
 
-from components.base import stage1_component
+from stage1_pro.components.base import stage1_component
 
 
 @stage1_component

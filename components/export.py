@@ -2,7 +2,7 @@
 
 from kfp.dsl import Artifact, Input, Model, Output
 
-from components.base import stage1_component
+from stage1_pro.components.base import stage1_component
 
 
 @stage1_component
@@ -30,9 +30,9 @@ def export(
     import os
     import tempfile
 
-    from components.runtime import policy_file_name, stage_run_dir
     from stage1_pro.artifacts import read_artifact
     from stage1_pro.bundle import BUNDLE_FILE, export_bundle
+    from stage1_pro.components.runtime import policy_file_name, stage_run_dir
 
     with tempfile.TemporaryDirectory() as scratch:
         extra = {name: os.path.join(validation.path, name) for name in sorted(os.listdir(validation.path))}

@@ -2,7 +2,7 @@
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.base import stage1_component
+from stage1_pro.components.base import stage1_component
 
 
 @stage1_component(gpu=True)
@@ -39,26 +39,23 @@ def train(
     import json
     import os
 
-    from components.runtime import copy_file, copy_run_files, durable_run_dir, log_metrics
-    from stage1_pro.cli.train import _worker as train_worker
+    from stage1_pro.components.runtime import copy_file, copy_run_files, durable_run_dir, log_metrics
     from stage1_pro.config import Stage1ProConfig
-    from stage1_pro.training.distributed import launch
+    from stage1_pro.training.launcher import train_processes
 
     cfg = Stage1ProConfig.from_dict(json.loads(config_json), source="check-config's config_json")
     remote_run_dir = durable_run_dir(model.uri)
-    kwargs = {
-        "prepared_uri": prepared.path,
-        "splits_uri": splits.path,
-        "out_dir": remote_run_dir or model.path,
-        "resume": True,
-    }
     print(
         f"[stage1-pro] train: phase {cfg.phase}, {cfg.model_name} @ {cfg.img_size}px, {gpu_count} process(es)"
     )
-    if gpu_count > 1:
-        summary = launch(gpu_count, train_worker, cfg.to_dict(), kwargs)[0]
-    else:
-        summary = train_worker(cfg.to_dict(), kwargs)
+    summary = train_processes(
+        cfg,
+        gpu_count,
+        prepared_uri=prepared.path,
+        splits_uri=splits.path,
+        out_dir=remote_run_dir or model.path,
+        resume=True,
+    )
     if remote_run_dir:
         os.makedirs(model.path, exist_ok=True)
         copy_run_files(remote_run_dir, model.path)

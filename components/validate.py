@@ -2,7 +2,7 @@
 
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metrics, Model, Output
 
-from components.base import stage1_component
+from stage1_pro.components.base import stage1_component
 
 
 @stage1_component
@@ -40,7 +40,13 @@ def validate(
     import os
     import tempfile
 
-    from components.runtime import copy_file, log_validation, policy_file_name, stage_run_dir, written_files
+    from stage1_pro.components.runtime import (
+        copy_file,
+        log_validation,
+        policy_file_name,
+        stage_run_dir,
+        written_files,
+    )
     from stage1_pro.validate import validate_run
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -4,7 +4,7 @@
   version is named after the package's content (``<stage1-pro version>-<sha256[:12]>``), so
   uploading the same package again reuses the existing version instead of adding a duplicate.
 - :func:`submit_run`: one run, from a package or from an uploaded version, parameters checked
-  locally first (:func:`pipelines.parameters.check_parameters`).
+  locally first (:func:`stage1_pro.run_parameters.check_parameters`).
 - :func:`schedule`: recurring retraining. KFP cannot update a recurring run in place
   (kubeflow/pipelines#3789), so scheduling under an existing name uploads the package as a new
   version, creates a recurring run pinned to that version (``max_concurrency=1``,
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from typing import Any
 
 from stage1_pro import __version__
 from stage1_pro.errors import ConfigError, Stage1ProError
+from stage1_pro.provenance import sha256_file
 
 
 class KFPError(Stage1ProError):
@@ -72,7 +72,7 @@ def connect(host: str, *, namespace: str | None = None, token: str | None = None
 
 def version_name_for(package: str | os.PathLike[str]) -> str:
     """The content-derived version name of a package: ``<stage1-pro version>-<sha256[:12]>``."""
-    digest = hashlib.sha256(Path(package).read_bytes()).hexdigest()
+    digest = sha256_file(package)
     return f"{__version__}-{digest[:12]}"
 
 
@@ -145,7 +145,7 @@ def submit_run(
     cache the fingerprint step, whose not being cached is what keeps a changed dataset from being
     served stale results.
     """
-    from pipelines.parameters import check_parameters
+    from stage1_pro.run_parameters import check_parameters
 
     if (package is None) == (version is None):
         raise ValueError("pass exactly one of package and version")
@@ -206,7 +206,7 @@ def schedule(
     pipeline_root: str | None = None,
 ) -> Scheduled:
     """Create (or replace) the recurring run ``name``, pinned to ``package`` uploaded as a new version."""
-    from pipelines.parameters import check_parameters
+    from stage1_pro.run_parameters import check_parameters
 
     cron = validate_cron(cron)
     check_parameters(params)

@@ -25,13 +25,13 @@ def compile_pipeline(
 
     Args:
         out: destination ``.yaml`` file.
-        image: image of the CPU tasks (default: ``components.image.component_image()``).
+        image: image of the CPU tasks (default: ``stage1_pro.components.image.component_image()``).
         gpu_image: image of the train task (default: ``<image>-gpu``).
         gpu_type: default of the ``gpu_type`` run parameter.
     """
     from kfp import compiler
 
-    from pipelines.pipeline import build_pipeline
+    from stage1_pro.pipelines.pipeline import build_pipeline
 
     target = Path(out)
     if target.is_dir() or target.suffix not in (".yaml", ".yml"):

@@ -65,7 +65,7 @@ class LocalRunResult:
 
 def local_parameters(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Run parameters of a local run: the pipeline's defaults, the laptop model profile, ``overrides``."""
-    from pipelines.parameters import LOCAL_PROFILE, defaults
+    from stage1_pro.run_parameters import LOCAL_PROFILE, defaults
 
     params = defaults()
     params.update(LOCAL_PROFILE)
@@ -84,7 +84,7 @@ def run_local(
     """Run the whole pipeline locally on ``params`` (``data_uri`` absent: the embedded demo data).
 
     Args:
-        params: run parameters (see :data:`pipelines.parameters.PARAMETERS`); missing ones take the
+        params: run parameters (see :data:`stage1_pro.run_parameters.PARAMETERS`); missing ones take the
             local defaults (:func:`local_parameters`).
         out_dir: folder for the package, the pipeline root, the log, the bundle and the summary.
         echo: where progress lines go (``None``: silent).
@@ -97,8 +97,8 @@ def run_local(
     """
     from kfp import components, local
 
-    from pipelines.compile import compile_pipeline
-    from pipelines.parameters import check_parameters
+    from stage1_pro.pipelines.compile import compile_pipeline
+    from stage1_pro.run_parameters import check_parameters
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

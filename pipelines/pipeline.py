@@ -20,22 +20,22 @@ Design notes
   changed one recomputes everything downstream.
 - Retries: train retries on failure (preemptible GPU nodes); on a GCS pipeline root it writes its
   run directory and per-epoch checkpoints straight to ``<model uri>.run``, which every retry of
-  the task sees, and resumes from there (see ``components.runtime.durable_run_dir``).
+  the task sees, and resumes from there (see ``stage1_pro.components.runtime.durable_run_dir``).
 """
 
 from typing import Any
 
 from kfp import dsl, kubernetes
 
-from components.calibrate import calibrate_gate, calibrate_scrc, calibrate_softmax
-from components.check_config import check_config, fingerprint
-from components.data import prepare, split
-from components.export import export, publish
-from components.image import GPU_TAG_SUFFIX, component_image
-from components.train import train
-from components.validate import validate
-from pipelines import cluster
-from pipelines.parameters import PARAMETERS, check_gpu_type, pipeline_docstring
+from stage1_pro import cluster
+from stage1_pro.components.calibrate import calibrate_gate, calibrate_scrc, calibrate_softmax
+from stage1_pro.components.check_config import check_config, fingerprint
+from stage1_pro.components.data import prepare, split
+from stage1_pro.components.export import export, publish
+from stage1_pro.components.image import GPU_TAG_SUFFIX, component_image
+from stage1_pro.components.train import train
+from stage1_pro.components.validate import validate
+from stage1_pro.run_parameters import PARAMETERS, check_gpu_type, pipeline_docstring
 
 PIPELINE_NAME = "stage1-pro"
 PIPELINE_DESCRIPTION = (
@@ -61,7 +61,7 @@ _D = {p.name: p.default for p in PARAMETERS}
 
 
 def resolve_images(image: str | None = None, gpu_image: str | None = None) -> tuple[str, str]:
-    """(CPU image, GPU image) for a compile: the overrides, else :func:`components.image.component_image`.
+    """(CPU image, GPU image) for a compile: the overrides, else the images of ``components/image.py``.
 
     ``image`` alone also moves the GPU image to ``<image>-gpu``, as ``STAGE1_PRO_IMAGE`` does.
     """
@@ -81,7 +81,7 @@ def build_pipeline(
     """Build the pipeline (a KFP ``GraphComponent``).
 
     Args:
-        image: image of the CPU tasks (default: :func:`components.image.component_image`).
+        image: image of the CPU tasks (default: :func:`stage1_pro.components.image.component_image`).
         gpu_image: image of the train task (default: ``<image>-gpu``, or the GPU image of image.py).
         gpu_type: default of the ``gpu_type`` parameter (the GPU node pool's accelerator label).
     """

@@ -17,7 +17,6 @@ every JSON file against its schema.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from stage1_pro.artifacts import (
     write_artifact,
 )
 from stage1_pro.errors import ArtifactError
+from stage1_pro.provenance import sha256_file, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,6 @@ _POINTERS: dict[str, str | None] = {
     "model_card_file": None,
     "readme_file": None,
 }
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a local file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def policy_files_in(folder: str | os.PathLike[str]) -> list[str]:
@@ -268,7 +258,7 @@ def export_bundle(
             shutil.copyfile(run / name, tmp / name)
         meta: dict[str, Any] = {
             "version": version,
-            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "created_at": utc_now(),
             "active_exit_policy": exit_policy,
             "policy_file": policy_path.name,
             "model_file": MODEL_FILE,
@@ -393,6 +383,5 @@ __all__ = [
     "export_bundle",
     "find_policy_file",
     "policy_files_in",
-    "sha256_file",
     "verify_bundle",
 ]

@@ -8,7 +8,6 @@ The policy's grid and anything it fits come from ``val_select``; the certificate
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -18,6 +17,7 @@ from stage1_pro import storage
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact
 from stage1_pro.certify import check_delta, check_target
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
+from stage1_pro.provenance import sha256_uri
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ def check_scores_match_splits(scores: Any, splits: dict[str, Any], scores_uri: s
                 f"({missing} listed rows missing from the scores, {extra} scored rows not in that split): "
                 "the scores were made with other splits; rescore the run or pass its own splits.json"
             )
-
-
-def _sha256(uri: str) -> str:
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
 def _sibling(uri: str, name: str) -> str:
@@ -137,7 +133,7 @@ def calibrate_policy(
     estimator = create_policy(policy, target_fnr_exit=target_fnr_exit, delta=delta, method=method, **options)
 
     scores = load_scores(scores_uri)
-    lineage: dict[str, Any] = {"scores_sha256": _sha256(scores_uri)}
+    lineage: dict[str, Any] = {"scores_sha256": sha256_uri(scores_uri)}
     if splits_uri is None and storage.exists(_sibling(scores_uri, SPLITS_FILE)):
         splits_uri = _sibling(scores_uri, SPLITS_FILE)
     if splits_uri is not None:
@@ -146,7 +142,7 @@ def calibrate_policy(
         lineage["splits_version"] = splits["splits_version"]
         lineage["data_fingerprint"] = splits["dataset"]["fingerprint"]
     if model_version is None and storage.exists(_sibling(scores_uri, MODEL_FILE)):
-        model_version = _sha256(_sibling(scores_uri, MODEL_FILE))
+        model_version = sha256_uri(_sibling(scores_uri, MODEL_FILE))
     if model_version is not None:
         lineage["model_version"] = str(model_version)
 

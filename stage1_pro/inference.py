@@ -65,14 +65,14 @@ class Prediction:
     @property
     def decision_name(self) -> str | None:
         """``"exit-positive"``, ``"exit-negative"``, ``"defer"`` (None for a skipped image)."""
-        from stage1_pro.policies.base import DECISION_NAMES
+        from stage1_pro.decisions import DECISION_NAMES
 
         return None if self.decision is None else DECISION_NAMES[self.decision]
 
     @property
     def exited(self) -> bool:
         """True when stage 1 answers for this image (it is not deferred to stage 2)."""
-        from stage1_pro.policies.base import DEFER
+        from stage1_pro.decisions import DEFER
 
         return self.decision is not None and self.decision != DEFER
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from stage1_pro.policies.base import DEFER as _DEFER
-from stage1_pro.policies.base import EXIT_NEGATIVE as _EXIT_NEGATIVE
-from stage1_pro.policies.base import EXIT_POSITIVE as _EXIT_POSITIVE
+from stage1_pro.decisions import DEFER as _DEFER
+from stage1_pro.decisions import EXIT_NEGATIVE as _EXIT_NEGATIVE
+from stage1_pro.decisions import EXIT_POSITIVE as _EXIT_POSITIVE
 
 
 def _arrays(decisions: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -20,8 +20,6 @@ Transient GCS errors (429, 5xx, connection resets) are retried by google-cloud-s
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import hashlib
 import logging
 import os
 import shutil
@@ -40,14 +38,11 @@ from stage1_pro.artifacts import (
 )
 from stage1_pro.bundle import BUNDLE_FILE, verify_bundle
 from stage1_pro.errors import ArtifactError, StorageError
+from stage1_pro.provenance import sha256_bytes, sha256_file, utc_now
 
 log = logging.getLogger(__name__)
 
 LATEST = DEFAULT_FILENAMES["latest"]
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _upload_file(local_path: Path, uri: str) -> None:
@@ -126,8 +121,8 @@ def publish(
         previous = read_latest(prefix)
         pointer = {
             "version": version,
-            "bundle_sha256": hashlib.sha256((root / BUNDLE_FILE).read_bytes()).hexdigest(),
-            "published_at": _now(),
+            "bundle_sha256": sha256_file(root / BUNDLE_FILE),
+            "published_at": utc_now(),
             "previous_version": previous["version"] if previous else None,
         }
         write_artifact(storage.join(prefix, LATEST), "latest", pointer)
@@ -178,7 +173,7 @@ def pull(uri: str, dest_dir: str | os.PathLike[str]) -> Path:
         raise ArtifactError(f"{dest}: already exists and is not an empty folder; pull into a new folder")
     bundle_uri = storage.join(source, BUNDLE_FILE)
     raw = storage.read_bytes(bundle_uri)
-    if expected_sha is not None and hashlib.sha256(raw).hexdigest() != expected_sha:
+    if expected_sha is not None and sha256_bytes(raw) != expected_sha:
         raise ArtifactError(
             f"{bundle_uri}: does not match the sha256 recorded in the 'latest' pointer; "
             "the published bundle.json was replaced after publishing"
@@ -204,7 +199,7 @@ def pull(uri: str, dest_dir: str | os.PathLike[str]) -> Path:
             if not is_plain_filename(name):  # schema-enforced; never join a path that could escape
                 raise ArtifactError(f"{bundle_uri}: file name {name!r} is not a bare file name")
             data = storage.read_bytes(storage.join(source, name))
-            actual = hashlib.sha256(data).hexdigest()
+            actual = sha256_bytes(data)
             if actual != digest:
                 raise ArtifactError(
                     f"{storage.join(source, name)}: sha256 mismatch (bundle.json has {digest[:12]}…, "

@@ -1,14 +1,13 @@
 """The JSON Schemas of every artifact, loaded from the single source in ``schemas/``.
 
-In a wheel the schemas ship as ``stage1_pro/schemas/*.schema.json``; in a source checkout
-(editable install) they are read from the repository's top-level ``schemas/`` folder.
+The wheel ships them as ``stage1_pro/json_schemas/*.schema.json``; in a checkout that folder is
+a link to the repository's top-level ``schemas/``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +40,17 @@ _MESSAGE_KEYWORD = "x-message"
 
 
 def schemas_dir() -> Path:
-    """Return the folder holding ``<kind>.schema.json`` (wheel first, then source checkout)."""
-    packaged = resources.files("stage1_pro") / "schemas"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    checkout = Path(__file__).resolve().parent.parent / "schemas"
-    if checkout.is_dir():
-        return checkout
-    raise FileNotFoundError(
-        "stage1-pro's JSON Schemas were not found: expected stage1_pro/schemas/ (wheel) or "
-        "schemas/ next to the package (source checkout); reinstall the package"
-    )
+    """The folder holding ``<kind>.schema.json``: ``stage1_pro/json_schemas``.
+
+    In a wheel it holds copies of the repository's ``schemas/``; in a checkout it is a link to it.
+    """
+    folder = Path(__file__).resolve().parent / "json_schemas"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"stage1-pro's JSON Schemas were not found in {folder}; reinstall the package "
+            "(a checkout needs the link stage1_pro/json_schemas -> ../schemas)"
+        )
+    return folder
 
 
 def check_kind(kind: str) -> str:

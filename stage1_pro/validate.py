@@ -47,8 +47,6 @@ targets: calibration never sees them.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import logging
 import os
 import tempfile
@@ -60,6 +58,7 @@ from stage1_pro import storage
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact, write_artifact
 from stage1_pro.bundle import MODEL_FILE, MODEL_INFO_FILE, find_policy_file
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
+from stage1_pro.provenance import sha256_uri, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +75,6 @@ FNR_RULES = ("point_estimate", "upper_bound")
 CURVE_POINTS = 101
 
 SCORES_FILE = "scores.npz"
-
-
-def _sha256(uri: str) -> str:
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _check(name: str, passed: bool, value: Any, limit: Any, message: str) -> dict[str, Any]:
@@ -106,7 +97,7 @@ def _clean(x: Any) -> Any:
 def _split_metrics(policy: Any, scores: Any, delta: float) -> tuple[dict[str, Any], np.ndarray]:
     """Exit metrics of ``policy`` on one split of the scores (with the CP bound at ``delta`` and AURC)."""
     from stage1_pro import metrics
-    from stage1_pro.policies.base import argmax_class
+    from stage1_pro.decisions import argmax_class
 
     decisions = np.asarray(policy.decide(scores.probs, scores.gate_logit))
     m = metrics.exit_metrics(
@@ -128,7 +119,7 @@ def policy_confidence(policy: Any, scores: Any) -> np.ndarray:
 
 def confusion(decisions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Counts of true label (rows 0, 1) x decision (exit-negative, exit-positive, defer)."""
-    from stage1_pro.policies.base import DECISION_NAMES, DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
+    from stage1_pro.decisions import DECISION_NAMES, DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
 
     cols = (EXIT_NEGATIVE, EXIT_POSITIVE, DEFER)
     matrix = [[int(np.sum((labels == y) & (decisions == d))) for d in cols] for y in (0, 1)]
@@ -145,7 +136,7 @@ _SCORE_NAMES = {
 def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]:
     """FNR_exit and selective risk against coverage on one split, subsampled to CURVE_POINTS."""
     from stage1_pro import metrics
-    from stage1_pro.policies.base import argmax_class
+    from stage1_pro.decisions import argmax_class
 
     confidence, predictions = policy_confidence(policy, scores), argmax_class(scores.probs)
     curves = {
@@ -410,11 +401,11 @@ def validate_run(
         )
         checks.append(check)
 
-    inputs = {name: _sha256(u) for name, u in uri.items()}
-    inputs[policy_name] = _sha256(policy_uri)
+    inputs = {name: sha256_uri(u) for name, u in uri.items()}
+    inputs[policy_name] = sha256_uri(policy_uri)
     for name in (MODEL_FILE, MODEL_INFO_FILE):
         if storage.exists(storage.join(run, name)):
-            inputs[name] = _sha256(storage.join(run, name))
+            inputs[name] = sha256_uri(storage.join(run, name))
     lineage = {
         "data_fingerprint": splits["dataset"]["fingerprint"],
         "splits_version": splits["splits_version"],
@@ -428,7 +419,7 @@ def validate_run(
         + (f"; coverage >= baseline - {baseline_tolerance}" if baseline is not None else "")
     )
     validation: dict[str, Any] = {
-        "created_at": _now(),
+        "created_at": utc_now(),
         "exit_policy": exit_policy,
         "policy_file": policy_name,
         "target_fnr_exit": target,

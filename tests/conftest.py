@@ -5,6 +5,7 @@
   Tests that use it are marked ``gcs`` automatically (``pytest -m "not gcs"`` skips them).
 * ``demo_dataset`` (session): the full MNIST-5k demo dataset (5,000 PNGs + manifest), written once.
 * ``tiny_dataset`` (session): 200 MNIST images (20 per digit, 100 positive) in the demo layout.
+* ``built_wheel`` (session): the project's wheel, built once, offline (``--no-isolation``).
 
 Session-scoped data is shared by every test: treat it as read-only (copy it to ``tmp_path``
 before changing anything).
@@ -151,3 +152,24 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stage1_pro.demo_data import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("tiny"), per_digit=20)
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The distribution's wheel as ``python -m build`` makes it (the backend from the dev extra)."""
+    import sys
+
+    pytest.importorskip("build")
+    pytest.importorskip("setuptools")  # --no-isolation: the backend must be installed (offline)
+    out = tmp_path_factory.mktemp("dist")
+    repo = TESTS_DIR.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(repo)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (wheel,) = out.glob("stage1_pro-*.whl")
+    return wheel

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from stage1_pro.decisions import DEFER
 from stage1_pro.errors import ConfigError
 from stage1_pro.losses.conformal_risk import (
     ConformalRiskLoss,
@@ -16,7 +17,6 @@ from stage1_pro.losses.conformal_risk import (
     split_halves,
 )
 from stage1_pro.metrics import exit_counts
-from stage1_pro.policies.base import DEFER
 
 
 def _independent_crc_threshold(scores: np.ndarray, miss: np.ndarray, alpha: float) -> float | None:

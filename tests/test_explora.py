@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 timm = pytest.importorskip("timm")
 
 from stage1_pro.errors import ArtifactError, ConfigError  # noqa: E402
-from stage1_pro.explora import (  # noqa: E402
+from stage1_pro.models.dora import FusedQKVLoRA  # noqa: E402
+from stage1_pro.training.explora import (  # noqa: E402
     DINOLoss,
     ExPLoRA,
     add_explora_adapters,
@@ -21,7 +22,6 @@ from stage1_pro.explora import (  # noqa: E402
     multi_crop,
     save_extended_backbone,
 )
-from stage1_pro.models.dora import FusedQKVLoRA  # noqa: E402
 from stage1_pro.training.loaders import TensorBatches  # noqa: E402
 
 IMG, RANK = 32, 4

@@ -4,7 +4,7 @@ What can be checked here: both Dockerfiles lint clean (hadolint) and pin their b
 numeric user the pipeline's security context names, carry the OCI labels; ``.dockerignore`` keeps
 the context to what the wheel is built from; ``images/build.sh`` (shellcheck-clean) computes,
 validates and records the tag; and the image's install step (a plain ``pip install`` of the
-wheel) works in a fresh venv, with the schemas, ``components`` and ``pipelines`` inside.
+wheel) works in a fresh venv, with the schemas and ``stage1_pro.components``/``pipelines`` inside.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import cluster
+from stage1_pro import cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "images"
@@ -142,7 +142,7 @@ def test_runtime_stage_is_hardened_and_labelled(variant: str) -> None:
     final = stages(path)[-1]
     text = path.read_text()
     users = [rest for word, rest in final if word == "USER"]
-    assert users == [f"{cluster.IMAGE_UID}:{cluster.IMAGE_GID}"], "numeric non-root USER = pipelines.cluster"
+    assert users == [f"{cluster.IMAGE_UID}:{cluster.IMAGE_GID}"], "numeric non-root USER = stage1_pro.cluster"
     assert final[-1][0] == "CMD" and final[-2][0] == "USER", "USER must be the last thing set before CMD"
     assert f"--uid {cluster.IMAGE_UID} --gid {cluster.IMAGE_GID}" in text
     labels = " ".join(rest for word, rest in final if word == "LABEL")
@@ -398,47 +398,17 @@ def test_torch_requirements_reads_exact_pins(tmp_path: Path) -> None:
 # ---- the image's install step, without Docker -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("build")
-    pytest.importorskip("hatchling")  # --no-isolation: the backend must be installed (offline)
-    out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (whl,) = out.glob("stage1_pro-*.whl")
-    return whl
-
-
 @pytest.mark.slow
-def test_wheel_contains_schemas_components_and_pipelines(wheel: Path) -> None:
-    from stage1_pro.schemas import ARTIFACT_KINDS
-
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for kind in (*ARTIFACT_KINDS, "common"):
-        assert f"stage1_pro/schemas/{kind}.schema.json" in names, kind
-    for module in (
-        "components/__init__.py",
-        "components/image.py",
-        "pipelines/__init__.py",
-        "pipelines/cluster.py",
-    ):
-        assert module in names, module
-    assert not any(n.startswith(("tests/", "manifests/", "images/")) for n in names)
-    # The Dockerfiles' torch step reads the same pins pyproject declares.
-    assert load_torch_requirements().torch_requirements(str(wheel)) == [
+def test_the_images_torch_step_reads_the_wheels_pins(built_wheel: Path) -> None:
+    """The Dockerfiles' torch step reads the same pins pyproject declares."""
+    assert load_torch_requirements().torch_requirements(str(built_wheel)) == [
         f"torch=={importlib.metadata.version('torch')}",
         f"torchvision=={importlib.metadata.version('torchvision')}",
     ]
 
 
 @pytest.mark.slow
-def test_plain_pip_install_of_the_wheel_in_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
+def test_plain_pip_install_of_the_wheel_in_a_fresh_venv(built_wheel: Path, tmp_path: Path) -> None:
     """The image's install step, minus the downloads: ``pip install`` of the wheel into a new venv.
 
     The dependencies (torch alone is ~5 GB) come from this test environment through a ``.pth``
@@ -471,24 +441,25 @@ def test_plain_pip_install_of_the_wheel_in_a_fresh_venv(wheel: Path, tmp_path: P
         )
 
     # Every requirement of the wheel (transitively) resolves from the pinned environment, offline.
-    resolve = run(*pip, "install", "--dry-run", "--no-index", str(wheel))
+    resolve = run(*pip, "install", "--dry-run", "--no-index", str(built_wheel))
     assert resolve.returncode == 0, resolve.stdout[-3000:] + resolve.stderr[-3000:]
     assert "Would install stage1-pro-" in resolve.stdout
 
     # --ignore-installed: never touch the editable stage1-pro of this environment.
-    install = run(*pip, "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel))
+    install = run(*pip, "install", "--no-deps", "--no-index", "--ignore-installed", str(built_wheel))
     assert install.returncode == 0, install.stdout + install.stderr
     probe = run(
         str(python),
         "-c",
-        "import components.image, pipelines.cluster, stage1_pro, stage1_pro.schemas as s;"
+        "import stage1_pro, stage1_pro.components.image, stage1_pro.pipelines.pipeline;"
+        "import stage1_pro.schemas as s;"
         "s.load_schema('bundle'); print(stage1_pro.__file__); print(s.schemas_dir());"
-        "print(components.image.__file__); print(pipelines.cluster.__file__)",
+        "print(stage1_pro.components.image.__file__); print(stage1_pro.pipelines.pipeline.__file__)",
     )
     assert probe.returncode == 0, probe.stderr
     for line in probe.stdout.split():
         assert Path(line).resolve().is_relative_to(site.resolve()), f"{line} is not from the fresh venv"
-    assert Path(probe.stdout.split()[1]).name == "schemas"
+    assert Path(probe.stdout.split()[1]).name == "json_schemas"
     cli = run(str(venv / "bin" / "stage1-pro"), "--help")
     assert cli.returncode == 0, cli.stderr
     assert "usage: stage1-pro" in cli.stdout

@@ -13,13 +13,14 @@ import torch
 from bundle_helpers import build_tiny_model, make_run, tiny_images
 
 from stage1_pro.artifacts import read_artifact, write_artifact
-from stage1_pro.bundle import export_bundle, sha256_file
+from stage1_pro.bundle import export_bundle
 from stage1_pro.cli import main
 from stage1_pro.data import open_image
 from stage1_pro.errors import ArtifactError, DataError
 from stage1_pro.inference import Prediction, Predictor, load_bundle
 from stage1_pro.models import load_model
 from stage1_pro.policies import load_policy
+from stage1_pro.provenance import sha256_file
 from stage1_pro.transforms import preprocess
 
 

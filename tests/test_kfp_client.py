@@ -20,7 +20,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from pipelines.client import (
+from stage1_pro.cli import main
+from stage1_pro.errors import ConfigError
+from stage1_pro.pipelines.client import (
     KFPError,
     connect,
     find_version,
@@ -31,8 +33,6 @@ from pipelines.client import (
     validate_cron,
     version_name_for,
 )
-from stage1_pro.cli import main
-from stage1_pro.errors import ConfigError
 
 API = "/apis/v2beta1"
 PARAMS = {"data_uri": "gs://bucket/data/manifest.csv", "phase": 3, "exit_policy": "gate", "epochs": 2}

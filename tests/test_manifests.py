@@ -5,7 +5,7 @@ object is validated strictly against the pinned Kubernetes version's OpenAPI sch
 (kubernetes-validate); the Config Connector node pool, whose CRD kubernetes-validate does not
 ship, against ``manifests/validation/containernodepool.schema.json``. The rest checks what schema
 validation cannot: no ``latest`` images, hardened pods, sane quantities, least-privilege RBAC,
-and GPU values consistent with :mod:`pipelines.cluster`.
+and GPU values consistent with :mod:`stage1_pro.cluster`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 import yaml
 
-from pipelines import cluster
+from stage1_pro import cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -309,7 +309,7 @@ def test_limit_range_and_quota_quantities_are_sane(env: str) -> None:
 @pytest.fixture(scope="module")
 def compiled_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pipeline spec, Kubernetes platform spec) of the pipeline as ``stage1-pro compile`` writes it."""
-    compile_module = pytest.importorskip("pipelines.compile")
+    compile_module = pytest.importorskip("stage1_pro.pipelines.compile")
     package = compile_module.compile_pipeline(tmp_path_factory.mktemp("pipeline") / "pipeline.yaml")
     spec, platform = yaml.safe_load_all(package.read_text())
     return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -321,7 +321,7 @@ def test_the_compiled_train_task_schedules_on_the_node_pool(
     env: str, compiled_pipeline: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:
     """End to end: the compiled pipeline's train pod, with default parameters, fits this overlay."""
-    parameters = pytest.importorskip("pipelines.parameters")
+    parameters = pytest.importorskip("stage1_pro.run_parameters")
     spec, platform = compiled_pipeline
     objects = render(env)
     pool = one(objects, "ContainerNodePool")["spec"]

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from stage1_pro import metrics
-from stage1_pro.policies.base import DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
+from stage1_pro.decisions import DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
 
 # 10 images: labels and decisions chosen so every count differs
 #            y: 1  1  1  1  0  0  0  0  1  0

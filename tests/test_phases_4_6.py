@@ -144,7 +144,7 @@ def test_phase6_trains_with_conformal_risk_loss_and_calibrates_scrc(tiny, tmp_pa
 def test_phase4_extends_a_vit_saves_the_backbone_and_reuses_it(tiny, tmp_path) -> None:
     import timm
 
-    from stage1_pro.explora import load_extended_backbone
+    from stage1_pro.training.explora import load_extended_backbone
 
     vit = {
         "model_name": "test_vit",

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import cluster
-from pipelines.parameters import (
+from stage1_pro import cluster
+from stage1_pro.cli import main
+from stage1_pro.config import Stage1ProConfig
+from stage1_pro.errors import ConfigError
+from stage1_pro.run_parameters import (
     LOCAL_PROFILE,
     PARAMETERS,
     PIPELINE_LOADER_WORKERS,
@@ -24,9 +27,6 @@ from pipelines.parameters import (
     parse_assignments,
     train_resources,
 )
-from stage1_pro.cli import main
-from stage1_pro.config import Stage1ProConfig
-from stage1_pro.errors import ConfigError
 
 POLICIES = ("softmax", "gate", "scrc")
 CONDITION_SOFTMAX = "inputs.parameter_values['pipelinechannel--exit_policy'] == 'softmax'"
@@ -214,7 +214,7 @@ def test_parameters_defaults_and_descriptions(spec: dict) -> None:
 
 
 def test_images_from_the_one_place_and_no_runtime_installs(spec: dict) -> None:
-    from components.image import component_image
+    from stage1_pro.components.image import component_image
 
     for name, executor in spec["deploymentSpec"]["executors"].items():
         container = executor["container"]

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from components.runtime import (
+from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS
+from stage1_pro.cli import main
+from stage1_pro.components.runtime import (
     copy_run_files,
     durable_run_dir,
     log_metrics,
@@ -25,9 +27,7 @@ from components.runtime import (
     stage_run_dir,
     written_files,
 )
-from pipelines.local import PipelineRunError, format_summary, local_parameters, run_local
-from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS
-from stage1_pro.cli import main
+from stage1_pro.pipelines.local import PipelineRunError, format_summary, local_parameters, run_local
 
 POLICY_FILES = {DEFAULT_FILENAMES[kind] for kind in POLICY_ARTIFACT_KINDS.values()}
 #: Small, fast settings that still certify on 2,500 images (500 in val_calib).
@@ -324,12 +324,12 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
 
     from kfp import dsl
 
-    from components.train import train
-    from pipelines.parameters import config_from_parameters
     from stage1_pro import storage
+    from stage1_pro.components.train import train
     from stage1_pro.config import config_json
     from stage1_pro.data import load_dataset
     from stage1_pro.prepare import prepare_dataset
+    from stage1_pro.run_parameters import config_from_parameters
     from stage1_pro.splits import split_dataset
 
     bucket = gcs_emulator.make_bucket()

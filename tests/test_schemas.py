@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -206,39 +203,3 @@ def test_unknown_kind() -> None:
 
 def test_schemas_dir_is_the_repository_folder_in_a_checkout() -> None:
     assert schemas_dir().resolve() == (REPO / "schemas").resolve()
-
-
-def test_schemas_ship_inside_the_wheel(tmp_path: Path) -> None:
-    """The wheel carries schemas/ as stage1_pro/schemas and the installed package finds them there."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--no-isolation",
-            "--outdir",
-            str(tmp_path / "dist"),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = (tmp_path / "dist").glob("stage1_pro-*.whl")
-    with zipfile.ZipFile(wheel) as zf:
-        names = set(zf.namelist())
-        zf.extractall(tmp_path / "site")
-    assert {f"stage1_pro/schemas/{p.name}" for p in SCHEMA_FILES} <= names
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from stage1_pro.schemas import ARTIFACT_KINDS, load_schema, schemas_dir;"
-        "[load_schema(k) for k in ARTIFACT_KINDS]; print(schemas_dir())"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "site")],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert Path(out.stdout.strip()) == tmp_path / "site" / "stage1_pro" / "schemas"

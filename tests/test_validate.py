@@ -19,9 +19,9 @@ from stage1_pro import metrics, validate
 from stage1_pro.artifacts import read_artifact
 from stage1_pro.bundle import POLICY_FILES, export_bundle
 from stage1_pro.cli import main
+from stage1_pro.decisions import argmax_class
 from stage1_pro.errors import ArtifactError, ConfigError, DataError, StorageError
 from stage1_pro.policies import load_policy
-from stage1_pro.policies.base import argmax_class
 from stage1_pro.scores import load_scores, save_scores
 from stage1_pro.validate import validate_run
 

@@ -28,7 +28,7 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpu-type",
         metavar="TYPE",
         help="default of the gpu_type run parameter, a cloud.google.com/gke-accelerator label value "
-        "(default: pipelines/cluster.py DEFAULT_ACCELERATOR)",
+        "(default: stage1_pro/cluster.py DEFAULT_ACCELERATOR)",
     )
 
 
@@ -37,8 +37,8 @@ def compile_options(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.compile import compile_pipeline
-    from pipelines.pipeline import resolve_images
+    from stage1_pro.pipelines.compile import compile_pipeline
+    from stage1_pro.pipelines.pipeline import resolve_images
 
     path = compile_pipeline(args.out, **compile_options(args))
     cpu, gpu = resolve_images(args.image, args.gpu_image)

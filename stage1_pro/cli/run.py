@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_param_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.parameters import PARAMETER_NAMES
+    from stage1_pro.run_parameters import PARAMETER_NAMES
 
     parser.add_argument(
         "--param",
@@ -44,10 +44,10 @@ def add_param_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.client import connect, find_version, submit_run
-    from pipelines.compile import compiled_package
-    from pipelines.parameters import check_parameters, parse_assignments
     from stage1_pro.errors import ConfigError
+    from stage1_pro.pipelines.client import connect, find_version, submit_run
+    from stage1_pro.pipelines.compile import compiled_package
+    from stage1_pro.run_parameters import check_parameters, parse_assignments
 
     params = parse_assignments(args.param)
     check_parameters(params)  # before compiling or connecting

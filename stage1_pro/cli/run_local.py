@@ -27,7 +27,7 @@ _SKIPPED = ("data_uri", "gpu_type", "gpu_count")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipelines.parameters import LOCAL_PROFILE, PARAMETERS, convert
+    from stage1_pro.run_parameters import LOCAL_PROFILE, PARAMETERS, convert
 
     parser.add_argument(
         "--data", metavar="MANIFEST_OR_FOLDER", help="your dataset (default: the embedded demo dataset)"
@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from pipelines.local import format_summary, run_local
-    from pipelines.parameters import PARAMETERS
+    from stage1_pro.pipelines.local import format_summary, run_local
+    from stage1_pro.run_parameters import PARAMETERS
 
     overrides = {p.name: getattr(args, p.name) for p in PARAMETERS if p.name not in _SKIPPED}
     overrides["data_uri"] = args.data

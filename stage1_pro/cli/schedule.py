@@ -35,10 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.client import connect, schedule, unschedule, validate_cron
-    from pipelines.compile import compiled_package
-    from pipelines.parameters import check_parameters, parse_assignments
     from stage1_pro.errors import ConfigError
+    from stage1_pro.pipelines.client import connect, schedule, unschedule, validate_cron
+    from stage1_pro.pipelines.compile import compiled_package
+    from stage1_pro.run_parameters import check_parameters, parse_assignments
 
     if args.remove:
         client = connect(args.host, namespace=args.namespace, token=args.token)

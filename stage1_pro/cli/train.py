@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,37 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-def _worker(config_dict: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    from stage1_pro.config import Stage1ProConfig
-    from stage1_pro.training import train
-
-    return train(Stage1ProConfig(**config_dict), **kwargs)
-
-
 def run(args: argparse.Namespace) -> int:
     import os
 
     from stage1_pro.config import resolve_config
-    from stage1_pro.errors import ConfigError
     from stage1_pro.training.engine import preflight
+    from stage1_pro.training.launcher import train_processes
 
     config = resolve_config(args)  # validates the phase/policy matrix before anything else
     preflight(config, args.data, args.prepared)
-    kwargs = {
-        "data_uri": args.data,
-        "prepared_uri": args.prepared,
-        "splits_uri": args.splits,
-        "out_dir": args.out,
-        "resume": args.resume,
-    }
-    if args.nproc_per_node < 1:
-        raise ConfigError(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
-    if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
-        from stage1_pro.training.distributed import launch
-
-        summary = launch(args.nproc_per_node, _worker, config.to_dict(), kwargs)[0]
-    else:
-        summary = _worker(config.to_dict(), kwargs)
+    summary = train_processes(
+        config,
+        args.nproc_per_node,
+        data_uri=args.data,
+        prepared_uri=args.prepared,
+        splits_uri=args.splits,
+        out_dir=args.out,
+        resume=args.resume,
+    )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     best = summary["best"]

@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.client import connect, upload
-    from pipelines.compile import compiled_package
+    from stage1_pro.pipelines.client import connect, upload
+    from stage1_pro.pipelines.compile import compiled_package
 
     with compiled_package(args.package, **compile_options(args)) as package:
         client = connect(args.host, namespace=args.namespace, token=args.token)

@@ -6,8 +6,8 @@
 >>> policy.save("run/thresholds.json")  # doctest: +SKIP
 >>> load_policy("run/thresholds.json").decide(probs)  # doctest: +SKIP
 
-Policy classes are imported lazily (PEP 562) so that ``stage1_pro.policies.base`` (the decision
-constants) can be imported by :mod:`stage1_pro.metrics` without a cycle.
+Policy classes are imported lazily (PEP 562): importing the package for a constant or the
+registry does not import every policy.
 """
 
 from __future__ import annotations
@@ -16,14 +16,8 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-from stage1_pro.policies.base import (
-    DECISION_NAMES,
-    DEFER,
-    EXIT_NEGATIVE,
-    EXIT_POSITIVE,
-    ExitPolicy,
-    InfeasibleCertificateWarning,
-)
+from stage1_pro.decisions import DECISION_NAMES, DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
+from stage1_pro.policies.base import ExitPolicy, InfeasibleCertificateWarning
 
 if TYPE_CHECKING:
     from stage1_pro.policies.gate import GatePolicy

@@ -19,21 +19,15 @@ round-trip through the validated artifact I/O (:func:`stage1_pro.artifacts.write
 
 from __future__ import annotations
 
-import datetime as _dt
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
 
-EXIT_POSITIVE = 1
-EXIT_NEGATIVE = 0
-DEFER = -1
-DECISION_NAMES: dict[int, str] = {
-    EXIT_POSITIVE: "exit-positive",
-    EXIT_NEGATIVE: "exit-negative",
-    DEFER: "defer",
-}
+from stage1_pro.decisions import argmax_class
+from stage1_pro.provenance import utc_now
+
 #: Threshold stored by an infeasible softmax/gate policy: above every probability, so nothing exits.
 DEFER_ALL_THRESHOLD = 2.0
 #: Lineage fields a policy file may carry (set by :func:`stage1_pro.calibrate.calibrate_policy`).
@@ -72,16 +66,6 @@ def check_probs(
     elif need_gate:
         raise DataError("gate_logit: this policy needs the gate head's logits (phase >= 3 model)")
     return p, g
-
-
-def argmax_class(probs: np.ndarray) -> np.ndarray:
-    """Predicted class, ties (p1 == p0) going to the positive class: the safe side for FNR."""
-    return (probs[:, 1] >= probs[:, 0]).astype(np.int8)
-
-
-def now_iso() -> str:
-    """UTC time stamp for ``created_at``."""
-    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class ExitPolicy(ABC):
@@ -338,7 +322,7 @@ class ExitPolicy(ABC):
         }
         lineage = getattr(self, "lineage_", {}) or {}
         out.update({k: lineage[k] for k in LINEAGE_FIELDS if lineage.get(k) is not None})
-        out.setdefault("created_at", now_iso())
+        out.setdefault("created_at", utc_now())
         return out
 
     @abstractmethod

@@ -47,8 +47,9 @@ from typing import Any
 
 import numpy as np
 
+from stage1_pro.decisions import DEFER, argmax_class
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
-from stage1_pro.policies.base import DEFER, ExitPolicy, argmax_class, check_probs
+from stage1_pro.policies.base import ExitPolicy, check_probs
 from stage1_pro.policies.gate import CALIBRATORS, apply_calibrator, fit_calibrator
 
 SCRC_VARIANTS: tuple[str, ...] = ("SCRC-I", "SCRC-T")

@@ -14,13 +14,8 @@ from typing import Any
 import numpy as np
 
 from stage1_pro.certify import quantile_grid
-from stage1_pro.policies.base import (
-    DEFER,
-    DEFER_ALL_THRESHOLD,
-    ConfidenceThresholdPolicy,
-    argmax_class,
-    check_probs,
-)
+from stage1_pro.decisions import DEFER, argmax_class
+from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
 
 
 class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):

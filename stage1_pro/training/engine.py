@@ -205,7 +205,7 @@ def open_data(
 
 def legacy_decisions(probs: np.ndarray, threshold: float) -> np.ndarray:
     """Softmax exit at a fixed confidence (monitoring only): argmax class where max prob >= t."""
-    from stage1_pro.policies.base import DEFER
+    from stage1_pro.decisions import DEFER
 
     return np.where(probs.max(axis=1) >= threshold, probs.argmax(axis=1), DEFER).astype(np.int8)
 
@@ -214,8 +214,8 @@ def epoch_metrics(
     outputs: dict[str, np.ndarray], labels: np.ndarray, loss_fn: nn.Module, config: Stage1ProConfig
 ) -> dict[str, float | None]:
     """Validation metrics of one epoch: loss on the whole split, accuracy, monitoring exits."""
+    from stage1_pro.decisions import DEFER
     from stage1_pro.metrics import exit_metrics
-    from stage1_pro.policies.base import DEFER
 
     tensors = {k: torch.from_numpy(v) for k, v in outputs.items() if k != "row"}
     was_training = loss_fn.training

@@ -2,7 +2,7 @@
 
 Each is phase 3 (SelectiveNet heads: classifier, gate, auxiliary) plus one change:
 
-* **4, ExPLoRA** (:mod:`stage1_pro.explora`): before supervised training, the ViT backbone gets
+* **4, ExPLoRA** (:mod:`stage1_pro.training.explora`): before supervised training, the ViT backbone gets
   DINO-style extended pre-training on unlabeled in-domain images (or a saved extended backbone
   is reused, ``explora_backbone``); then phase-3 training with SelectiveLoss.
 * **5, F-SAM** (:mod:`stage1_pro.optim.fsam`): phase 3 with the Friendly-SAM optimiser around
@@ -44,7 +44,7 @@ _LOG = logging.getLogger("stage1_pro.training")
 
 
 def _check_explora(config: Stage1ProConfig) -> None:
-    from stage1_pro.explora import check_explora_model
+    from stage1_pro.training.explora import check_explora_model
 
     check_explora_model(config.model_name)
     if config.explora_epochs < 1 and not config.explora_backbone:
@@ -55,7 +55,7 @@ def _check_explora(config: Stage1ProConfig) -> None:
 
 
 def _explora_before_training(ctx: PhaseContext) -> None:
-    from stage1_pro.explora import run_phase4
+    from stage1_pro.training.explora import run_phase4
 
     run_phase4(ctx)
 

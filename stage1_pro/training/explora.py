@@ -54,11 +54,12 @@ from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
 
 from stage1_pro import storage
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
+from stage1_pro.provenance import sha256_bytes, utc_now
 
 if TYPE_CHECKING:
     from stage1_pro.config import Stage1ProConfig
 
-_LOG = logging.getLogger("stage1_pro.explora")
+_LOG = logging.getLogger("stage1_pro.training.explora")
 
 WEIGHTS_FILE = "backbone.safetensors"
 INFO_FILE = "explora.json"
@@ -503,12 +504,6 @@ class ExPLoRA:
 # the artifact
 
 
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
 def save_extended_backbone(out_dir: str, state: dict[str, torch.Tensor], info: dict[str, Any]) -> str:
     """Write ``backbone.safetensors``, then ``explora.json`` (validated) into ``out_dir``; return its URI."""
     from safetensors.torch import save as save_safetensors
@@ -518,7 +513,9 @@ def save_extended_backbone(out_dir: str, state: dict[str, torch.Tensor], info: d
     data = save_safetensors(state)
     storage.write_bytes(storage.join(out_dir, WEIGHTS_FILE), data)
     uri = storage.join(out_dir, INFO_FILE)
-    write_artifact(uri, "explora", {**info, "weights_file": WEIGHTS_FILE, "weights_sha256": _sha256(data)})
+    write_artifact(
+        uri, "explora", {**info, "weights_file": WEIGHTS_FILE, "weights_sha256": sha256_bytes(data)}
+    )
     return uri
 
 
@@ -548,7 +545,7 @@ def load_extended_backbone(
         )
     weights_uri = storage.join(info_uri.rsplit("/", 1)[0] if "/" in info_uri else ".", info["weights_file"])
     data = storage.read_bytes(weights_uri)
-    if _sha256(data) != info["weights_sha256"]:
+    if sha256_bytes(data) != info["weights_sha256"]:
         raise ArtifactError(
             f"{weights_uri}: sha256 does not match {info_uri}; the file is damaged or was replaced"
         )
@@ -632,7 +629,7 @@ def run_phase4(ctx: Any) -> dict[str, Any]:
             "trainable_parameters": est.trainable_,
             "objective": "DINO self-distillation (student/EMA teacher, multi-crop, centring, sharpening)",
             "dino_loss_per_epoch": est.history_,
-            "created_at": _now(),
+            "created_at": utc_now(),
         }
         save_extended_backbone(run_dir, est.merged_state_dict(), info)
     barrier(ctx.dist)
@@ -661,9 +658,3 @@ def _reusable(info_uri: str, config: Stage1ProConfig, settings: dict[str, Any]) 
         and info["img_size"] == config.img_size
         and info["data"] == (config.explora_data or TRAIN_IMAGES)
     )
-
-
-def _now() -> str:
-    from stage1_pro.policies.base import now_iso
-
-    return now_iso()

@@ -6,7 +6,7 @@ images are written to match these values, and ``tests/test_manifests.py`` /
 repeating the strings::
 
     from kfp import kubernetes
-    from pipelines import cluster
+    from stage1_pro import cluster
 
     task.set_accelerator_type(cluster.GPU_RESOURCE)
     task.set_accelerator_limit(cluster.DEFAULT_GPU_COUNT)

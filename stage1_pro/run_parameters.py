@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.cluster import DEFAULT_ACCELERATOR
+from stage1_pro.cluster import DEFAULT_ACCELERATOR
 from stage1_pro.config import EXIT_POLICIES, Stage1ProConfig
 from stage1_pro.errors import ConfigError
 
@@ -203,7 +203,7 @@ def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
     Raises:
         ConfigError: naming the parameter, what is wrong and the allowed values.
     """
-    from pipelines.cluster import ACCELERATOR_LABEL
+    from stage1_pro.cluster import ACCELERATOR_LABEL
 
     values = _complete(params)
     _check_types(values)
@@ -237,7 +237,7 @@ def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
 
 def check_gpu_type(gpu_type: str) -> str:
     """Return ``gpu_type`` if it can be a node-label value, else raise :class:`ConfigError`."""
-    from pipelines.cluster import ACCELERATOR_LABEL
+    from stage1_pro.cluster import ACCELERATOR_LABEL
 
     if not isinstance(gpu_type, str) or not _LABEL_VALUE.match(gpu_type):
         raise ConfigError(
