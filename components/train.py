@@ -41,6 +41,7 @@ def train(
 
     from stage1_pro.components.runtime import copy_file, copy_run_files, durable_run_dir, log_metrics
     from stage1_pro.config import Stage1ProConfig
+    from stage1_pro.layout import RunDir
     from stage1_pro.training.launcher import train_processes
 
     cfg = Stage1ProConfig.from_dict(json.loads(config_json), source="check-config's config_json")
@@ -59,7 +60,7 @@ def train(
     if remote_run_dir:
         os.makedirs(model.path, exist_ok=True)
         copy_run_files(remote_run_dir, model.path)
-    copy_file(os.path.join(model.path, "scores.npz"), scores.path)
+    copy_file(RunDir(model.path).scores, scores.path)
     log_metrics(metrics, {k: v for k, v in summary.items() if k != "out_dir"})
     model.metadata.update(
         {

@@ -47,6 +47,7 @@ def validate(
         stage_run_dir,
         written_files,
     )
+    from stage1_pro.layout import RunDir
     from stage1_pro.validate import validate_run
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -60,7 +61,7 @@ def validate(
         if result.get("model_card_file"):
             copy_file(work / result["model_card_file"], model_card.path)
 
-    log_validation(result, os.path.join(model.path, "scores.npz"), metrics, exits)
+    log_validation(result, RunDir(model.path).scores, metrics, exits)
     blessed = bool(result["blessed"])
     validation.metadata.update({"exit_policy": result["exit_policy"], "blessed": blessed})
     test = result["test_metrics"]

@@ -17,19 +17,20 @@ from typing import Any
 
 from stage1_pro import storage
 from stage1_pro.errors import ArtifactError, StorageError
+from stage1_pro.layout import BUNDLE_FILE, CONFIG_FILE, MODEL_INFO_FILE, SPLITS_FILE, VALIDATION_FILE
 from stage1_pro.schemas import ARTIFACT_KINDS, SCHEMA_VERSION, check_kind, validation_errors
 
 #: The file name each artifact kind has inside a run directory or bundle.
 DEFAULT_FILENAMES: dict[str, str] = {
-    "config": "config.json",
-    "splits": "splits.json",
+    "config": CONFIG_FILE,
+    "splits": SPLITS_FILE,
     "thresholds": "thresholds.json",
     "gateparams": "gateparams.json",
     "scrcparams": "scrcparams.json",
-    "bundle": "bundle.json",
-    "validation": "validation.json",
+    "bundle": BUNDLE_FILE,
+    "validation": VALIDATION_FILE,
     "latest": "latest",
-    "model": "model.json",
+    "model": MODEL_INFO_FILE,
     "prepared": "index.json",
     "explora": "explora.json",
 }

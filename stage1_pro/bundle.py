@@ -33,16 +33,18 @@ from stage1_pro.artifacts import (
     write_artifact,
 )
 from stage1_pro.errors import ArtifactError
+from stage1_pro.layout import (
+    BUNDLE_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    MODEL_INFO_FILE,
+    README_FILE,
+    VALIDATION_FILE,
+)
 from stage1_pro.provenance import sha256_file, utc_now
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FILE = DEFAULT_FILENAMES["bundle"]
-MODEL_FILE = "model_best.pth"
-MODEL_INFO_FILE = DEFAULT_FILENAMES["model"]
-METRICS_FILE = "metrics.csv"
-README_FILE = "README.md"
-VALIDATION_FILE = DEFAULT_FILENAMES["validation"]
 #: Every policy file name a run or bundle may hold (they are mutually exclusive).
 POLICY_FILES: dict[str, str] = {
     policy: DEFAULT_FILENAMES[kind] for policy, kind in POLICY_ARTIFACT_KINDS.items()

@@ -15,14 +15,12 @@ from typing import Any
 
 from stage1_pro import storage
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact
-from stage1_pro.certify import check_delta, check_target
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT, check_delta, check_target
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
+from stage1_pro.layout import MODEL_FILE, SPLITS_FILE
 from stage1_pro.provenance import sha256_uri
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model_best.pth"
-SPLITS_FILE = "splits.json"
 
 
 def check_scores_match_splits(scores: Any, splits: dict[str, Any], scores_uri: str, splits_uri: str) -> None:
@@ -73,8 +71,8 @@ def calibrate_policy(
     scores_uri: str,
     out_uri: str,
     *,
-    target_fnr_exit: float = 0.02,
-    delta: float = 0.1,
+    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
+    delta: float = DEFAULT_DELTA,
     method: str | None = None,
     splits_uri: str | None = None,
     model_version: str | None = None,

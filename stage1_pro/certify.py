@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from stage1_pro.config import check_delta, check_target  # the one range check, re-exported
+from stage1_pro.defaults import check_delta, check_target
 from stage1_pro.errors import ConfigError
 from stage1_pro.metrics import clopper_pearson_upper
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT, check_delta, check_target
 from stage1_pro.errors import ArtifactError, ConfigError
 
 ExitPolicy = Literal["softmax", "gate", "scrc"]
@@ -35,7 +35,6 @@ PHASE_POLICIES: dict[int, tuple[str, ...]] = {
     6: ("softmax", "gate", "scrc"),
 }
 EXIT_POLICIES: tuple[str, ...] = ("softmax", "gate", "scrc")
-TARGET_FNR_RANGE = (0.0, 0.1)  # open below, closed above: (0, 0.1]
 
 
 @dataclass
@@ -47,9 +46,9 @@ class Stage1ProConfig:
     """Capability level 1..6 (see the README's phase table)."""
     exit_policy: str = "softmax"
     """Exit policy to calibrate and deploy: softmax | gate | scrc (allowed set depends on phase)."""
-    target_fnr_exit: float = 0.02
+    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT
     """Certified bound on FNR_exit = FN_exit / (TP_exit + FN_exit); valid range (0, 0.1]."""
-    delta: float = 0.1
+    delta: float = DEFAULT_DELTA
     """Certificate failure probability: P(true FNR_exit > target) <= delta; valid range (0, 0.5]."""
     legacy_exit_threshold_for_logging: float = 0.88
     """Softmax threshold used for monitoring metrics in metrics.csv only; never for inference."""
@@ -190,29 +189,6 @@ def check_phase_policy(phase: int, exit_policy: str) -> None:
             f"exit_policy={exit_policy!r} is not available in phase {phase}: phase {phase} allows "
             f"{' | '.join(allowed)}; {exit_policy!r} needs phase >= {first}"
         )
-
-
-def check_target(target: float, source: str = "target_fnr_exit") -> float:
-    """Return ``target`` as float if it lies in (0, 0.1]; raise :class:`ConfigError` otherwise."""
-    low, high = TARGET_FNR_RANGE
-    try:
-        value = float(target)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}={target!r} is not a number; the default is 0.02") from exc
-    if not low < value <= high or math.isnan(value):
-        raise ConfigError(f"{source}={target} is outside the valid range (0, 0.1]; the default is 0.02")
-    return value
-
-
-def check_delta(delta: float, source: str = "delta") -> float:
-    """Return ``delta`` as float if it lies in (0, 0.5]; raise :class:`ConfigError` otherwise."""
-    try:
-        value = float(delta)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}={delta!r} is not a number; use e.g. 0.1") from exc
-    if not 0.0 < value <= 0.5 or math.isnan(value):
-        raise ConfigError(f"{source}={delta} is outside (0, 0.5]; use e.g. 0.1 (90% confidence) or 0.05")
-    return value
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 from stage1_pro.artifacts import read_artifact
 from stage1_pro.bundle import verify_bundle
 from stage1_pro.errors import ArtifactError, DataError
+from stage1_pro.layout import MODEL_INFO_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -267,7 +268,7 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, device: str = "cpu") -> P
     root = Path(bundle_dir)
     meta = verify_bundle(root)
     policy = load_policy(str(root / meta["policy_file"]))
-    info_name = meta.get("model_info_file", "model.json")
+    info_name = meta.get("model_info_file", MODEL_INFO_FILE)
     info_path = root / info_name
     model_info = read_artifact(info_path, "model")
     if uses_gate(policy) and "gate" not in model_info["heads"]:

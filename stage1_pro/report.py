@@ -14,10 +14,10 @@ import os
 from typing import Any
 
 from stage1_pro import storage
+from stage1_pro.layout import MODEL_CARD_FILE
 
 RISK_COVERAGE_PNG = "risk_coverage.png"
 CONFUSION_PNG = "confusion.png"
-MODEL_CARD = "model_card.md"
 REPORT_FORMATS = ("html", "md")
 
 
@@ -298,8 +298,8 @@ def write_reports(
     text = render_html(validation, figures) if fmt == "html" else render_markdown(validation, list(figures))
     storage.write_text(storage.join(run_dir, report_file), text, content_type=f"text/{fmt}")
     storage.write_text(
-        storage.join(run_dir, MODEL_CARD),
+        storage.join(run_dir, MODEL_CARD_FILE),
         render_model_card(validation, config, splits, model_info),
         "text/markdown",
     )
-    return {"report_file": report_file, "model_card_file": MODEL_CARD, "figures": list(figures)}
+    return {"report_file": report_file, "model_card_file": MODEL_CARD_FILE, "figures": list(figures)}

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy import integrate, special, stats
 
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
+
 
 @dataclass(frozen=True)
 class GaussianScoreModel:
@@ -212,8 +214,8 @@ def validity_run(
     n_select: int | None = None,
     draws: int = 1000,
     seed: int = 0,
-    target_fnr_exit: float = 0.02,
-    delta: float = 0.1,
+    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
+    delta: float = DEFAULT_DELTA,
     **params: Any,
 ) -> dict[str, Any]:
     """Calibrate ``policy`` on ``draws`` independent (val_select, val_calib) draws from ``model``.

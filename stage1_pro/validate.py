@@ -56,8 +56,9 @@ import numpy as np
 
 from stage1_pro import storage
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact, write_artifact
-from stage1_pro.bundle import MODEL_FILE, MODEL_INFO_FILE, find_policy_file
+from stage1_pro.bundle import find_policy_file
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
+from stage1_pro.layout import CONFIG_FILE, MODEL_FILE, MODEL_INFO_FILE, SCORES_FILE, SPLITS_FILE
 from stage1_pro.provenance import sha256_uri, utc_now
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,6 @@ DEFAULT_BASELINE_TOLERANCE = 0.02
 FNR_RULES = ("point_estimate", "upper_bound")
 #: Points kept from the risk-coverage curve in validation.json (enough to plot it).
 CURVE_POINTS = 101
-
-SCORES_FILE = "scores.npz"
 
 
 def _check(name: str, passed: bool, value: Any, limit: Any, message: str) -> dict[str, Any]:
@@ -361,9 +360,9 @@ def validate_run(
     baseline_tolerance = _check_fraction("baseline_tolerance", baseline_tolerance)
 
     run = str(run_dir)
-    uri = {name: storage.join(run, name) for name in ("config.json", "splits.json", SCORES_FILE)}
-    config = read_artifact(uri["config.json"], "config")
-    splits = read_artifact(uri["splits.json"], "splits")
+    uri = {name: storage.join(run, name) for name in (CONFIG_FILE, SPLITS_FILE, SCORES_FILE)}
+    config = read_artifact(uri[CONFIG_FILE], "config")
+    splits = read_artifact(uri[SPLITS_FILE], "splits")
     exit_policy = config["exit_policy"]
     target, delta = float(config["target_fnr_exit"]), float(config["delta"])
     policy_uri = str(find_policy_file(run, exit_policy) if policy_file is None else policy_file)
@@ -377,7 +376,7 @@ def validate_run(
         )
     policy = load_policy(policy_uri)
     scores = load_scores(uri[SCORES_FILE])
-    check_scores_match_splits(scores, splits, uri[SCORES_FILE], uri["splits.json"])
+    check_scores_match_splits(scores, splits, uri[SCORES_FILE], uri[SPLITS_FILE])
     if exit_policy == "gate" and not scores.has_gate:
         raise DataError(f"{uri[SCORES_FILE]}: no 'gate_logit' array; the gate policy needs phase >= 3 scores")
 

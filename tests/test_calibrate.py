@@ -240,8 +240,8 @@ def test_gate_without_gate_logits(tmp_path, capsys) -> None:
 def test_delta_outside_range(run_dir, tmp_path, capsys, delta) -> None:
     err = _cli_error(capsys, "--policy", "softmax", "--scores", str(run_dir / "scores.npz"),
                      "--out", str(tmp_path / "t.json"), "--delta", delta)  # fmt: skip
-    assert f"delta={float(delta)} is outside (0, 0.5]" in err
-    with pytest.raises(ConfigError, match=r"outside \(0, 0.5\]"):
+    assert f"delta={float(delta)} is outside the valid range (0, 0.5]" in err
+    with pytest.raises(ConfigError, match=r"outside the valid range \(0, 0.5\]"):
         calibrate_policy("softmax", str(run_dir / "scores.npz"), str(tmp_path / "t.json"), delta=float(delta))
 
 

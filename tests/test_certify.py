@@ -174,7 +174,9 @@ def test_infeasible_certification_and_positives_needed() -> None:
 
 @pytest.mark.parametrize("delta", [0, -0.1, 0.6, float("nan"), "x"])
 def test_bad_delta(delta) -> None:
-    with pytest.raises(ConfigError, match=r"delta=.* (is outside \(0, 0.5\]|is not a number)"):
+    with pytest.raises(
+        ConfigError, match=r"delta=.* (is outside the valid range \(0, 0.5\]|is not a number)"
+    ):
         C.certify([100], [0], target=0.02, delta=delta)
 
 

@@ -224,3 +224,23 @@ def test_config_json_is_plain_json(tmp_path) -> None:
     path = tmp_path / "c.json"
     save_config(Stage1ProConfig(), path)
     assert json.loads(path.read_text())["target_fnr_exit"] == 0.02
+
+
+def test_schema_ranges_and_defaults_are_the_constants() -> None:
+    """schemas/common.schema.json states the ranges that stage1_pro/defaults.py defines."""
+    import json
+
+    from stage1_pro import defaults
+    from stage1_pro.schemas import schemas_dir
+
+    common = json.loads((schemas_dir() / "common.schema.json").read_text())["$defs"]
+    for name, bounds in (
+        ("target_fnr_exit", defaults.TARGET_FNR_EXIT_RANGE),
+        ("delta", defaults.DELTA_RANGE),
+    ):
+        assert (common[name]["exclusiveMinimum"], common[name]["maximum"]) == bounds, name
+    config = Stage1ProConfig()
+    assert (config.target_fnr_exit, config.delta) == (
+        defaults.DEFAULT_TARGET_FNR_EXIT,
+        defaults.DEFAULT_DELTA,
+    )

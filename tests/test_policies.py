@@ -185,7 +185,7 @@ def test_gate_needs_gate_logits(scores: Scores) -> None:
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("softmax", {"delta": 0.7}, r"delta=0.7 is outside \(0, 0.5\]"),
+        ("softmax", {"delta": 0.7}, r"delta=0.7 is outside the valid range \(0, 0.5\]"),
         ("softmax", {"target_fnr_exit": 0.5}, r"target_fnr_exit=0.5 is outside"),
         ("softmax", {"method": "magic"}, "unknown certification method 'magic'"),
         ("softmax", {"grid_size": 1}, "grid_size=1 must be an integer >= 2"),

@@ -81,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
     from stage1_pro import storage
     from stage1_pro.calibrate import calibrate_policy, default_out
     from stage1_pro.config import load_config
+    from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
     from stage1_pro.errors import ConfigError
+    from stage1_pro.layout import RunDir
     from stage1_pro.policies import load_policy
 
-    scores = args.scores or (storage.join(args.run, "scores.npz") if args.run else None)
+    run = RunDir(args.run) if args.run else None
+    scores = args.scores or (run.scores if run else None)
     if scores is None:
         raise ConfigError("pass --scores SCORES.npz (or --run RUN_DIR)")
-    config_uri = args.config or (storage.join(args.run, "config.json") if args.run else None)
+    config_uri = args.config or (run.config if run else None)
     config = None
     if config_uri and (args.config or storage.exists(config_uri)):
         config = load_config(config_uri)
@@ -97,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
     target = (
         args.target_fnr_exit
         if args.target_fnr_exit is not None
-        else (config.target_fnr_exit if config else 0.02)
+        else (config.target_fnr_exit if config else DEFAULT_TARGET_FNR_EXIT)
     )
-    delta = args.delta if args.delta is not None else (config.delta if config else 0.1)
-    splits = args.splits or (storage.join(args.run, "splits.json") if args.run else None)
+    delta = args.delta if args.delta is not None else (config.delta if config else DEFAULT_DELTA)
+    splits = args.splits or (run.splits if run else None)
     if splits and not args.splits and not storage.exists(splits):
         splits = None
     options = {}

@@ -75,6 +75,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
 
+from stage1_pro.defaults import DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ConfigError
 
 __all__ = [
@@ -180,7 +181,7 @@ class ConformalRiskLoss(nn.Module):
 
     def __init__(
         self,
-        target_fnr_exit: float = 0.02,
+        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
         temperature: float = 0.1,
         window: float = 0.005,
         scores: Sequence[str] = EXIT_SCORES,

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
 
+from stage1_pro.defaults import DEFAULT_TARGET_FNR_EXIT
+
 
 class SelectiveLoss(nn.Module):
     """Soft coverage maximisation under a soft FNR_exit constraint, plus auxiliary cross-entropy.
@@ -53,7 +55,7 @@ class SelectiveLoss(nn.Module):
 
     def __init__(
         self,
-        target_fnr_exit: float = 0.02,
+        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
         penalty: float = 32.0,
         aux_weight: float = 0.5,
         coverage_weight: float = 1.0,

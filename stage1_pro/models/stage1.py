@@ -11,6 +11,7 @@ from torch import nn
 
 from stage1_pro import storage
 from stage1_pro.errors import ArtifactError, ConfigError
+from stage1_pro.layout import MODEL_FILE, MODEL_INFO_FILE
 from stage1_pro.models.adapters import AdapterSpec, apply_adapters, has_adapters, merge_adapters
 from stage1_pro.models.backbones import create_backbone, data_config
 from stage1_pro.models.heads import CLASSIFIER_HEADS, NUM_CLASSES, SELECTIVE_HEADS, StageHeads
@@ -124,8 +125,8 @@ def save_model_info(info: dict[str, Any], uri: str) -> None:
 
 def load_model(
     run_or_bundle_dir: str | os.PathLike[str],
-    model_file: str = "model_best.pth",
-    model_json: str = "model.json",
+    model_file: str = MODEL_FILE,
+    model_json: str = MODEL_INFO_FILE,
 ) -> Stage1Model:
     """Rebuild the network of a run directory or bundle and load its plain weights (eval mode).
 

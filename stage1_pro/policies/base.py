@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stage1_pro.decisions import argmax_class
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.provenance import utc_now
 
 #: Threshold stored by an infeasible softmax/gate policy: above every probability, so nothing exits.
@@ -92,8 +93,8 @@ class ExitPolicy(ABC):
 
     def __init__(
         self,
-        target_fnr_exit: float = 0.02,
-        delta: float = 0.1,
+        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
+        delta: float = DEFAULT_DELTA,
         method: str | None = None,
         grid_size: int = 200,
     ) -> None:
@@ -115,7 +116,8 @@ class ExitPolicy(ABC):
         return f"{type(self).__name__}({args})"
 
     def _check_params(self) -> None:
-        from stage1_pro.certify import check_delta, check_target, resolve_procedure
+        from stage1_pro.certify import resolve_procedure
+        from stage1_pro.defaults import check_delta, check_target
         from stage1_pro.errors import ConfigError
 
         self.target_fnr_exit = check_target(self.target_fnr_exit)

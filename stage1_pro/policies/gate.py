@@ -23,6 +23,7 @@ import numpy as np
 
 from stage1_pro.certify import quantile_grid
 from stage1_pro.decisions import DEFER, argmax_class
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ConfigError, DataError
 from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
 
@@ -133,8 +134,8 @@ class GatePolicy(ConfidenceThresholdPolicy):
 
     def __init__(
         self,
-        target_fnr_exit: float = 0.02,
-        delta: float = 0.1,
+        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
+        delta: float = DEFAULT_DELTA,
         method: str | None = None,
         grid_size: int = 200,
         calibrator: str = "platt",

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from stage1_pro.decisions import DEFER, argmax_class
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.policies.base import ExitPolicy, check_probs
 from stage1_pro.policies.gate import CALIBRATORS, apply_calibrator, fit_calibrator
@@ -117,8 +118,8 @@ class SCRCPolicy(ExitPolicy):
 
     def __init__(
         self,
-        target_fnr_exit: float = 0.02,
-        delta: float = 0.1,
+        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
+        delta: float = DEFAULT_DELTA,
         method: str | None = None,
         grid_size: int = 100,
         variant: str = "SCRC-I",

@@ -22,9 +22,8 @@ import torch
 
 from stage1_pro import storage
 from stage1_pro.errors import ConfigError, StorageError
+from stage1_pro.layout import RunDir
 
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pth"
 #: Settings that do not change the trained weights; they may differ on resume.
 RUNTIME_FIELDS: frozenset[str] = frozenset({"num_workers", "log_every", "notes", "compile", "device"})
 FORMAT = 1
@@ -55,7 +54,7 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
 
 
 def checkpoint_uri(out_dir: str) -> str:
-    return storage.join(out_dir, CHECKPOINT_DIR, LAST)
+    return RunDir(out_dir).last_checkpoint
 
 
 def save_checkpoint(uri: str, state: dict[str, Any]) -> None:

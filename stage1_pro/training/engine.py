@@ -36,6 +36,7 @@ from torch import nn
 from stage1_pro import storage
 from stage1_pro.config import Stage1ProConfig, save_config
 from stage1_pro.errors import ConfigError, DataError, NotBuiltError
+from stage1_pro.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE, SPLITS_FILE, RunDir
 from stage1_pro.training import checkpoint as ckpt
 from stage1_pro.training.distributed import (
     DistInfo,
@@ -60,10 +61,6 @@ from stage1_pro.training.scoring import autocast, predict, score_splits, softmax
 _LOG = logging.getLogger("stage1_pro.training")
 
 PREPARED_DIR = "prepared"
-MODEL_BEST = "model_best.pth"
-MODEL_JSON = "model.json"
-METRICS_CSV = "metrics.csv"
-SCORES_NPZ = "scores.npz"
 
 
 # ------------------------------------------------------------------------------------------
@@ -452,8 +449,8 @@ def _train(
 
     data, split_rows = open_data(config, splits, splits_uri, data_uri, prepared_uri, out_dir, dist_info)
     if dist_info.is_main:
-        save_config(config, storage.join(out_dir, "config.json"))
-        storage.copy_file(splits_uri, storage.join(out_dir, "splits.json"))
+        save_config(config, storage.join(out_dir, CONFIG_FILE))
+        storage.copy_file(splits_uri, storage.join(out_dir, SPLITS_FILE))
 
     torch.manual_seed(config.seed)  # identical head initialisation on every rank and every resume
     model = create_model(config).to(device)
@@ -593,7 +590,7 @@ def _train(
         )
         _LOG.info("resumed from %s after epoch %d of %d", ckpt_uri, start_epoch, epochs)
 
-    best_uri = storage.join(out_dir, MODEL_BEST)
+    best_uri = storage.join(out_dir, MODEL_FILE)
     sign = 1.0 if recipe.monitor_mode == "max" else -1.0
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -623,7 +620,7 @@ def _train(
         if dist_info.is_main:
             if improved:
                 _save_state_dict(best_uri, export_state_dict(model))
-            write_metrics_csv(storage.join(out_dir, METRICS_CSV), rows)
+            write_metrics_csv(storage.join(out_dir, METRICS_FILE), rows)
             ckpt.save_checkpoint(
                 ckpt_uri,
                 {
@@ -662,7 +659,7 @@ def _train(
         config, model.info, shards, split_rows, out_dir, dist_info, eval_batch, amp_dtype, workers
     )
     if dist_info.is_main:
-        save_model_info(model.info, storage.join(out_dir, MODEL_JSON))
+        save_model_info(model.info, storage.join(out_dir, MODEL_INFO_FILE))
     barrier(dist_info)
     return {
         "out_dir": out_dir,
@@ -693,7 +690,7 @@ def _score_best(
     from stage1_pro.transforms import normalize
 
     device = dist_info.device
-    best_uri = storage.join(out_dir, MODEL_BEST)
+    best_uri = storage.join(out_dir, MODEL_FILE)
     plain = build_model(info, pretrained=False)
     load_into(plain, load_state_file(best_uri), best_uri)  # proves the exported file is a plain model
     plain = plain.to(device).eval()
@@ -716,7 +713,7 @@ def _score_best(
         )
     summary = {}
     if dist_info.is_main:
-        summary = score_splits(storage.join(out_dir, SCORES_NPZ), outputs, split_rows.index, split_rows.label)
+        summary = score_splits(RunDir(out_dir).scores, outputs, split_rows.index, split_rows.label)
         _LOG.info(
             "scores.npz: %s",
             ", ".join(f"{k} accuracy {v['accuracy']:.4f} (n={v['n']})" for k, v in summary.items()),

@@ -1,0 +1,54 @@
+"""Default values and valid ranges of the certificate's settings: the one place each is written.
+
+The config, the policies, the certificate, the CLI and the pipeline parameters take these values
+from here; ``schemas/config.schema.json`` states the same numbers and a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+from stage1_pro.errors import ConfigError
+
+#: Certified bound on FNR_exit = FN_exit / (TP_exit + FN_exit), the miss rate among exited positives.
+DEFAULT_TARGET_FNR_EXIT = 0.02
+#: Valid target_fnr_exit: (low, high], open below, closed above.
+TARGET_FNR_EXIT_RANGE = (0.0, 0.1)
+
+#: Failure probability of the certificate: P(true FNR_exit of the deployed rule > target) <= delta.
+DEFAULT_DELTA = 0.1
+#: Valid delta: (low, high], open below, closed above.
+DELTA_RANGE = (0.0, 0.5)
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return f"({bounds[0]:g}, {bounds[1]:g}]"
+
+
+def check_target(target: float, source: str = "target_fnr_exit") -> float:
+    """Return ``target`` as a float if it lies in :data:`TARGET_FNR_EXIT_RANGE`.
+
+    Raises:
+        ConfigError: naming ``source``, the valid range and the default.
+    """
+    return _check_in(target, TARGET_FNR_EXIT_RANGE, source, f"the default is {DEFAULT_TARGET_FNR_EXIT:g}")
+
+
+def check_delta(delta: float, source: str = "delta") -> float:
+    """Return ``delta`` as a float if it lies in :data:`DELTA_RANGE`.
+
+    Raises:
+        ConfigError: naming ``source``, the valid range and a usual value.
+    """
+    return _check_in(delta, DELTA_RANGE, source, f"use e.g. {DEFAULT_DELTA:g} (90% confidence) or 0.05")
+
+
+def _check_in(value: float, bounds: tuple[float, float], source: str, hint: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}={value!r} is not a number; {hint}") from exc
+    low, high = bounds
+    if math.isnan(number) or not low < number <= high:
+        raise ConfigError(f"{source}={number} is outside the valid range {_interval(bounds)}; {hint}")
+    return number
