@@ -15,4 +15,3 @@ def test_run_dir_names_its_files_locally_and_on_gcs(tmp_path: Path) -> None:
     assert (local.config, local.splits, local.model, local.model_info) == tuple(
         str(tmp_path / name) for name in ("config.json", "splits.json", "model_best.pth", "model.json")
     )
-
