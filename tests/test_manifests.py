@@ -788,3 +788,15 @@ def test_merge_starts_workflow_defaults_when_there_are_none() -> None:
     assert workflow_defaults(yaml.safe_load(proc.stdout)) == {
         "spec": {"podPriorityClassName": cluster.TRAINING_PRIORITY_CLASS}
     }
+
+
+def test_documented_manifest_paths_exist_and_no_command_targets_a_whole_overlay() -> None:
+    """Every manifests/overlays/... path the READMEs name exists; none applies or deletes both halves."""
+    for readme in (ROOT / "README.md", MANIFESTS / "README.md"):
+        text = readme.read_text()
+        paths = set(re.findall(r"manifests/overlays/(?:dev|prod)(?:/[\w.-]+)*", text))
+        assert paths, readme
+        for path in paths:
+            assert (ROOT / path).exists(), f"{readme.name} names {path}, which does not exist"
+        bare = re.findall(r"kubectl \w+ -k manifests/overlays/(?:dev|prod)(?![\w/-])", text)
+        assert bare == [], f"{readme.name}: {bare} would not build (the overlay has two halves)"
