@@ -1,7 +1,7 @@
 """The container images components run in: the one place their tag is set.
 
 ``images/build.sh`` rewrites ``IMAGE_TAG`` when it builds and pushes new images. The train
-task runs the GPU image (``<tag>-gpu``, CUDA runtime base); every other task the CPU image.
+task runs the GPU image (``<tag>-gpu``, CUDA from torch's wheels); every other task the CPU image.
 At compile time ``stage1-pro compile --image IMAGE [--gpu-image IMAGE]`` (or the environment
 variables ``STAGE1_PRO_IMAGE`` / ``STAGE1_PRO_GPU_IMAGE``) override the references without
 editing this file.

@@ -1,8 +1,9 @@
 """Upload, run and schedule the pipeline on a Kubeflow Pipelines server (``kfp.Client``, REST v2beta1).
 
-- :func:`upload`: the first upload creates the pipeline; later ones add a version to it. A
-  version is named after the package's content (``<stage1-pro version>-<sha256[:12]>``), so
-  uploading the same package again reuses the existing version instead of adding a duplicate.
+- :func:`upload`: the first upload creates the pipeline (empty) and its first version; later ones
+  add a version to it. A version is named after the package's content
+  (``<stage1-pro version>-<sha256[:12]>``), so uploading the same package again reuses the
+  existing version instead of adding a duplicate.
 - :func:`submit_run`: one run, from a package or from an uploaded version, parameters checked
   locally first (:func:`stage1_pro.run_parameters.check_parameters`).
 - :func:`schedule`: recurring retraining. KFP cannot update a recurring run in place
@@ -84,21 +85,44 @@ def upload(
     version: str | None = None,
     description: str | None = None,
 ) -> Uploaded:
-    """Upload ``package`` as pipeline ``name`` (first time) or as a new version of it."""
+    """Upload ``package`` as version ``version`` of pipeline ``name``, creating the pipeline if needed.
+
+    A new pipeline is created empty (``POST /apis/v2beta1/pipelines``), then the package is uploaded
+    as its one version (``POST /apis/v2beta1/pipelines/upload_version``). The one-step
+    ``/pipelines/upload`` (``kfp.Client.upload_pipeline``) would also create a first version named
+    after the pipeline (kubeflow/pipelines backend/src/apiserver/server/pipeline_upload_server.go,
+    ``uploadPipeline``), so the first upload would leave two. Should the version upload fail after
+    the pipeline was created, the next upload finds the empty pipeline and adds the version.
+
+    Args:
+        client: a ``kfp.Client`` (see :func:`connect`).
+        package: the compiled pipeline YAML.
+        name: the pipeline's name on the server.
+        version: the version's name (default: :func:`version_name_for` the package).
+        description: shown in the UI for the version (and for the pipeline when it is created).
+
+    Returns:
+        The version; ``reused_version`` when a version of that name already existed.
+
+    Raises:
+        KFPError: the server refused a request or cannot be reached.
+    """
+    from kfp_server_api import V2beta1Pipeline
+
     version = version or version_name_for(package)
     pipeline_id = _call(client.get_pipeline_id, name)
-    if pipeline_id is None:
-        pipeline = _call(client.upload_pipeline, str(package), pipeline_name=name, description=description)
-        versions = list(
-            _paged(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pipeline.pipeline_id)
+    created_pipeline = pipeline_id is None
+    if created_pipeline:
+        pipeline = V2beta1Pipeline(
+            display_name=name, description=description, namespace=client.get_user_namespace() or None
         )
-        if not versions:
-            raise KFPError(f"pipeline {name!r} ({pipeline.pipeline_id}) was created but lists no version")
-        first = versions[0]
-        return Uploaded(pipeline.pipeline_id, first.pipeline_version_id, first.display_name, True, False)
-    existing = _named(client.list_pipeline_versions, "pipeline_versions", version, pipeline_id=pipeline_id)
-    if existing:
-        return Uploaded(pipeline_id, existing[0].pipeline_version_id, version, False, True)
+        pipeline_id = _call(client.pipelines.pipeline_service_create_pipeline, pipeline).pipeline_id
+    else:
+        existing = _named(
+            client.list_pipeline_versions, "pipeline_versions", version, pipeline_id=pipeline_id
+        )
+        if existing:
+            return Uploaded(pipeline_id, existing[0].pipeline_version_id, version, False, True)
     created = _call(
         client.upload_pipeline_version,
         str(package),
@@ -106,7 +130,7 @@ def upload(
         pipeline_id=pipeline_id,
         description=description,
     )
-    return Uploaded(pipeline_id, created.pipeline_version_id, version, False, False)
+    return Uploaded(pipeline_id, created.pipeline_version_id, version, created_pipeline, False)
 
 
 def find_version(client: Any, name: str, version: str | None = None) -> Uploaded:

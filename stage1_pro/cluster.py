@@ -61,6 +61,19 @@ DEFAULT_GPU_COUNT: Final = 1
 PIPELINE_NAMESPACE: Final = "kubeflow"
 PIPELINE_SERVICE_ACCOUNT: Final = "pipeline-runner"
 
+#: Namespace of KFP's control plane (API server, ML Metadata, object store) in both KFP standalone
+#: and multi-user Kubeflow; pipeline pods must reach it (``manifests/base/networkpolicy.yaml``).
+KFP_SYSTEM_NAMESPACE: Final = "kubeflow"
+
+#: Annotation that binds a Kubernetes service account to a Google service account (GKE Workload
+#: Identity); the runner account needs it to reach gs:// without a key file.
+WORKLOAD_IDENTITY_ANNOTATION: Final = "iam.gke.io/gcp-service-account"
+
+#: ConfigMap the KFP v2 driver and launcher read in the pipeline namespace, and its key holding
+#: the default pipeline root (kubeflow/pipelines backend/src/v2/config/env.go).
+KFP_LAUNCHER_CONFIGMAP: Final = "kfp-launcher"
+DEFAULT_PIPELINE_ROOT_KEY: Final = "defaultPipelineRoot"
+
 #: PriorityClass for training pods (``manifests/base/priorityclass.yaml``). kfp-kubernetes 2.17
 #: cannot set ``priorityClassName`` per task; see manifests/README.md for how it is attached.
 TRAINING_PRIORITY_CLASS: Final = "stage1-pro-training"

@@ -2,7 +2,10 @@
 HTTP server that answers the KFP v2beta1 REST shapes; the tests assert the payloads it received.
 
 kfp_server_api talks through urllib3 directly, so request-mocking libraries do not see it; a real
-socket server does, and exercises the SDK's own serialisation.
+socket server does, and exercises the SDK's own serialisation. The server stands in for the KFP
+API server (``ml-pipeline``): where its behaviour matters (which call creates which versions, name
+fallbacks, conflicts), it mirrors kubeflow/pipelines ``backend/src/apiserver/server`` at tag 2.17.0
+(``pipeline_server.go``, ``pipeline_upload_server.go``, ``api_converter.go``), cited per route.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ API = "/apis/v2beta1"
 PARAMS = {"data_uri": "gs://bucket/data/manifest.csv", "phase": 3, "exit_policy": "gate", "epochs": 2}
 
 
+class RefusedError(Exception):
+    """An error answer of the fake server: HTTP status, gRPC code and message, as the gateway writes them."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
 class FakeKFP:
     """The slice of the KFP v2beta1 REST API that kfp.Client uses here, with an in-memory store."""
 
@@ -67,6 +78,7 @@ class FakeKFP:
         routes = [
             ("GET", r"/healthz", lambda: {"multi_user": False}),
             ("GET", r"/pipelines", lambda: self._list("pipelines", self.pipelines.values(), query)),
+            ("POST", r"/pipelines", lambda: self._create_pipeline(payload)),
             ("POST", r"/pipelines/upload", lambda: self._upload(query, body)),
             ("POST", r"/pipelines/upload_version", lambda: self._upload_version(query, body)),
             ("GET", r"/pipelines/(?P<pid>[^/]+)/versions", lambda pid: self._list_versions(pid, query)),
@@ -80,7 +92,14 @@ class FakeKFP:
         for verb, pattern, action in routes:
             match = re.fullmatch(API + pattern, path)
             if verb == method and match:
-                return 200, action(**match.groupdict())
+                try:
+                    return 200, action(**match.groupdict())
+                except RefusedError as refused:
+                    return refused.status, {
+                        "error": refused.message,
+                        "code": refused.code,
+                        "message": refused.message,
+                    }
         return 404, {"error": f"no route {method} {path}", "code": 5, "message": "not found"}
 
     def _matches(self, item: dict, query: dict[str, str]) -> bool:
@@ -98,28 +117,60 @@ class FakeKFP:
         found = [i for i in items if self._matches(i, query)]
         return {key: found, "total_size": len(found)}
 
-    def _upload(self, query: dict[str, str], body: bytes) -> dict:
-        self.uploads.append(body)
+    def _new_pipeline(self, name: str, namespace: str = "", description: str = "") -> dict:
+        # Pipeline names are unique per namespace (resource manager CreatePipeline -> AlreadyExists).
+        if any(p["name"] == name and p.get("namespace", "") == namespace for p in self.pipelines.values()):
+            raise RefusedError(409, 6, f"Failed to create a pipeline: pipeline {name!r} already exists")
         pid = self.new_id("pipeline")
-        pipeline = {"pipeline_id": pid, "display_name": query["name"], "created_at": self.stamp()}
+        pipeline = {"pipeline_id": pid, "name": name, "display_name": name, "created_at": self.stamp()}
+        pipeline.update({k: v for k, v in (("namespace", namespace), ("description", description)) if v})
         self.pipelines[pid] = pipeline
-        # like the real server: the first version is named after the pipeline
-        self.versions[pid] = [self._version(pid, query["name"])]
+        self.versions[pid] = []
+        return pipeline
+
+    def _create_pipeline(self, payload: dict) -> dict:
+        # CreatePipeline (pipeline_server.go createPipeline): the pipeline only, no version. The name
+        # falls back to display_name (api_converter.go toModelPipeline), then is required.
+        name = payload.get("name") or payload.get("display_name") or ""
+        if not name:
+            raise RefusedError(400, 3, "name is required")
+        return self._new_pipeline(name, payload.get("namespace", ""), payload.get("description", ""))
+
+    def _upload(self, query: dict[str, str], body: bytes) -> dict:
+        # UploadPipeline (pipeline_upload_server.go uploadPipeline): the pipeline AND a first version
+        # with the pipeline's name, display name and description.
+        self.uploads.append(body)
+        pipeline = self._new_pipeline(query["name"], query.get("namespace", ""), query.get("description", ""))
+        self.versions[pipeline["pipeline_id"]].append(
+            self._version(pipeline["pipeline_id"], query["name"], query.get("description", ""))
+        )
         return pipeline
 
     def _upload_version(self, query: dict[str, str], body: bytes) -> dict:
+        # UploadPipelineVersion (pipeline_upload_server.go uploadPipelineVersion): the name is the
+        # name, else display_name, else the file name (buildPipelineName); a taken name is 409.
+        pid = query["pipelineid"]
+        if pid not in self.pipelines:
+            raise RefusedError(404, 5, f"pipeline {pid} not found")
+        name = query.get("name") or query.get("display_name") or "pipeline.yaml"
+        if any(v["name"] == name for v in self.versions[pid]):
+            raise RefusedError(409, 6, "Failed to create a pipeline version")
         self.uploads.append(body)
-        version = self._version(query["pipelineid"], query["name"])
-        self.versions[query["pipelineid"]].append(version)
+        version = self._version(pid, name, query.get("description", ""))
+        self.versions[pid].append(version)
         return version
 
-    def _version(self, pid: str, name: str) -> dict:
-        return {
+    def _version(self, pid: str, name: str, description: str = "") -> dict:
+        version = {
             "pipeline_id": pid,
             "pipeline_version_id": self.new_id("version"),
+            "name": name,
             "display_name": name,
             "created_at": self.stamp(),
         }
+        if description:
+            version["description"] = description
+        return version
 
     def _list_versions(self, pid: str, query: dict[str, str]) -> dict:
         found = [v for v in self.versions.get(pid, []) if self._matches(v, query)]
@@ -216,26 +267,60 @@ def test_upload_creates_then_adds_versions_and_reuses_unchanged(
     client = connect(host)
     assert fake.requests("GET", "/healthz"), "kfp.Client checks healthz on creation"
 
-    first = upload(client, package, "stage1-pro")
+    first = upload(client, package, "stage1-pro", description="build abc")
     assert first.created_pipeline and not first.reused_version
-    (create,) = fake.requests("POST", "/pipelines/upload")
-    assert create["query"]["name"] == "stage1-pro"
+    # The pipeline is created empty, then the package is uploaded as its one version: never the
+    # one-step /pipelines/upload, which would add a second version named after the pipeline.
+    (create,) = [r for r in fake.requests("POST") if r["path"] == f"{API}/pipelines"]
+    assert create["json"] == {"display_name": "stage1-pro", "description": "build abc"}
+    assert not [r for r in fake.log if r["path"] == f"{API}/pipelines/upload"]
+    (version,) = fake.versions[first.pipeline_id]
+    assert version["name"] == first.version_name == version_name_for(package)
+    assert version["description"] == "build abc"
+    assert first.version_id == version["pipeline_version_id"]
     assert b"pipelineInfo" in fake.uploads[0] and b"exec-train" in fake.uploads[0]
-    assert first.version_id == fake.versions[first.pipeline_id][0]["pipeline_version_id"]
 
     newer = changed_copy(package, tmp_path, "2")
     second = upload(client, newer, "stage1-pro")
-    (add,) = fake.requests("POST", "/pipelines/upload_version")
+    add = fake.requests("POST", "/pipelines/upload_version")[-1]
     assert add["query"] == {"name": version_name_for(newer), "pipelineid": first.pipeline_id}
     assert second.pipeline_id == first.pipeline_id and second.version_id != first.version_id
     assert not second.created_pipeline and not second.reused_version
+    assert len(fake.versions[first.pipeline_id]) == 2
 
     again = upload(client, newer, "stage1-pro")
     assert again.reused_version and again.version_id == second.version_id
-    assert len(fake.requests("POST", "/pipelines/upload_version")) == 1, "no duplicate version"
+    assert len(fake.requests("POST", "/pipelines/upload_version")) == 2, "no duplicate version"
+    assert len([r for r in fake.log if r["path"] == f"{API}/pipelines" and r["method"] == "POST"]) == 1
 
     assert find_version(client, "stage1-pro").version_id == second.version_id  # newest
-    assert find_version(client, "stage1-pro", "stage1-pro").version_id == first.version_id
+    assert find_version(client, "stage1-pro", first.version_name).version_id == first.version_id
+
+
+def test_the_one_step_upload_endpoint_would_create_two_versions(
+    kfp_server: tuple[str, FakeKFP], package: Path
+) -> None:
+    """Why upload() does not call kfp.Client.upload_pipeline: the server adds a version named after the
+    pipeline, and a named version uploaded next is a second copy of the same package."""
+    host, fake = kfp_server
+    client = connect(host)
+    pipeline = client.upload_pipeline(str(package), pipeline_name="p")
+    client.upload_pipeline_version(str(package), pipeline_version_name="v1", pipeline_id=pipeline.pipeline_id)
+    assert [v["name"] for v in fake.versions[pipeline.pipeline_id]] == ["p", "v1"]
+
+
+def test_upload_after_a_failed_version_upload_completes_the_empty_pipeline(
+    kfp_server: tuple[str, FakeKFP], package: Path
+) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    from kfp_server_api import V2beta1Pipeline
+
+    # As an upload whose version upload failed leaves it: the pipeline, without a version.
+    client.pipelines.pipeline_service_create_pipeline(V2beta1Pipeline(display_name="stage1-pro"))
+    result = upload(client, package, "stage1-pro")
+    assert not result.created_pipeline and not result.reused_version
+    assert [v["name"] for v in fake.versions[result.pipeline_id]] == [version_name_for(package)]
 
 
 def test_version_name_is_content_derived(package: Path, tmp_path: Path) -> None:

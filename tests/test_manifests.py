@@ -1,21 +1,28 @@
 """The Kubernetes manifests (``manifests/``): render, validate, and agree with the pipeline.
 
-Each overlay is rendered with ``kubectl kustomize`` (no API server needed). Every rendered core
-object is validated strictly against the pinned Kubernetes version's OpenAPI schema
-(kubernetes-validate); the Config Connector node pool, whose CRD kubernetes-validate does not
-ship, against ``manifests/validation/containernodepool.schema.json``. The rest checks what schema
-validation cannot: no ``latest`` images, hardened pods, sane quantities, least-privilege RBAC,
-and GPU values consistent with :mod:`stage1_pro.cluster`.
+Each overlay has two kustomizations, rendered with ``kubectl kustomize`` (no API server needed):
+``stage1-pro`` (what the project owns: ``kubectl delete -k`` is safe) and ``kfp-patches`` (changes
+to Kubeflow Pipelines' own objects: apply only). Every rendered core object is validated strictly
+against the pinned Kubernetes version's OpenAPI schema (kubernetes-validate); the Config Connector
+node pool, whose CRD kubernetes-validate does not ship, against
+``manifests/validation/containernodepool.schema.json``. The rest checks what schema validation
+cannot: the owned/patched split, no ``latest`` images, hardened pods, sane quantities,
+least-privilege RBAC, a NetworkPolicy that lets pipeline pods reach KFP in single- and multi-user
+installs (evaluated by Kubernetes' own peer rules), the workflow-defaults merge, and GPU values
+consistent with :mod:`stage1_pro.cluster`.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import json
 import re
 import shutil
 import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,20 @@ from stage1_pro import cluster
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 ENVIRONMENTS = ("dev", "prod")
+#: The two kustomizations of an overlay: what stage1-pro owns, and its patches to KFP's objects.
+OWNED, PATCHES = "stage1-pro", "kfp-patches"
+
+#: Objects a Kubeflow Pipelines 2.17 install creates that stage1-pro changes: the namespace
+#: (manifests/kustomize/cluster-scoped-resources/namespace.yaml), and pipeline-runner-sa.yaml,
+#: pipeline-runner-role.yaml, pipeline-runner-rolebinding.yaml and kfp-launcher-configmap.yaml of
+#: manifests/kustomize/base/pipeline/ (kubeflow/pipelines at tag 2.17.0).
+KFP_OWNED = {
+    ("Namespace", cluster.PIPELINE_NAMESPACE),
+    ("ServiceAccount", cluster.PIPELINE_SERVICE_ACCOUNT),
+    ("Role", "pipeline-runner"),
+    ("RoleBinding", "pipeline-runner-binding"),
+    ("ConfigMap", cluster.KFP_LAUNCHER_CONFIGMAP),
+}
 
 #: Kubernetes version the manifests are validated against (GKE regular channel at writing).
 K8S_VERSION = "1.33"
@@ -41,17 +62,8 @@ KCC_EFFECTS = {
     "PREFER_NO_SCHEDULE": "PreferNoSchedule",
     "NO_EXECUTE": "NoExecute",
 }
-CORE_KINDS = {
-    "Namespace",
-    "ServiceAccount",
-    "Role",
-    "RoleBinding",
-    "ConfigMap",
-    "ResourceQuota",
-    "LimitRange",
-    "PriorityClass",
-    "NetworkPolicy",
-}
+OWNED_CORE_KINDS = {"Namespace", "ResourceQuota", "LimitRange", "PriorityClass", "NetworkPolicy"}
+CORE_KINDS = OWNED_CORE_KINDS | {kind for kind, _ in KFP_OWNED}
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 from kubernetes.utils import parse_quantity  # noqa: E402  (kfp's kubernetes client)
@@ -62,18 +74,27 @@ requires_kubectl = pytest.mark.skipif(
 )
 
 
-@functools.cache
-def render(env: str) -> tuple[dict[str, Any], ...]:
-    """The objects ``kubectl kustomize manifests/overlays/<env>`` renders."""
-    proc = subprocess.run(
-        ["kubectl", "kustomize", str(MANIFESTS / "overlays" / env)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
+def kustomize(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=False, timeout=120
     )
-    assert proc.returncode == 0, f"kubectl kustomize overlays/{env} failed:\n{proc.stderr}"
+
+
+@functools.cache
+def render_part(env: str, part: str) -> tuple[dict[str, Any], ...]:
+    """The objects ``kubectl kustomize manifests/overlays/<env>/<part>`` renders."""
+    proc = kustomize(MANIFESTS / "overlays" / env / part)
+    assert proc.returncode == 0, f"kubectl kustomize overlays/{env}/{part} failed:\n{proc.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def render(env: str) -> tuple[dict[str, Any], ...]:
+    """Everything an environment applies: its owned objects and its patches to KFP's."""
+    return render_part(env, OWNED) + render_part(env, PATCHES)
+
+
+def settings_of(env: str) -> dict[str, str]:
+    return yaml.safe_load((MANIFESTS / "overlays" / env / "settings" / "settings.yaml").read_text())["data"]
 
 
 def one(objects: tuple[dict[str, Any], ...], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -208,15 +229,32 @@ def test_checks_catch_bad_examples() -> None:
 @requires_kubectl
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_overlay_renders_every_piece(env: str) -> None:
-    objects = render(env)
-    kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted([*CORE_KINDS, "Namespace", "ContainerNodePool"]), kinds
-    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
-    assert ("ConfigMap", "kfp-launcher") in names
+    owned, patches = render_part(env, OWNED), render_part(env, PATCHES)
+    kinds = sorted(o["kind"] for o in owned)
+    assert kinds == sorted([*OWNED_CORE_KINDS, "ContainerNodePool"]), kinds
+    assert {(o["kind"], o["metadata"]["name"]) for o in patches} == KFP_OWNED
+    names = {(o["kind"], o["metadata"]["name"]) for o in owned + patches}
     # settings.yaml is local-config: kustomize reads it, the cluster never sees it.
     assert ("ConfigMap", "stage1-pro-settings") not in names
-    for obj in objects:
+    for obj in owned:
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stage1-pro", obj["metadata"]["name"]
+    # KFP's objects stay KFP's: no stage1-pro ownership label on them.
+    for obj in patches:
+        assert "app.kubernetes.io/part-of" not in obj["metadata"].get("labels", {}), obj["metadata"]["name"]
+
+
+@requires_kubectl
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_delete_k_of_the_owned_overlay_spares_kfps_objects(env: str) -> None:
+    """``kubectl delete -k overlays/<env>/stage1-pro`` deletes exactly what it renders: none of KFP's."""
+    owned = {(o["kind"], o["metadata"]["name"]) for o in render_part(env, OWNED)}
+    assert not owned & KFP_OWNED, f"the owned overlay would delete KFP's {owned & KFP_OWNED}"
+    # No namespace of KFP's (deleting a namespace deletes everything in it), only stage1-pro's own.
+    namespaces = {name for kind, name in owned if kind == "Namespace"}
+    assert namespaces == {"stage1-pro-infra"}
+    # The old single-kustomization path no longer builds, so the old `delete -k` command is an error.
+    old = kustomize(MANIFESTS / "overlays" / env)
+    assert old.returncode != 0 and "unable to find one of 'kustomization.yaml'" in old.stderr
 
 
 @requires_kubectl
@@ -245,7 +283,9 @@ def test_config_connector_objects_match_their_schema(env: str) -> None:
     # Only Config Connector objects (and their namespace) carry the label README's
     # `kubectl apply -l 'stage1-pro.dev/requires!=config-connector'` filters on.
     needs_kcc = {
-        o["metadata"]["name"] for o in render(env) if "stage1-pro.dev/requires" in o["metadata"]["labels"]
+        o["metadata"]["name"]
+        for o in render(env)
+        if "stage1-pro.dev/requires" in o["metadata"].get("labels", {})
     }
     assert needs_kcc == {"stage1-pro-gpu", "stage1-pro-infra"}
 
@@ -404,17 +444,17 @@ def test_spot_is_the_dev_overlays_option() -> None:
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_runner_identity_and_pipeline_root(env: str) -> None:
     objects = render(env)
-    settings = yaml.safe_load((MANIFESTS / "overlays" / env / "settings.yaml").read_text())["data"]
+    settings = settings_of(env)
     account = one(objects, "ServiceAccount")
     assert account["metadata"]["name"] == cluster.PIPELINE_SERVICE_ACCOUNT
     assert account["metadata"]["namespace"] == cluster.PIPELINE_NAMESPACE
     assert (
-        account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+        account["metadata"]["annotations"][cluster.WORKLOAD_IDENTITY_ANNOTATION]
         == settings["runnerServiceAccount"]
     )
-    launcher = one(objects, "ConfigMap", "kfp-launcher")
+    launcher = one(objects, "ConfigMap", cluster.KFP_LAUNCHER_CONFIGMAP)
     assert launcher["metadata"]["namespace"] == cluster.PIPELINE_NAMESPACE
-    assert launcher["data"]["defaultPipelineRoot"] == settings["pipelineRoot"]
+    assert launcher["data"][cluster.DEFAULT_PIPELINE_ROOT_KEY] == settings["pipelineRoot"]
     binding = one(objects, "RoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -438,7 +478,7 @@ def test_runner_identity_and_pipeline_root(env: str) -> None:
 
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_settings_are_well_formed(env: str) -> None:
-    data = yaml.safe_load((MANIFESTS / "overlays" / env / "settings.yaml").read_text())["data"]
+    data = settings_of(env)
     project = r"[a-z][-a-z0-9]{4,28}[a-z0-9]"
     assert re.fullmatch(project, data["projectId"]), "projectId: 6-30 lowercase letters, digits, hyphens"
     assert re.fullmatch(r"gs://[a-z0-9][-a-z0-9_.]{1,61}[a-z0-9](/[^\s]*)?", data["pipelineRoot"]), (
@@ -475,18 +515,288 @@ def test_role_is_least_privilege() -> None:
     assert readable == {"mlpipeline-minio-artifact"}
 
 
+# ---- NetworkPolicy, evaluated by Kubernetes' peer rules --------------------------------------
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a pipeline pod connects to: a pod (namespace and labels) or an address outside."""
+
+    namespace: str = ""
+    namespace_labels: dict[str, str] = field(default_factory=dict)
+    pod_labels: dict[str, str] | None = None
+    ip: str | None = None
+
+
+def in_namespace(name: str, **labels: str) -> dict[str, str]:
+    # Kubernetes sets kubernetes.io/metadata.name on every namespace (NamespaceDefaultLabelName).
+    return {"kubernetes.io/metadata.name": name, **labels}
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """metav1.LabelSelector semantics (apimachinery LabelSelectorAsSelector); {} matches everything."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        matched = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def peer_matches(peer: dict[str, Any], policy_namespace: str, to: Destination) -> bool:
+    """networking/v1 NetworkPolicyPeer (k8s.io/api networking/v1/types.go): a podSelector alone
+    selects pods of the policy's own namespace; a namespaceSelector alone, every pod of the matching
+    namespaces; both, the matching pods of the matching namespaces; an ipBlock, addresses."""
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        if to.ip is None:
+            return False
+        address = ipaddress.ip_address(to.ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(cidr) for cidr in block.get("except", [])
+        )
+    if to.pod_labels is None:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_ok = selector_matches(peer["namespaceSelector"], to.namespace_labels)
+    else:
+        namespace_ok = to.namespace == policy_namespace
+    return namespace_ok and selector_matches(peer.get("podSelector") or {}, to.pod_labels)
+
+
+def port_matches(ports: list[dict[str, Any]] | None, protocol: str, port: int) -> bool:
+    """NetworkPolicyPort: no ports matches all; protocol defaults to TCP; endPort makes a range."""
+    if not ports:
+        return True
+    return any(
+        p.get("protocol", "TCP") == protocol
+        and (p.get("port") is None or p["port"] <= port <= p.get("endPort", p["port"]))
+        for p in ports
+    )
+
+
+def egress_allowed(
+    policy: dict[str, Any], policy_namespace: str, to: Destination, protocol: str, port: int
+) -> bool:
+    """Whether one egress rule of ``policy`` admits the connection (rules are OR-ed, NetworkPolicySpec)."""
+    return any(
+        (not rule.get("to") or any(peer_matches(p, policy_namespace, to) for p in rule["to"]))
+        and port_matches(rule.get("ports"), protocol, port)
+        for rule in policy["spec"].get("egress", [])
+    )
+
+
+#: KFP's control-plane pods and ports as pipeline pods reach them (labels of kubeflow/pipelines
+#: 2.17.0 manifests: base/pipeline/ml-pipeline-apiserver-deployment.yaml, base/metadata/base/
+#: metadata-grpc-deployment.yaml, third-party/seaweedfs and third-party/minio), and the rest of
+#: what a run needs: kube-dns, the GKE metadata server, Google APIs over HTTPS.
+KFP_NAMESPACE = in_namespace(cluster.KFP_SYSTEM_NAMESPACE)
+NEEDED = {
+    "ml-pipeline gRPC": (Destination("kubeflow", KFP_NAMESPACE, {"app": "ml-pipeline"}), "TCP", 8887),
+    "ml-pipeline HTTP": (Destination("kubeflow", KFP_NAMESPACE, {"app": "ml-pipeline"}), "TCP", 8888),
+    "metadata-grpc": (
+        Destination("kubeflow", KFP_NAMESPACE, {"component": "metadata-grpc-server"}),
+        "TCP",
+        8080,
+    ),
+    "seaweedfs": (Destination("kubeflow", KFP_NAMESPACE, {"app": "seaweedfs"}), "TCP", 8333),
+    "minio": (Destination("kubeflow", KFP_NAMESPACE, {"app": "minio"}), "TCP", 9000),
+    "kube-dns": (
+        Destination("kube-system", in_namespace("kube-system"), {"k8s-app": "kube-dns"}),
+        "UDP",
+        53,
+    ),
+    "metadata server": (Destination(ip="169.254.169.254"), "TCP", 80),
+    "storage.googleapis.com": (Destination(ip="142.250.1.207"), "TCP", 443),
+}
+NOT_NEEDED = {
+    "KFP's database": (Destination("kubeflow", KFP_NAMESPACE, {"app": "mysql"}), "TCP", 3306),
+    "ml-pipeline on another port": (
+        Destination("kubeflow", KFP_NAMESPACE, {"app": "ml-pipeline"}),
+        "TCP",
+        22,
+    ),
+    "another team's pod": (Destination("team-b", in_namespace("team-b"), {"app": "web"}), "TCP", 8080),
+    "ssh to the internet": (Destination(ip="203.0.113.7"), "TCP", 22),
+}
+#: Where pipeline pods run: KFP standalone's namespace, and a multi-user Kubeflow profile namespace.
+PIPELINE_NAMESPACES = (cluster.PIPELINE_NAMESPACE, "team-a")
+
+
+def test_network_policy_evaluator_follows_kubernetes_rules() -> None:
+    policy = {"spec": {"egress": [{"to": [{"podSelector": {}}]}]}}
+    same = Destination("ns-a", in_namespace("ns-a"), {"app": "x"})
+    other = Destination("ns-b", in_namespace("ns-b"), {"app": "x"})
+    assert egress_allowed(policy, "ns-a", same, "TCP", 1)
+    assert not egress_allowed(policy, "ns-a", other, "TCP", 1), "a bare podSelector is namespace-local"
+    assert not egress_allowed(policy, "ns-a", Destination(ip="10.0.0.1"), "TCP", 1)
+    both = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-b"}}, "podSelector": {}}
+    assert peer_matches(both, "ns-a", other) and not peer_matches(both, "ns-a", same)
+    assert not port_matches([{"port": 53, "protocol": "UDP"}], "TCP", 53)
+    assert port_matches([{"port": 8000, "endPort": 8100}], "TCP", 8080)
+    assert not selector_matches({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {})
+    assert peer_matches(
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}, "n", Destination(ip="1.1.1.1")
+    )
+    assert not peer_matches(
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}, "n", Destination(ip="10.1.1.1")
+    )
+
+
 @requires_kubectl
-def test_network_policy_denies_ingress_and_allows_what_a_run_needs() -> None:
-    policy = one(render("prod"), "NetworkPolicy")["spec"]
-    assert policy["podSelector"]["matchExpressions"] == [
+@pytest.mark.parametrize("namespace", PIPELINE_NAMESPACES)
+def test_network_policy_lets_pipeline_pods_reach_kfp_and_nothing_else(namespace: str) -> None:
+    """Standalone (pods in ``kubeflow``) and multi-user (pods in a profile namespace) alike."""
+    policy = one(render("prod"), "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchExpressions"] == [
         {"key": "workflows.argoproj.io/workflow", "operator": "Exists"}
     ]
-    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
-    assert policy["ingress"] == []
-    ports = {
-        (p.get("protocol", "TCP"), p["port"]) for rule in policy["egress"] for p in rule.get("ports", [])
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    assert spec["ingress"] == []
+    blocked = [
+        name
+        for name, (to, proto, port) in NEEDED.items()
+        if not egress_allowed(policy, namespace, to, proto, port)
+    ]
+    assert blocked == [], f"pipeline pods in {namespace} cannot reach {blocked}"
+    opened = [
+        name
+        for name, (to, proto, port) in NOT_NEEDED.items()
+        if egress_allowed(policy, namespace, to, proto, port)
+    ]
+    assert opened == [], f"pipeline pods in {namespace} may reach {opened}"
+    assert egress_allowed(policy, namespace, Destination(ip="169.254.169.252"), "TCP", 988)  # GKE WI
+
+
+@requires_kubectl
+def test_a_namespace_local_rule_blocks_kfp_from_a_profile_namespace() -> None:
+    """Today's defect, caught: the old same-namespace rule works standalone but not multi-user."""
+    policy = copy.deepcopy(one(render("prod"), "NetworkPolicy"))
+    egress = policy["spec"]["egress"]
+    policy["spec"]["egress"] = [
+        r for r in egress if not any("namespaceSelector" in p and "kube-dns" not in str(p) for p in r["to"])
+    ] + [{"to": [{"podSelector": {}}]}]
+    to, proto, port = NEEDED["ml-pipeline gRPC"]
+    assert egress_allowed(policy, cluster.PIPELINE_NAMESPACE, to, proto, port)
+    assert not egress_allowed(policy, "team-a", to, proto, port)
+
+
+# ---- Argo workflow defaults: merge, never replace ---------------------------------------------
+
+MERGE_SCRIPT = MANIFESTS / "merge_workflow_defaults.py"
+#: KFP 2.17.0's workflow-controller-configmap as `kubectl get -o yaml` returns it.
+WORKFLOW_CONFIGMAP = ROOT / "tests" / "data" / "kfp" / "workflow-controller-configmap-2.17.0.yaml"
+
+
+def merge_script(stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(MERGE_SCRIPT), *args], input=stdin, capture_output=True, text=True, check=False
+    )
+
+
+def documented_merge() -> str:
+    """The ``--merge`` fragment of the PriorityClass command in manifests/README.md."""
+    match = re.search(
+        r"merge_workflow_defaults\.py[^\n]*\n?\s*--merge '([^']+)'", (MANIFESTS / "README.md").read_text()
+    )
+    assert match, "manifests/README.md has no merge_workflow_defaults.py --merge '...' command"
+    return match.group(1)
+
+
+def workflow_defaults(configmap: dict[str, Any]) -> dict[str, Any]:
+    return yaml.safe_load(configmap["data"]["workflowDefaults"])
+
+
+def test_a_merge_patch_of_workflow_defaults_wipes_kfps_defaults() -> None:
+    """Why a filter: ``kubectl patch --type merge`` (RFC 7386) replaces the one string value whole."""
+    live = yaml.safe_load(WORKFLOW_CONFIGMAP.read_text())
+    patched = copy.deepcopy(live)
+    patched["data"]["workflowDefaults"] = "spec:\n  podPriorityClassName: stage1-pro-training\n"
+    assert "ttlStrategy" in workflow_defaults(live)["spec"]
+    assert "ttlStrategy" not in workflow_defaults(patched)["spec"]
+
+
+def test_documented_priority_class_command_merges_into_kfps_defaults() -> None:
+    live_text = WORKFLOW_CONFIGMAP.read_text()
+    live = yaml.safe_load(live_text)
+    proc = merge_script(live_text, "--merge", documented_merge())
+    assert proc.returncode == 0, proc.stderr
+    merged = yaml.safe_load(proc.stdout)
+    spec = workflow_defaults(merged)["spec"]
+    assert spec["podPriorityClassName"] == cluster.TRAINING_PRIORITY_CLASS
+    before = workflow_defaults(live)["spec"]
+    assert spec["ttlStrategy"] == before["ttlStrategy"]
+    assert spec["templateDefaults"] == before["templateDefaults"]
+    # Everything else is untouched, and resourceVersion stays for `kubectl replace`'s conflict check.
+    for key, value in live["data"].items():
+        if key != "workflowDefaults":
+            assert merged["data"][key] == value, key
+    assert merged["metadata"] == live["metadata"]
+    assert 'spec.podPriorityClassName: null -> "stage1-pro-training"' in proc.stderr
+    # Idempotent: a second run changes nothing and says so.
+    again = merge_script(proc.stdout, "--merge", documented_merge())
+    assert again.returncode == 0 and yaml.safe_load(again.stdout) == merged
+    assert "nothing to change" in again.stderr
+
+
+def test_merge_keeps_sibling_keys_of_a_nested_setting() -> None:
+    proc = merge_script(
+        WORKFLOW_CONFIGMAP.read_text(),
+        "--merge",
+        "spec: {templateDefaults: {retryStrategy: {retryPolicy: OnFailure}}}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    retry = workflow_defaults(yaml.safe_load(proc.stdout))["spec"]["templateDefaults"]["retryStrategy"]
+    assert retry == {"limit": "2", "retryPolicy": "OnFailure"}
+    assert 'retryStrategy.retryPolicy: "OnError" -> "OnFailure"' in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("stdin", "fragment", "message"),
+    [
+        ("", "spec: {}", "nothing on stdin"),
+        ("kind: Pod\nmetadata: {name: p}\n", "spec: {}", "stdin is not a ConfigMap (kind: Pod)"),
+        (
+            "kind: ConfigMap\ndata: {workflowDefaults: '- a'}\n",
+            "spec: {}",
+            "data.workflowDefaults of the ConfigMap is not a YAML mapping",
+        ),
+        ("kind: ConfigMap\ndata: {}\n", "just-a-string", "--merge must be a YAML mapping"),
+        ("kind: ConfigMap\ndata: {}\n", "spec: [", "--merge is not valid YAML"),
+        ("{not yaml", "spec: {}", "stdin is not YAML or JSON"),
+    ],
+)
+def test_merge_refuses_what_it_cannot_merge(stdin: str, fragment: str, message: str) -> None:
+    proc = merge_script(stdin, "--merge", fragment)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert proc.stdout == "", "nothing reaches `kubectl replace` on an error"
+
+
+def test_merge_starts_workflow_defaults_when_there_are_none() -> None:
+    proc = merge_script("kind: ConfigMap\nmetadata: {name: w}\n", "--merge", documented_merge())
+    assert proc.returncode == 0, proc.stderr
+    assert workflow_defaults(yaml.safe_load(proc.stdout)) == {
+        "spec": {"podPriorityClassName": cluster.TRAINING_PRIORITY_CLASS}
     }
-    assert {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 80), ("TCP", 988)} <= ports
-    # Same-namespace egress (KFP API, ML Metadata, MinIO) without opening other namespaces.
-    same_namespace = [r for r in policy["egress"] if r["to"] == [{"podSelector": {}}]]
-    assert len(same_namespace) == 1
+
+
+def test_documented_manifest_paths_exist_and_no_command_targets_a_whole_overlay() -> None:
+    """Every manifests/overlays/... path the READMEs name exists; none applies or deletes both halves."""
+    for readme in (ROOT / "README.md", MANIFESTS / "README.md"):
+        text = readme.read_text()
+        paths = set(re.findall(r"manifests/overlays/(?:dev|prod)(?:/[\w.-]+)*", text))
+        assert paths, readme
+        for path in paths:
+            assert (ROOT / path).exists(), f"{readme.name} names {path}, which does not exist"
+        bare = re.findall(r"kubectl \w+ -k manifests/overlays/(?:dev|prod)(?![\w/-])", text)
+        assert bare == [], f"{readme.name}: {bare} would not build (the overlay has two halves)"

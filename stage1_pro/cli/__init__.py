@@ -44,6 +44,9 @@ COMMANDS: dict[str, Command] = {
     "pull": Command("stage1_pro.cli.pull", "download a published bundle, verified, into a folder"),
     "check": Command("stage1_pro.cli.check", "validate any artifact against its JSON Schema"),
     "compile": Command("stage1_pro.cli.compile", "compile the Kubeflow pipeline to YAML"),
+    "doctor": Command(
+        "stage1_pro.cli.doctor", "check a live cluster before a run: KFP version, GPU pool, quota, bucket"
+    ),
     "upload": Command("stage1_pro.cli.upload", "upload the pipeline to Kubeflow (then new versions)"),
     "run": Command("stage1_pro.cli.run", "start a pipeline run on Kubeflow with --param key=value"),
     "schedule": Command("stage1_pro.cli.schedule", "recurring retraining (6-field cron), replacing NAME"),
