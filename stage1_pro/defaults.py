@@ -52,3 +52,6 @@ def _check_in(value: float, bounds: tuple[float, float], source: str, hint: str)
     if math.isnan(number) or not low < number <= high:
         raise ConfigError(f"{source}={number} is outside the valid range {_interval(bounds)}; {hint}")
     return number
+
+#: The capability levels (training phases) a run can have; an exit policy names the first it needs.
+PHASES: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
