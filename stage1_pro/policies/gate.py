@@ -119,7 +119,10 @@ def apply_calibrator(kind: str, params: dict[str, Any], logits: np.ndarray) -> n
     script="33_calibrate_gate.py",
     options=(
         PolicyOption(
-            "--calibrator", "calibrator", "gate calibrator, fitted on val_select (default platt)", CALIBRATORS
+            "--calibrator",
+            "calibrator",
+            "calibrator of the gate logit, fitted on val_select (default platt)",
+            CALIBRATORS,
         ),
     ),
 )
