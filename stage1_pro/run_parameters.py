@@ -39,7 +39,7 @@ class PipelineParameter:
     type: type
     default: Any
     #: The description, or a function writing it when it depends on the policy registry.
-    help: str | Callable[[], str]
+    description: str | Callable[[], str]
     #: The ``Stage1ProConfig`` field it sets, if any.
     config_field: str | None = None
 
@@ -48,9 +48,9 @@ class PipelineParameter:
         return self.default is REQUIRED
 
     @property
-    def description(self) -> str:
+    def help(self) -> str:
         """The description the Kubeflow UI and ``--help`` show."""
-        return self.help() if callable(self.help) else self.help
+        return self.description() if callable(self.description) else self.description
 
 
 #: Every run parameter, in the order the Kubeflow UI shows them. Defaults are the cluster profile
@@ -184,7 +184,7 @@ _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 def pipeline_docstring(summary: str) -> str:
     """The pipeline's docstring: ``summary`` and one ``Args:`` entry per parameter (the UI descriptions)."""
     lines = [summary.strip(), "", "Args:"]
-    lines += [f"    {p.name}: {p.description}" for p in PARAMETERS]
+    lines += [f"    {p.name}: {p.help}" for p in PARAMETERS]
     return "\n".join(lines) + "\n"
 
 

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=lambda text, name=p.name: convert(name, text),
             default=None,
             metavar="JSON" if p.type is dict else p.name.upper(),
-            help=f"{p.description} (default: {default!r})",
+            help=f"{p.help} (default: {default!r})",
         )
 
 
