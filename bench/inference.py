@@ -49,6 +49,7 @@ def build_bundles(root: Path, images: list[Path]) -> dict[str, Path]:
     """One bundle per policy around the local default model (pretrained, phase 6 heads)."""
     from stage1_pro.config import Stage1ProConfig
     from stage1_pro.models import create_model, export_state_dict, save_model_info
+    from stage1_pro.policy_registry import list_policies
 
     config = Stage1ProConfig(phase=6)  # defaults: tf_efficientnet_lite0, 64 px, pretrained
     model = create_model(config).eval()
@@ -57,7 +58,7 @@ def build_bundles(root: Path, images: list[Path]) -> dict[str, Path]:
     torch.save(export_state_dict(model), model_dir / "model_best.pth")
     save_model_info(model.info, str(model_dir / "model.json"))
     out = {}
-    for policy in ("softmax", "gate", "scrc"):
+    for policy in list_policies():
         run = make_run(root / f"run-{policy}", model_dir, policy=policy)
         out[policy] = export_bundle(run, root / f"bundle-{policy}", version=policy)
     return out

@@ -39,7 +39,7 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
     """Run every step's component function in this process; return seconds per step."""
     from kfp import dsl
 
-    from stage1_pro.components.calibrate import calibrate_gate, calibrate_scrc, calibrate_softmax
+    from stage1_pro.components.calibrate import calibrate
     from stage1_pro.components.check_config import check_config, fingerprint
     from stage1_pro.components.data import prepare, split
     from stage1_pro.components.export import export
@@ -92,14 +92,12 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
         scores=scores,
         metrics=art(dsl.Metrics, "train-metrics"),
     )
-    calibrate = {"softmax": calibrate_softmax, "gate": calibrate_gate, "scrc": calibrate_scrc}[
-        params["exit_policy"]
-    ]
     policy = art(dsl.Artifact, "policy")
     step(
-        f"calibrate-{params['exit_policy']}",
+        "calibrate",  # the task's name in the first branch; later branches' tasks get -2, -3 (like validate)
         calibrate,
         scores=scores,
+        exit_policy=params["exit_policy"],
         target_fnr_exit=params["target_fnr_exit"],
         delta=params["delta"],
         policy=policy,

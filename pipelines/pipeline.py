@@ -5,11 +5,12 @@ Build it with :func:`build_pipeline` (``stage1-pro compile`` does), or use the m
 :data:`stage1_pro_pipeline` (``kfp dsl compile --py pipelines/pipeline.py``).
 
 Design notes
-- Branches: ``dsl.If/Elif/Else`` on ``exit_policy``, each self-contained (its own calibrate,
-  validate and export tasks, the same components). No artifact ``dsl.OneOf``: it fails under
-  ``kfp.local`` and needs KFP backend >= 2.17, while self-contained branches run everywhere and keep
-  typed artifacts and lineage. The Else branch is ``scrc``: check-config has already rejected any
-  other value.
+- Branches: ``dsl.If/Elif/Else`` on ``exit_policy``, one per registered exit policy in registration
+  order (:mod:`stage1_pro.policy_registry`), each self-contained (its own calibrate, validate and
+  export tasks, the same components; calibrate takes the branch's policy as a parameter). No
+  artifact ``dsl.OneOf``: it fails under ``kfp.local`` and needs KFP backend >= 2.17, while
+  self-contained branches run everywhere and keep typed artifacts and lineage. The Else branch is
+  the last registered policy (``scrc``): check-config has already rejected any other value.
 - GPU: only the train task requests one (``nvidia.com/gpu`` x ``gpu_count``), with the GKE
   accelerator node selector and the ``nvidia.com/gpu`` toleration. The GPU model comes from the
   ``gpu_type`` parameter at run time: check-config turns it into a node selector, applied with
@@ -23,18 +24,20 @@ Design notes
   the task sees, and resumes from there (see ``stage1_pro.components.runtime.durable_run_dir``).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from kfp import dsl, kubernetes
 
 from stage1_pro import cluster
-from stage1_pro.components.calibrate import calibrate_gate, calibrate_scrc, calibrate_softmax
+from stage1_pro.components.calibrate import calibrate
 from stage1_pro.components.check_config import check_config, fingerprint
 from stage1_pro.components.data import prepare, split
 from stage1_pro.components.export import export, publish
 from stage1_pro.components.image import GPU_TAG_SUFFIX, component_image
 from stage1_pro.components.train import train
 from stage1_pro.components.validate import validate
+from stage1_pro.policy_registry import list_policies
 from stage1_pro.run_parameters import PARAMETERS, check_gpu_type, pipeline_docstring
 
 PIPELINE_NAME = "stage1-pro"
@@ -73,6 +76,25 @@ def resolve_images(image: str | None = None, gpu_image: str | None = None) -> tu
     else:
         gpu = component_image(gpu=True)
     return cpu, gpu
+
+
+def policy_branches(exit_policy: Any, branch: Callable[[str], None]) -> None:
+    """``dsl.If/Elif/.../Else`` on ``exit_policy``, one branch per registered policy, in order.
+
+    The first registered policy is the ``If``, the last the ``Else`` (``exit-policy-<name>``
+    groups); ``branch(name)`` adds the branch's tasks.
+    """
+    names = list_policies()
+    for i, name in enumerate(names):
+        group = f"exit-policy-{name}"
+        if i == 0:
+            condition = dsl.If(exit_policy == name, name=group)
+        elif i < len(names) - 1:
+            condition = dsl.Elif(exit_policy == name, name=group)
+        else:
+            condition = dsl.Else(name=group)
+        with condition:
+            branch(name)
 
 
 def build_pipeline(
@@ -169,10 +191,13 @@ def build_pipeline(
         kubernetes.add_toleration(trained, **cluster.GPU_TOLERATION)
         kubernetes.set_security_context(trained, **cluster.SECURITY_CONTEXT)
 
-        def branch(policy: str, calibrate_component: Any) -> None:
+        def branch(policy: str) -> None:
             calibrated = cpu_task(
-                calibrate_component(
-                    scores=trained.outputs["scores"], target_fnr_exit=target_fnr_exit, delta=delta
+                calibrate(
+                    scores=trained.outputs["scores"],
+                    exit_policy=policy,
+                    target_fnr_exit=target_fnr_exit,
+                    delta=delta,
                 ),
                 "calibrate",
                 f"calibrate-{policy}",
@@ -197,12 +222,7 @@ def build_pipeline(
                 with dsl.If(publish_prefix != "", name="publish-prefix-set"):
                     cpu_task(publish(bundle=exported.outputs["bundle"], prefix=publish_prefix), "publish")
 
-        with dsl.If(exit_policy == "softmax", name="exit-policy-softmax"):
-            branch("softmax", calibrate_softmax)
-        with dsl.Elif(exit_policy == "gate", name="exit-policy-gate"):
-            branch("gate", calibrate_gate)
-        with dsl.Else(name="exit-policy-scrc"):
-            branch("scrc", calibrate_scrc)
+        policy_branches(exit_policy, branch)
 
     stage1_pro.__doc__ = pipeline_docstring(PIPELINE_DESCRIPTION)
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(stage1_pro)

@@ -12,21 +12,20 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
 from stage1_pro import storage
 from stage1_pro.errors import ArtifactError, StorageError
 from stage1_pro.layout import BUNDLE_FILE, CONFIG_FILE, MODEL_INFO_FILE, SPLITS_FILE, VALIDATION_FILE
+from stage1_pro.policy_registry import RegistryMapping, policy_specs
 from stage1_pro.schemas import ARTIFACT_KINDS, SCHEMA_VERSION, check_kind, validation_errors
 
-#: The file name each artifact kind has inside a run directory or bundle.
-DEFAULT_FILENAMES: dict[str, str] = {
+#: The file name of each kind that is not an exit policy's file.
+_FILENAMES: dict[str, str] = {
     "config": CONFIG_FILE,
     "splits": SPLITS_FILE,
-    "thresholds": "thresholds.json",
-    "gateparams": "gateparams.json",
-    "scrcparams": "scrcparams.json",
     "bundle": BUNDLE_FILE,
     "validation": VALIDATION_FILE,
     "latest": "latest",
@@ -35,8 +34,23 @@ DEFAULT_FILENAMES: dict[str, str] = {
     "explora": "explora.json",
 }
 
+
+def _default_filenames() -> Mapping[str, str]:
+    policy_files = {spec.artifact_kind: spec.file_name for spec in policy_specs()}
+    clash = set(policy_files.values()) & set(_FILENAMES.values())
+    if clash:
+        raise ValueError(f"exit policy file name(s) {sorted(clash)} clash with stage1-pro's own files")
+    return {kind: policy_files.get(kind) or _FILENAMES[kind] for kind in ARTIFACT_KINDS}
+
+
+#: The file name each artifact kind has inside a run directory or bundle (the exit policies'
+#: from the policy registry: a live view).
+DEFAULT_FILENAMES: RegistryMapping[str, str] = RegistryMapping(_default_filenames)
+
 #: Exit policy name -> kind of its policy file. Policy files are mutually exclusive.
-POLICY_ARTIFACT_KINDS: dict[str, str] = {"softmax": "thresholds", "gate": "gateparams", "scrc": "scrcparams"}
+POLICY_ARTIFACT_KINDS: RegistryMapping[str, str] = RegistryMapping(
+    lambda: {spec.name: spec.artifact_kind for spec in policy_specs()}
+)
 
 
 def _kind_or_error(kind: str) -> str:

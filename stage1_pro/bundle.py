@@ -4,7 +4,7 @@ A bundle is one flat folder::
 
     bundle.json        written last; names every other file and pins its sha256
     config.json  splits.json  metrics.csv  model_best.pth  model.json
-    thresholds.json | gateparams.json | scrcparams.json      exactly one, = config.exit_policy
+    thresholds.json | gateparams.json | ...  exactly one policy file, = config.exit_policy
     validation.json  report.html (or report.md)  model_card.md  *.png  README.md
 
 Export builds the bundle in a temporary sibling folder and renames it into place, so a reader
@@ -41,14 +41,16 @@ from stage1_pro.layout import (
     README_FILE,
     VALIDATION_FILE,
 )
+from stage1_pro.policy_registry import RegistryMapping, policy_specs
 from stage1_pro.provenance import sha256_file, utc_now
 
 log = logging.getLogger(__name__)
 
-#: Every policy file name a run or bundle may hold (they are mutually exclusive).
-POLICY_FILES: dict[str, str] = {
-    policy: DEFAULT_FILENAMES[kind] for policy, kind in POLICY_ARTIFACT_KINDS.items()
-}
+#: Exit policy name -> its policy file's name: every policy file a run or bundle may hold (they
+#: are mutually exclusive). A live view of the policy registry.
+POLICY_FILES: RegistryMapping[str, str] = RegistryMapping(
+    lambda: {spec.name: spec.file_name for spec in policy_specs()}
+)
 #: bundle.json pointer fields -> artifact kind used to validate the file they name (None: not JSON).
 _POINTERS: dict[str, str | None] = {
     "config_file": "config",
@@ -65,7 +67,7 @@ _POINTERS: dict[str, str | None] = {
 
 
 def policy_files_in(folder: str | os.PathLike[str]) -> list[str]:
-    """Names of the policy files (thresholds/gateparams/scrcparams.json) present in ``folder``."""
+    """Names of the policy files (``thresholds.json``, ``gateparams.json``...) present in ``folder``."""
     return sorted(name for name in POLICY_FILES.values() if Path(folder, name).is_file())
 
 

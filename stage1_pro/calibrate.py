@@ -83,11 +83,12 @@ def calibrate_policy(
 
     Parameters
     ----------
-    policy : {"softmax", "gate", "scrc"}
+    policy : str
+        A registered exit policy (:func:`stage1_pro.policy_registry.list_policies`).
     scores_uri : str
         ``scores.npz`` (local or gs://) with ``val_select`` and ``val_calib`` rows.
     out_uri : str
-        The policy file to write (``thresholds.json``, ``gateparams.json`` or ``scrcparams.json``).
+        The policy file to write, named as the policy's (``thresholds.json`` for softmax...).
     target_fnr_exit, delta : float
         Certified ``P(FNR_exit > target_fnr_exit) <= delta``.
     method : str, optional

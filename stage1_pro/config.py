@@ -18,23 +18,23 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT, check_delta, check_target
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT, PHASES, check_delta, check_target
 from stage1_pro.errors import ArtifactError, ConfigError
+from stage1_pro.policy_registry import (
+    RegistryMapping,
+    RegistrySequence,
+    get_spec,
+    list_policies,
+    phase_policies,
+)
 
-ExitPolicy = Literal["softmax", "gate", "scrc"]
-
-#: Which exit policies each phase can train for (the plan's phase/policy matrix).
-PHASE_POLICIES: dict[int, tuple[str, ...]] = {
-    1: ("softmax",),
-    2: ("softmax",),
-    3: ("softmax", "gate"),
-    4: ("softmax", "gate"),
-    5: ("softmax", "gate"),
-    6: ("softmax", "gate", "scrc"),
-}
-EXIT_POLICIES: tuple[str, ...] = ("softmax", "gate", "scrc")
+#: Which exit policies each phase can train for (the phase/policy matrix), from each registered
+#: policy's ``min_phase``.
+PHASE_POLICIES: RegistryMapping[int, tuple[str, ...]] = RegistryMapping(phase_policies)
+#: The registered exit policies (``--exit-policy`` choices).
+EXIT_POLICIES: RegistrySequence[str] = RegistrySequence(list_policies)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Stage1ProConfig:
     phase: int = 1
     """Capability level 1..6 (see the README's phase table)."""
     exit_policy: str = "softmax"
-    """Exit policy to calibrate and deploy: softmax | gate | scrc (allowed set depends on phase)."""
+    """Exit policy to calibrate and deploy, one of the registered policies (the phase limits which)."""
     target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT
     """Certified bound on FNR_exit = FN_exit / (TP_exit + FN_exit); valid range (0, 0.1]."""
     delta: float = DEFAULT_DELTA
@@ -178,16 +178,15 @@ class Stage1ProConfig:
 
 def check_phase_policy(phase: int, exit_policy: str) -> None:
     """Raise :class:`ConfigError` unless ``exit_policy`` is allowed in ``phase``."""
-    if phase not in PHASE_POLICIES:
-        raise ConfigError(f"phase={phase!r} is not a phase; phases are 1..6")
+    if phase not in PHASES:
+        raise ConfigError(f"phase={phase!r} is not a phase; phases are {PHASES[0]}..{PHASES[-1]}")
     if exit_policy not in EXIT_POLICIES:
         raise ConfigError(f"exit_policy={exit_policy!r} is unknown; allowed: {', '.join(EXIT_POLICIES)}")
     allowed = PHASE_POLICIES[phase]
     if exit_policy not in allowed:
-        first = min(p for p, pol in PHASE_POLICIES.items() if exit_policy in pol)
         raise ConfigError(
             f"exit_policy={exit_policy!r} is not available in phase {phase}: phase {phase} allows "
-            f"{' | '.join(allowed)}; {exit_policy!r} needs phase >= {first}"
+            f"{' | '.join(allowed)}; {exit_policy!r} needs phase >= {get_spec(exit_policy).min_phase}"
         )
 
 

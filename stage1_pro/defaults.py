@@ -20,6 +20,9 @@ DEFAULT_DELTA = 0.1
 #: Valid delta: (low, high], open below, closed above.
 DELTA_RANGE = (0.0, 0.5)
 
+#: The capability levels (training phases) a run can have; an exit policy names the first it needs.
+PHASES: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+
 
 def _interval(bounds: tuple[float, float]) -> str:
     return f"({bounds[0]:g}, {bounds[1]:g}]"

@@ -221,7 +221,7 @@ class Predictor:
 
 def uses_gate(policy: Any) -> bool:
     """True when ``policy`` decides on the gate head's logit (gate, or SCRC selecting on the gate)."""
-    return policy.name == "gate" or getattr(policy, "selection_score", None) == "gate"
+    return "gate_logit" in policy.score_names
 
 
 def _is_single(x: Any) -> bool:

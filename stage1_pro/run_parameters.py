@@ -16,13 +16,14 @@ import dataclasses
 import difflib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from stage1_pro.cluster import DEFAULT_ACCELERATOR
 from stage1_pro.config import EXIT_POLICIES, Stage1ProConfig
 from stage1_pro.errors import ConfigError
+from stage1_pro.policy_registry import describe_policies
 
 REQUIRED = object()
 """Marker default of a parameter the run must set (the Kubeflow UI asks for it)."""
@@ -37,13 +38,19 @@ class PipelineParameter:
     name: str
     type: type
     default: Any
-    help: str
+    #: The description, or a function writing it when it depends on the policy registry.
+    description: str | Callable[[], str]
     #: The ``Stage1ProConfig`` field it sets, if any.
     config_field: str | None = None
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def help(self) -> str:
+        """The description the Kubeflow UI and ``--help`` show."""
+        return self.description() if callable(self.description) else self.description
 
 
 #: Every run parameter, in the order the Kubeflow UI shows them. Defaults are the cluster profile
@@ -69,8 +76,7 @@ PARAMETERS: tuple[PipelineParameter, ...] = (
         "exit_policy",
         str,
         _CONFIG_DEFAULTS.exit_policy,
-        "Exit policy to certify and ship: softmax (phases 1-6), gate (3-6) or scrc (6). Selects the "
-        "pipeline branch.",
+        lambda: f"Exit policy to certify and ship: {describe_policies()}. Selects the pipeline branch.",
         "exit_policy",
     ),
     PipelineParameter(

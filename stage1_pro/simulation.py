@@ -189,13 +189,17 @@ def rule_truth(
     policy and SCRC with the ``max_prob``/``margin`` selection score (the rule is then a
     threshold on the max probability).
     """
+    from stage1_pro.policies import GatePolicy, SCRCPolicy, SoftmaxThresholdPolicy
+
     if not policy.feasible_:
         return float("nan"), 0.0
-    if policy.name == "softmax":
+    if isinstance(policy, SoftmaxThresholdPolicy):
         fnr, cov = model.softmax_curve(policy.exit_threshold_)
         return float(fnr), float(cov)
-    if policy.name == "gate":
+    if isinstance(policy, GatePolicy):
         return model.rule_curve(0.5, _gate_logit_threshold(policy, policy.gate_threshold_))
+    if not isinstance(policy, SCRCPolicy):
+        raise NotImplementedError(f"rule_truth has no closed form for the {policy.name!r} policy")
     if policy.selection_score == "gate":
         raise NotImplementedError("rule_truth covers SCRC with max_prob/margin selection")
     lam1 = point["lambda1"] if point else policy.lambda1_
@@ -227,7 +231,7 @@ def validity_run(
     """
     import warnings
 
-    from stage1_pro.policies import InfeasibleCertificateWarning, create_policy
+    from stage1_pro.policies import InfeasibleCertificateWarning, SCRCPolicy, create_policy
 
     rng = np.random.default_rng(seed)
     violations, coverages, infeasible, fwer = [], [], 0, []
@@ -241,7 +245,7 @@ def validity_run(
         violations.append(bool(est.feasible_ and fnr > target_fnr_exit))
         coverages.append(cov)
         infeasible += not est.feasible_
-        if policy == "scrc":
+        if isinstance(est, SCRCPolicy):
             fwer.append(any(rule_truth(est, model, p)[0] > target_fnr_exit for p in est.certified_path_))
     rate = float(np.mean(violations))
     return {

@@ -125,13 +125,6 @@ def confusion(decisions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return {"rows": ["label 0", "label 1"], "columns": [DECISION_NAMES[d] for d in cols], "matrix": matrix}
 
 
-_SCORE_NAMES = {
-    "softmax": "max class probability",
-    "gate": "calibrated gate probability",
-    "scrc": "SCRC selection score",
-}
-
-
 def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]:
     """FNR_exit and selective risk against coverage on one split, subsampled to CURVE_POINTS."""
     from stage1_pro import metrics
@@ -147,7 +140,7 @@ def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]
     if coverage.size > CURVE_POINTS:
         keep = np.unique(np.linspace(0, coverage.size - 1, CURVE_POINTS).round().astype(int))
     return {
-        "score": _SCORE_NAMES.get(policy.name, "policy confidence"),
+        "score": policy.spec.score_label,
         "coverage": _clean(coverage[keep].tolist()),
         "fnr_exit": _clean(np.asarray(curves["fnr_exit"]["risk"])[keep].tolist()),
         "selective_risk": _clean(np.asarray(curves["selective"]["risk"])[keep].tolist()),
@@ -377,8 +370,10 @@ def validate_run(
     policy = load_policy(policy_uri)
     scores = load_scores(uri[SCORES_FILE])
     check_scores_match_splits(scores, splits, uri[SCORES_FILE], uri[SPLITS_FILE])
-    if exit_policy == "gate" and not scores.has_gate:
-        raise DataError(f"{uri[SCORES_FILE]}: no 'gate_logit' array; the gate policy needs phase >= 3 scores")
+    if "gate_logit" in policy.score_names and not scores.has_gate:
+        raise DataError(
+            f"{uri[SCORES_FILE]}: no 'gate_logit' array; the {exit_policy} policy needs phase >= 3 scores"
+        )
 
     test_scores = scores.subset("test")
     test, decisions = _split_metrics(policy, test_scores, delta)

@@ -359,10 +359,10 @@ def test_run_from_package_sends_parameters_spec_and_root(
     # --no-cache: every task of this run recomputes
     dags = [sent["pipeline_spec"]["root"], *sent["pipeline_spec"]["components"].values()]
     tasks = {name: t for d in dags for name, t in d.get("dag", {}).get("tasks", {}).items()}
-    assert {"train", "calibrate-gate", "export-2", "publish-3"} <= set(tasks)
+    assert {"train", "calibrate-2", "export-2", "publish-3"} <= set(tasks)
     cached = {name for name, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     assert cached == set(), "proto3 drops false: enableCache absent means off"
-    assert all("cachingOptions" in tasks[name] for name in ("train", "calibrate-gate", "export-2"))
+    assert all("cachingOptions" in tasks[name] for name in ("train", "calibrate-2", "export-2"))
 
     # a second run reuses the experiment (get-or-create)
     submit_run(client, experiment="nightly", params=PARAMS, package=package)

@@ -109,6 +109,12 @@ def test_three_exit_policy_branches_each_self_contained(spec: dict) -> None:
         inner = group_tasks(spec, branches[f"exit-policy-{policy}"])
         names = {t["taskInfo"]["name"] for t in inner.values()}
         assert names == {f"calibrate-{policy}", "validate", "blessed"}, names
+        # one calibrate component for every branch, told the branch's policy
+        calibrate = next(t for t in inner.values() if t["taskInfo"]["name"] == f"calibrate-{policy}")
+        assert spec["components"][calibrate["componentRef"]["name"]]["executorLabel"].startswith(
+            "exec-calibrate"
+        )
+        assert calibrate["inputs"]["parameters"]["exit_policy"] == {"runtimeValue": {"constant": policy}}
         # export only when validate blessed the run; publish only with a prefix
         blessed = next(t for t in inner.values() if t["taskInfo"]["name"] == "blessed")
         validate_key = next(k for k, t in inner.items() if t["taskInfo"]["name"] == "validate")

@@ -1,36 +1,34 @@
 """Certified exit policies: ``softmax`` (thresholds.json), ``gate`` (gateparams.json), ``scrc``
-(scrcparams.json).
+(scrcparams.json), and any policy registered with :func:`stage1_pro.policy_registry.register_policy`.
 
 >>> from stage1_pro.policies import create_policy, load_policy
 >>> policy = create_policy("softmax", target_fnr_exit=0.02, delta=0.1).fit(scores)  # doctest: +SKIP
 >>> policy.save("run/thresholds.json")  # doctest: +SKIP
 >>> load_policy("run/thresholds.json").decide(probs)  # doctest: +SKIP
 
-Policy classes are imported lazily (PEP 562): importing the package for a constant or the
-registry does not import every policy.
+Importing this package registers the built-in policies, in the order the pipeline branches on
+them (the last one is its ``dsl.Else``): each module registers its class where it is defined.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stage1_pro.decisions import DECISION_NAMES, DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
 from stage1_pro.policies.base import ExitPolicy, InfeasibleCertificateWarning
+from stage1_pro.policy_registry import PolicySpec, RegistryMapping, get_spec, policy_specs
 
-if TYPE_CHECKING:
-    from stage1_pro.policies.gate import GatePolicy
-    from stage1_pro.policies.scrc import SCRCPolicy
-    from stage1_pro.policies.softmax import SoftmaxThresholdPolicy
+# The built-in policies register on import, in this order (the pipeline's If, Elif, Else).
+# isort: off
+from stage1_pro.policies.softmax import SoftmaxThresholdPolicy
+from stage1_pro.policies.gate import GatePolicy
+from stage1_pro.policies.scrc import SCRCPolicy
 
-#: policy name -> "module:Class"
-POLICIES: dict[str, str] = {
-    "softmax": "stage1_pro.policies.softmax:SoftmaxThresholdPolicy",
-    "gate": "stage1_pro.policies.gate:GatePolicy",
-    "scrc": "stage1_pro.policies.scrc:SCRCPolicy",
-}
-_CLASS_NAMES = {path.split(":")[1]: path for path in POLICIES.values()}
+# isort: on
+
+#: policy name -> :class:`~stage1_pro.policy_registry.PolicySpec` (a live view of the registry).
+POLICIES: RegistryMapping[str, PolicySpec] = RegistryMapping(lambda: {s.name: s for s in policy_specs()})
 
 __all__ = [
     "DECISION_NAMES",
@@ -50,24 +48,9 @@ __all__ = [
 ]
 
 
-def _import(path: str) -> type[ExitPolicy]:
-    module, cls = path.split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _CLASS_NAMES:
-        return _import(_CLASS_NAMES[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def get_policy_class(name: str) -> type[ExitPolicy]:
     """The class registered as ``name``; :class:`~stage1_pro.errors.ConfigError` lists the names."""
-    from stage1_pro.errors import ConfigError
-
-    if name not in POLICIES:
-        raise ConfigError(f"unknown exit policy {name!r}; allowed: {', '.join(POLICIES)}")
-    return _import(POLICIES[name])
+    return get_spec(name).policy_class
 
 
 def create_policy(name: str, **params: Any) -> ExitPolicy:
@@ -91,13 +74,15 @@ def policy_from_dict(d: dict[str, Any]) -> ExitPolicy:
 
 def load_policy(uri: str | os.PathLike[str]) -> ExitPolicy:
     """Read a policy file (validated against its schema; the kind is taken from the file)."""
-    from stage1_pro.artifacts import POLICY_ARTIFACT_KINDS, read_artifact
+    from stage1_pro.artifacts import read_artifact
     from stage1_pro.errors import ArtifactError
+    from stage1_pro.policy_registry import list_policies, spec_for_kind
 
     obj = read_artifact(uri)
-    if obj["artifact"] not in POLICY_ARTIFACT_KINDS.values():
+    if spec_for_kind(obj["artifact"]) is None:
+        kinds = sorted(get_spec(name).artifact_kind for name in list_policies())
         raise ArtifactError(
             f"{uri}: is a {obj['artifact']!r} artifact, not a policy file "
-            f"(expected one of {', '.join(sorted(POLICY_ARTIFACT_KINDS.values()))})"
+            f"(expected one of {', '.join(kinds)})"
         )
     return policy_from_dict(obj)

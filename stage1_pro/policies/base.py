@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from stage1_pro.decisions import argmax_class
 from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.provenance import utc_now
+
+if TYPE_CHECKING:
+    from stage1_pro.policy_registry import PolicySpec
 
 #: Threshold stored by an infeasible softmax/gate policy: above every probability, so nothing exits.
 DEFER_ALL_THRESHOLD = 2.0
@@ -85,9 +88,11 @@ class ExitPolicy(ABC):
         Number of grid points (coverage levels of ``val_select``) before ties are removed.
     """
 
-    #: Registry name (``create_policy(name)``) and the artifact kind of its policy file.
+    #: Registry name (``create_policy(name)``), the artifact kind of its policy file and every other
+    #: fact about the policy: set by :func:`stage1_pro.policy_registry.register_policy`.
     name: ClassVar[str]
     artifact_kind: ClassVar[str]
+    spec: ClassVar[PolicySpec]
     #: Name of the grid value in ``sweep_results`` rows.
     grid_key: ClassVar[str] = "threshold"
 
@@ -114,6 +119,11 @@ class ExitPolicy(ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        """The ``scores.npz`` arrays this policy's decisions read (by default its registered ones)."""
+        return self.spec.score_names
 
     def _check_params(self) -> None:
         from stage1_pro.certify import resolve_procedure

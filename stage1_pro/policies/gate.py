@@ -26,6 +26,7 @@ from stage1_pro.decisions import DEFER, argmax_class
 from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ConfigError, DataError
 from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
+from stage1_pro.policy_registry import PolicyOption, register_policy
 
 CALIBRATORS: tuple[str, ...] = ("platt", "isotonic")
 
@@ -108,6 +109,23 @@ def apply_calibrator(kind: str, params: dict[str, Any], logits: np.ndarray) -> n
     raise ConfigError(f"unknown gate calibrator {kind!r}; allowed: {', '.join(CALIBRATORS)}")
 
 
+@register_policy(
+    "gate",
+    artifact_kind="gateparams",
+    min_phase=3,
+    score_names=("probs", "gate_logit"),
+    score_label="calibrated gate probability",
+    rule="exit iff calibrated gate >= gate_threshold (needs gate logits)",
+    script="33_calibrate_gate.py",
+    options=(
+        PolicyOption(
+            "--calibrator",
+            "calibrator",
+            "calibrator of the gate logit, fitted on val_select (default platt)",
+            CALIBRATORS,
+        ),
+    ),
+)
 class GatePolicy(ConfidenceThresholdPolicy):
     """Exit iff the calibrated gate probability reaches a certified threshold.
 
@@ -128,9 +146,6 @@ class GatePolicy(ConfidenceThresholdPolicy):
     gate_threshold_ : float
         Deployed threshold (:data:`DEFER_ALL_THRESHOLD` when infeasible).
     """
-
-    name = "gate"
-    artifact_kind = "gateparams"
 
     def __init__(
         self,

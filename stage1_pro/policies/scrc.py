@@ -52,6 +52,7 @@ from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.policies.base import ExitPolicy, check_probs
 from stage1_pro.policies.gate import CALIBRATORS, apply_calibrator, fit_calibrator
+from stage1_pro.policy_registry import PolicyOption, register_policy
 
 SCRC_VARIANTS: tuple[str, ...] = ("SCRC-I", "SCRC-T")
 SELECTION_SCORES: tuple[str, ...] = ("max_prob", "margin", "gate")
@@ -86,6 +87,30 @@ def exit_rule(probs: np.ndarray, g: np.ndarray, lambda1: float, lambda2: float) 
     return out
 
 
+@register_policy(
+    "scrc",
+    artifact_kind="scrcparams",
+    min_phase=6,
+    score_names=("probs",),
+    score_label="SCRC selection score",
+    rule="SCRC-I (default) or SCRC-T (lambda1, lambda2)",
+    script="36_calibrate_scrc.py",
+    options=(
+        PolicyOption("--scrc-variant", "variant", "SCRC variant (default SCRC-I)", SCRC_VARIANTS),
+        PolicyOption(
+            "--selection-score",
+            "selection_score",
+            "SCRC selection score (default max_prob)",
+            SELECTION_SCORES,
+        ),
+        PolicyOption(
+            "--calibrator",
+            "gate_calibrator",
+            "calibrator of --selection-score gate, fitted on val_select (default platt)",
+            CALIBRATORS,
+        ),
+    ),
+)
 class SCRCPolicy(ExitPolicy):
     """SCRC exit policy with a PAC FNR_exit certificate (see the module docstring).
 
@@ -112,8 +137,6 @@ class SCRCPolicy(ExitPolicy):
         SCRC-T only: the ``val_select`` selection scores that enter every batch's threshold.
     """
 
-    name = "scrc"
-    artifact_kind = "scrcparams"
     grid_key = "xi"
 
     def __init__(
@@ -151,6 +174,11 @@ class SCRCPolicy(ExitPolicy):
                 "phase >= 3 model; use selection_score='max_prob'"
             )
         return super().fit(scores)  # type: ignore[return-value]
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        """``probs``, and ``gate_logit`` when the selection score is the calibrated gate."""
+        return ("probs", "gate_logit") if self.selection_score == "gate" else ("probs",)
 
     # ------------------------------------------------------------------ selection score
     def selection(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:

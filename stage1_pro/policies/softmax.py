@@ -16,8 +16,18 @@ import numpy as np
 from stage1_pro.certify import quantile_grid
 from stage1_pro.decisions import DEFER, argmax_class
 from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
+from stage1_pro.policy_registry import register_policy
 
 
+@register_policy(
+    "softmax",
+    artifact_kind="thresholds",
+    min_phase=1,
+    score_names=("probs",),
+    score_label="max class probability",
+    rule="exit iff max p >= exit_threshold",
+    script="25_threshold_sweep.py",
+)
 class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):
     """Exit iff the max class probability reaches a certified threshold.
 
@@ -43,9 +53,6 @@ class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):
     >>> policy.decide(probs)  # doctest: +SKIP
     array([ 1, -1,  0], dtype=int8)
     """
-
-    name = "softmax"
-    artifact_kind = "thresholds"
 
     def confidence(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
         """Softmax response ``max(p0, p1)`` (``gate_logit`` is ignored)."""
