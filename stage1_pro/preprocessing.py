@@ -198,7 +198,7 @@ def decode_image(source: ImageSource, spec: PixelSpec | None = None) -> Image.Im
 
     Args:
         source: local path, ``gs://`` URI, encoded bytes, or a PIL image (an image not yet loaded,
-            as ``Image.open`` returns it, can still be draft-decoded).
+            as ``Image.open`` returns it, can still be draft-decoded; it is loaded in place).
         spec: with ``decode_mode="draft"``, a JPEG is decoded at the scale the spec allows;
             None decodes at full size.
 
