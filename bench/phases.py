@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = os.path.join(root, "splits.json")
     split_dataset(str(manifest), splits, seed=args.seed)
     prepared = os.path.join(root, "prepared")
-    prepare_dataset(str(manifest), splits, prepared, img_size=args.img_size, workers=1)
+    prepare_dataset(str(manifest), splits, prepared, args.img_size, workers=1)
     print(f"# data ready in {time.perf_counter() - t0:.0f} s: {manifest}", flush=True)
 
     rows = []

@@ -76,6 +76,7 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
         data_uri=params["data_uri"],
         data_fingerprint=fp,
         img_size=params["img_size"],
+        preprocessing=checked[1],
         splits=splits,
         prepared=prepared,
     )

@@ -254,7 +254,7 @@ def decode_rates(tmp: Path, img_size: int, repeats: int = 3) -> dict[str, float]
     """Per-core decode rate of a 12-MP JPEG: prepare's draft decoding vs a full decode + resize."""
     from PIL import Image
 
-    from stage1_pro.transforms import load_image, resize_image
+    from stage1_pro.preprocessing import PixelSpec, load_pixels
 
     rng = np.random.default_rng(0)
     tile = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
@@ -263,8 +263,8 @@ def decode_rates(tmp: Path, img_size: int, repeats: int = 3) -> dict[str, float]
     Image.fromarray(photo).save(path, quality=90)
     rates = {}
     for name, fn in (
-        ("draft", lambda: load_image(str(path), img_size)),
-        ("full", lambda: resize_image(Image.open(path).convert("RGB"), img_size)),
+        ("draft", lambda: load_pixels(path, PixelSpec(img_size))),
+        ("full", lambda: load_pixels(path, PixelSpec(img_size, decode_mode="full"))),
     ):
         fn()
         start = time.thread_time()

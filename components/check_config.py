@@ -31,6 +31,7 @@ def check_config(
     "CheckConfigOutputs",
     [
         ("config_json", str),
+        ("preprocessing", dict),
         ("gpu_node_selector", dict),
         ("train_cpu_request", str),
         ("train_memory_request", str),
@@ -67,11 +68,15 @@ def check_config(
         config_json: The same config as canonical JSON, the train task's input. A string, compared
             by value in the cache key: re-running this step (say, for a new publish_prefix) does
             not invalidate a trained model whose config is unchanged.
+        preprocessing: The config's preprocessing modes (resize, decode, interpolation), the
+            prepare task's input: the shards are made as the config will train and serve, and a
+            change of another setting does not invalidate them.
         gpu_node_selector: Node selector of the train task.
         train_cpu_request: CPU request of the train task.
         train_memory_request: Memory request of the train task.
     """
     from stage1_pro.config import config_json, save_config
+    from stage1_pro.preprocessing import PixelSpec
     from stage1_pro.run_parameters import check_parameters
 
     checked = check_parameters(
@@ -104,6 +109,7 @@ def check_config(
     )
     return (
         config_json(checked.config),
+        PixelSpec.from_config(checked.config).record(),
         checked.gpu_node_selector,
         checked.train_cpu_request,
         checked.train_memory_request,

@@ -44,6 +44,7 @@ def prepare(
     data_uri: str,
     data_fingerprint: str,
     img_size: int,
+    preprocessing: dict,
     splits: Input[Dataset],
     prepared: Output[Dataset],
 ):
@@ -51,29 +52,35 @@ def prepare(
 
     Training then reads shards instead of decoding full-size photos every epoch (a 12-MP JPEG
     decodes at about 5 images/s per CPU core). Runs on CPU with parallel workers; cached on the
-    data fingerprint and the image size. Corrupt images are reported by name and left out.
+    data fingerprint, the image size and the preprocessing modes. Corrupt images are reported by
+    name and left out.
 
     Args:
         data_uri: Dataset manifest or image-folder prefix (local or gs://).
         data_fingerprint: Dataset fingerprint (cache key: a changed dataset is prepared again).
         img_size: Training resolution in pixels.
+        preprocessing: resize_mode, decode_mode and interpolation of the config (check-config's
+            output); recorded in the shards' index, which train checks against its config.
         splits: splits.json from the split step.
         prepared: Folder of shards and their index.
     """
     from stage1_pro.prepare import prepare_dataset
+    from stage1_pro.preprocessing import PixelSpec
 
-    summary = prepare_dataset(data_uri, splits.path, prepared.path, img_size)
+    spec = PixelSpec.from_record(img_size, preprocessing, "check-config's preprocessing")
+    summary = prepare_dataset(data_uri, splits.path, prepared.path, spec)
     n_images = sum(int(shard["n"]) for shard in summary["shards"])
     prepared.metadata.update(
         {
             "img_size": img_size,
+            **preprocessing,
             "data_fingerprint": data_fingerprint,
             "n": n_images,
             "n_failed": summary["n_failed"],
         }
     )
     print(
-        f"[stage1-pro] prepare: {n_images} images at {img_size}px in {len(summary['shards'])} shard(s), "
+        f"[stage1-pro] prepare: {n_images} images ({spec.describe()}) in {len(summary['shards'])} shard(s), "
         f"{summary['n_failed']} failed to decode ({summary['seconds']:.1f} s, {summary['workers']} workers)"
     )
     for failure in summary["failed"][:20]:

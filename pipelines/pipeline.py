@@ -168,6 +168,7 @@ def build_pipeline(
                 data_uri=data_uri,
                 data_fingerprint=fp.output,
                 img_size=img_size,
+                preprocessing=checked.outputs["preprocessing"],
                 splits=splits.outputs["splits"],
             ),
             "prepare",

@@ -146,9 +146,13 @@ model card: `{validation.get("model_card_file", "model_card.md")}`.
 4. Rebuild the network from `{meta.get("model_info_file", MODEL_INFO_FILE)}` (timm model
    `{model_info.get("model_name", "?")}`, {model_info.get("img_size", "?")} px, heads
    {model_info.get("heads", "?")}) and load `{meta["model_file"]}` with `torch.load(weights_only=True)`.
-5. Preprocess with `stage1_pro.transforms.preprocess` (resize, normalise with the mean/std in
-   model.json), run the model, and give its class probabilities (and gate logit) to the policy's
-   `decide`: 1 = exit-positive, 0 = exit-negative, -1 = defer.
+5. Preprocess every image exactly as the images that were scored and certified (see below), run
+   the model, and give its class probabilities (and gate logit) to the policy's `decide`:
+   1 = exit-positive, 0 = exit-negative, -1 = defer.
+
+## Preprocessing (the certificate holds for these pixels only)
+
+{_preprocessing_text(model_info)}
 
 ```python
 from stage1_pro.inference import load_bundle
@@ -166,6 +170,45 @@ or `stage1-pro predict --bundle DIR IMAGE... [--json]`.
 - model version (sha256 of {meta["model_file"]}): `{meta["lineage"]["model_version"]}`
 - created: {meta["created_at"]} by stage1-pro {meta["lineage"].get("code_version", "?")}
 """
+
+
+def _preprocessing_text(model_info: dict[str, Any]) -> str:
+    """The bundle README's preprocessing section: the recorded spec, step by step."""
+    from stage1_pro.preprocessing import PreprocessSpec
+
+    spec = PreprocessSpec.from_model_info(model_info)
+    p = spec.pixels
+    decode = (
+        f"JPEGs are decoded by libjpeg at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps both "
+        f'sides >= {p.size} (Pillow: `image.draft("RGB", ({p.size}, {p.size}))` before loading)'
+        if p.decode_mode == "draft"
+        else "every image is decoded at full size"
+    )
+    geometry = (
+        f"cut the central square (side s = min(w, h), left = round((w - s) / 2), top = round((h - s) / 2)), "
+        f"then resize it to {p.size} x {p.size}"
+        if p.resize_mode == "center_crop"
+        else f"resize the whole image to {p.size} x {p.size} (aspect ratio not kept)"
+    )
+    scored = model_info.get("scored_with")
+    scored_line = (
+        f"Its scores were computed on {scored['device']} in {scored['precision']}; serving otherwise "
+        "moves probabilities by about 1e-4 (inference logs a warning)."
+        if scored
+        else "The device and precision its scores were computed with were not recorded."
+    )
+    return f"""Spec (`{MODEL_INFO_FILE}`: `img_size`, `preprocessing`, `mean`, `std`): `{spec.to_dict()}`.
+
+1. Decode: {decode}.
+2. Apply the EXIF orientation (`ImageOps.exif_transpose`).
+3. Convert to 8-bit RGB: 16-bit greyscale keeps its high byte, palette images go through RGBA,
+   any other mode via `convert("RGB")`; alpha is dropped, not composited.
+4. Geometry: {geometry}, Pillow `{p.interpolation}` resampling (antialiased).
+5. Normalise: `(x / 255 - mean) / std` per channel, float32, NCHW.
+
+`stage1_pro.preprocessing.preprocess(spec, images)` does all five; `stage1-pro predict` and
+`load_bundle(...).predict` call it, so they give the probabilities recorded for the same image files
+in the run's `scores.npz` (float tolerance). A tensor of another size is refused. {scored_line}"""
 
 
 def _fmt(x: float | None) -> str:

@@ -20,7 +20,20 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT, PHASES, check_delta, check_target
+from stage1_pro.defaults import (
+    DECODE_MODES,
+    DEFAULT_DECODE_MODE,
+    DEFAULT_DELTA,
+    DEFAULT_INTERPOLATION,
+    DEFAULT_RESIZE_MODE,
+    DEFAULT_TARGET_FNR_EXIT,
+    INTERPOLATIONS,
+    PHASES,
+    RESIZE_MODES,
+    check_choice,
+    check_delta,
+    check_target,
+)
 from stage1_pro.errors import ArtifactError, ConfigError
 from stage1_pro.policy_registry import (
     RegistryMapping,
@@ -62,6 +75,12 @@ class Stage1ProConfig:
     """Weights file (local path or gs:// URI; .pth/.safetensors) to start from instead of the hub."""
     img_size: int = 64
     """Training/inference resolution in pixels (square)."""
+    resize_mode: str = DEFAULT_RESIZE_MODE
+    """How images become squares: squash (resize whole) | center_crop (central square, then resize)."""
+    decode_mode: str = DEFAULT_DECODE_MODE
+    """draft (libjpeg decodes JPEGs at 1/2..1/8 scale, never below img_size) | full."""
+    interpolation: str = DEFAULT_INTERPOLATION
+    """Resampling filter of the resize: bilinear | bicubic (antialiased)."""
     finetune_mode: str = "auto"
     """auto | full | frozen | peft. auto: full for phases 1 and 3-6, peft for phase 2."""
     peft_method: str = "dora"
@@ -143,6 +162,9 @@ class Stage1ProConfig:
             raise ConfigError("legacy_exit_threshold_for_logging must be in [0, 1]")
         if self.finetune_mode not in ("auto", "full", "frozen", "peft"):
             raise ConfigError(f"finetune_mode={self.finetune_mode!r}; allowed: auto, full, frozen, peft")
+        check_choice(self.resize_mode, RESIZE_MODES, "resize_mode")
+        check_choice(self.decode_mode, DECODE_MODES, "decode_mode")
+        check_choice(self.interpolation, INTERPOLATIONS, "interpolation")
         if self.peft_method not in ("dora", "lora", "doran"):
             raise ConfigError(f"peft_method={self.peft_method!r}; allowed: dora, lora, doran")
         if self.class_weights is not None and len(self.class_weights) != 2:
@@ -279,8 +301,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             kwargs.update(type=_bool)
         elif tp in (int, float, str):
             kwargs.update(type=tp)
-        if f.name == "exit_policy":
-            kwargs["choices"] = EXIT_POLICIES
+        choices = {
+            "exit_policy": EXIT_POLICIES,
+            "resize_mode": RESIZE_MODES,
+            "decode_mode": DECODE_MODES,
+            "interpolation": INTERPOLATIONS,
+        }
+        if f.name in choices:
+            kwargs["choices"] = choices[f.name]
             kwargs.pop("metavar")
         group.add_argument(*flags, help=help_text, **kwargs)
 

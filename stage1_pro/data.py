@@ -1,4 +1,4 @@
-"""Datasets: a manifest (CSV/JSONL) or an image-folder tree, local or ``gs://``, and image decoding.
+"""Datasets: a manifest (CSV/JSONL) or an image-folder tree, local or ``gs://``.
 
 Two input formats, both binary (label 1 = positive class, 0 = negative):
 
@@ -39,8 +39,6 @@ from stage1_pro.errors import DataError, StorageError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    from PIL import Image
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("uri", "label", "group")
 REQUIRED_COLUMNS: tuple[str, ...] = ("uri", "label")
@@ -130,7 +128,8 @@ def load_dataset(uri: str | os.PathLike[str], check_files: bool = True) -> Datas
             suffix is a manifest, any other ``gs://`` URI is an image-folder prefix.
         check_files: verify that every image a manifest names exists (local: one ``stat`` per
             file; ``gs://``: one listing per distinct parent folder, not one request per file).
-            Images are not decoded here; :func:`open_image` reports undecodable files.
+            Images are not decoded here; :func:`stage1_pro.preprocessing.decode_image`
+            reports undecodable files.
 
     Raises:
         DataError: naming the file and line (or image path) and the fix, for labels other
@@ -404,34 +403,3 @@ def _load_folder(root: str) -> Dataset:
     ]
     labels = np.array([int(r.split("/", 1)[0]) for r in rels], dtype=np.int64)
     return Dataset(uris=uris, labels=labels, groups=None, source=root, keys=rels)
-
-
-# ------------------------------------------------------------------------------------------
-# images
-
-
-def open_image(uri: str | os.PathLike[str]) -> Image.Image:
-    """Read and decode one image (local or ``gs://``) fully into memory.
-
-    EXIF orientation is applied (camera photos are often stored rotated with an orientation
-    tag), so training and inference see the same upright pixels. The mode is left as stored
-    (``L``, ``RGB``, ...): converting it is the preprocessing's job.
-
-    Raises:
-        DataError: naming the file, when it cannot be read or decoded.
-    """
-    from PIL import Image, ImageOps
-
-    uri = str(uri)
-    try:
-        data = storage.read_bytes(uri)
-    except StorageError as exc:
-        raise DataError(f"cannot read image: {exc}") from exc
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise DataError(
-            f"{uri}: cannot decode image ({exc}); re-export the file or remove it from the dataset"
-        ) from exc

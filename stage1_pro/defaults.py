@@ -1,7 +1,9 @@
-"""Default values and valid ranges of the certificate's settings: the one place each is written.
+"""Default values and valid ranges of shared settings: the one place each is written.
 
-The config, the policies, the certificate, the CLI and the pipeline parameters take these values
-from here; ``schemas/config.schema.json`` states the same numbers and a test keeps them equal.
+The certificate's settings (target_fnr_exit, delta) and the preprocessing modes (resize, decode,
+interpolation). The config, the policies, the certificate, the preprocessing, the CLI and the
+pipeline parameters take these values from here; the JSON schemas state the same values and
+tests keep them equal.
 """
 
 from __future__ import annotations
@@ -55,3 +57,30 @@ def _check_in(value: float, bounds: tuple[float, float], source: str, hint: str)
     if math.isnan(number) or not low < number <= high:
         raise ConfigError(f"{source}={number} is outside the valid range {_interval(bounds)}; {hint}")
     return number
+
+
+# ------------------------------------------------------------------------------------------
+# preprocessing (stage1_pro.preprocessing): how an image file becomes the network's input
+
+#: ``squash``: resize the whole image to a square (aspect ratio not kept). ``center_crop``: cut the
+#: central square (side = the shorter side), then resize it.
+RESIZE_MODES: tuple[str, ...] = ("squash", "center_crop")
+DEFAULT_RESIZE_MODE = "squash"
+#: ``draft``: JPEGs are decoded by libjpeg at the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps
+#: both sides >= img_size (fast on big photos). ``full``: every image is decoded at full size.
+DECODE_MODES: tuple[str, ...] = ("draft", "full")
+DEFAULT_DECODE_MODE = "draft"
+#: Pillow resampling filters (antialiased when shrinking).
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
+DEFAULT_INTERPOLATION = "bilinear"
+
+
+def check_choice(value: object, allowed: tuple[str, ...], source: str) -> str:
+    """Return ``value`` if it is one of ``allowed``.
+
+    Raises:
+        ConfigError: naming ``source`` and listing the allowed values.
+    """
+    if value not in allowed:
+        raise ConfigError(f"{source}={value!r}; allowed: {', '.join(allowed)}")
+    return str(value)

@@ -8,9 +8,15 @@ The inference contract (also written into every bundle's README.md):
    :func:`stage1_pro.policies.load_policy` (schema-validated again).
 2. The network is rebuilt from ``model.json`` and its weights are loaded with
    ``torch.load(weights_only=True)`` (no code is unpickled).
-3. :meth:`Predictor.predict` runs the eval-time preprocessing shared with training
-   (:func:`stage1_pro.transforms.preprocess`), the model, a softmax, and the policy's
-   ``decide``. Every threshold comes from the policy file; ``config.json`` is never read here.
+3. :meth:`Predictor.predict` runs the preprocessing recorded in ``model.json``
+   (:class:`stage1_pro.preprocessing.PreprocessSpec`, through the same function ``prepare`` used
+   for the training and calibration images), the model, a softmax, and the policy's ``decide``.
+   Every threshold comes from the policy file; ``config.json`` is never read here.
+
+So the probabilities served for an image file are the ones in that image's row of the run's
+``scores.npz`` (float32 on the same device type); a tensor of another size than the spec's is
+refused, and serving on another device type or precision than the scores were computed with
+(``model.json``'s ``scored_with``) is logged as a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,15 +34,17 @@ from stage1_pro.artifacts import read_artifact
 from stage1_pro.bundle import verify_bundle
 from stage1_pro.errors import ArtifactError, DataError
 from stage1_pro.layout import MODEL_INFO_FILE
+from stage1_pro.preprocessing import ImageSource, PreprocessSpec, load_pixels, preprocess, to_input
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
 log = logging.getLogger(__name__)
 
 #: Default number of images per forward pass.
 DEFAULT_BATCH_SIZE = 64
+#: Numeric precision of :meth:`Predictor.forward` (no autocast).
+SERVING_PRECISION = "fp32"
 
 
 @dataclass(frozen=True)
@@ -97,9 +105,15 @@ class Predictor:
     Args:
         model: the network in eval mode; ``forward(x)`` returns ``{"logits": (n, 2)[, "gate_logit": (n,)]}``.
         policy: a fitted exit policy (``decide(probs, gate_logit) -> int8 decisions``).
-        model_info: the bundle's ``model.json`` (preprocessing settings, heads).
+        model_info: the bundle's ``model.json`` (preprocessing spec, heads, ``scored_with``).
         bundle: the verified ``bundle.json`` (for provenance), if loaded from a bundle.
         device: torch device to run on.
+
+    Attributes:
+        spec: the :class:`~stage1_pro.preprocessing.PreprocessSpec` every input goes through.
+
+    Raises:
+        ArtifactError: ``model_info`` records a preprocessing this version cannot reproduce.
     """
 
     def __init__(
@@ -116,18 +130,31 @@ class Predictor:
         self.model_info = model_info
         self.bundle = bundle or {}
         self.device = device
+        self.spec = PreprocessSpec.from_model_info(model_info)
+        mismatch = scoring_mismatch(model_info.get("scored_with"), self.serving)
+        if mismatch:
+            log.warning("%s", mismatch)
 
     @property
     def version(self) -> str | None:
         """The bundle version, if loaded from a bundle."""
         return self.bundle.get("version")
 
-    # -- the three steps, public so benchmarks and tests can time or call each one ------------
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Eval-time preprocessing shared with training and scoring."""
-        from stage1_pro.transforms import preprocess
+    @property
+    def serving(self) -> dict[str, str]:
+        """Device type and precision this predictor computes with (compared with ``scored_with``)."""
+        import torch
 
-        return preprocess(list(images), self.model_info)
+        return {"device": torch.device(self.device).type, "precision": SERVING_PRECISION}
+
+    # -- the three steps, public so benchmarks and tests can time or call each one ------------
+    def preprocess(self, images: Sequence[ImageSource]) -> torch.Tensor:
+        """Images (paths, ``gs://`` URIs, bytes, PIL images) -> the network's input, by the bundle's spec.
+
+        Raises:
+            DataError: naming the first image that cannot be read or decoded.
+        """
+        return preprocess(self.spec, list(images))
 
     def forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Class probabilities ``(n, 2)`` and gate logits ``(n,)`` (None without a gate head)."""
@@ -162,11 +189,7 @@ class Predictor:
 
     def predict(
         self,
-        inputs: torch.Tensor
-        | Image.Image
-        | str
-        | os.PathLike[str]
-        | Iterable[Image.Image | str | os.PathLike[str]],
+        inputs: torch.Tensor | ImageSource | Iterable[ImageSource],
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         skip_bad: bool = False,
@@ -174,26 +197,24 @@ class Predictor:
         """Decide for each input image; one :class:`Prediction` per input, in order.
 
         Args:
-            inputs: a preprocessed tensor ``(n, C, H, W)`` (or ``(C, H, W)``), a PIL image, a
-                path/``gs://`` URI, or a sequence of images and paths.
+            inputs: a path/``gs://`` URI, encoded bytes, a PIL image, or a sequence of them
+                (preprocessed by the bundle's spec); or a tensor ``(n, 3, size, size)`` (or
+                ``(3, size, size)``) already preprocessed by that spec (:meth:`preprocess`).
             batch_size: images per forward pass. (SCRC-T decides per batch: its selection
                 threshold is computed from the calibration scores together with the batch.)
             skip_bad: an unreadable image yields a Prediction with ``error`` set instead of
                 raising; the others are still decided.
 
         Raises:
-            DataError: an image cannot be read (naming it), unless ``skip_bad``.
+            DataError: an image cannot be read (naming it), unless ``skip_bad``; a tensor of
+                another shape than the spec's (always).
         """
         import torch
 
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1 (got {batch_size})")
         if isinstance(inputs, torch.Tensor):
-            x = inputs.unsqueeze(0) if inputs.ndim == 3 else inputs
-            if x.ndim != 4:
-                raise DataError(
-                    f"a tensor input must be (n, C, H, W) or (C, H, W); got shape {tuple(inputs.shape)}"
-                )
+            x = self._checked_tensor(inputs)
             out: list[Prediction] = []
             for start in range(0, x.shape[0], batch_size):
                 out.extend(self.decide(*self.forward(x[start : start + batch_size])))
@@ -201,22 +222,77 @@ class Predictor:
         items = [inputs] if _is_single(inputs) else list(inputs)
         results: list[Prediction | None] = [None] * len(items)
         for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            images, where = [], []
-            for offset, item in enumerate(chunk):
-                i = start + offset
+            pixels, where = [], []
+            for i in range(start, min(start + batch_size, len(items))):
                 try:
-                    images.append(_as_image(item))
+                    pixels.append(load_pixels(items[i], self.spec.pixels))
                     where.append(i)
                 except DataError as exc:
                     if not skip_bad:
                         raise
                     log.warning("skipping %s", exc)
-                    results[i] = Prediction(decision=None, probs=None, source=_source(item), error=str(exc))
-            if images:
-                for i, pred in zip(where, self.decide(*self.forward(self.preprocess(images))), strict=True):
-                    results[i] = _with_source(pred, _source(items[i]))
+                    results[i] = Prediction(
+                        decision=None, probs=None, source=_source(items[i]), error=str(exc)
+                    )
+            if pixels:
+                decided = self.decide(*self.forward(to_input(pixels, self.spec)))
+                for i, pred in zip(where, decided, strict=True):
+                    results[i] = replace(pred, source=_source(items[i]))
         return [r for r in results if r is not None]
+
+    def model_outputs(
+        self, inputs: Sequence[ImageSource], *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's class probabilities ``(n, 2)`` and gate logits ``(n,)`` (None without a gate
+        head) for images, by the bundle's spec: the columns of ``scores.npz`` (no policy applied).
+
+        For re-scoring a bundle's model on other labelled images (e.g. re-certifying a champion
+        on a new val_calib): every image must decode.
+
+        Raises:
+            DataError: naming the first image that cannot be read or decoded.
+        """
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1 (got {batch_size})")
+        items = list(inputs)
+        probs, gates = [], []
+        for start in range(0, len(items), batch_size):
+            p, g = self.forward(self.preprocess(items[start : start + batch_size]))
+            probs.append(p)
+            gates.append(g)
+        if not items:
+            return np.empty((0, 2)), None
+        return np.concatenate(probs), None if gates[0] is None else np.concatenate(gates)
+
+    def _checked_tensor(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs.unsqueeze(0) if inputs.ndim == 3 else inputs
+        expected = (3, self.spec.size, self.spec.size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected or not x.is_floating_point():
+            raise DataError(
+                f"this bundle was calibrated on {self.spec.size} x {self.spec.size} RGB inputs "
+                f"({self.spec.pixels.describe()}, normalised): a tensor input must be float (n, "
+                f"{', '.join(map(str, expected))}) or ({', '.join(map(str, expected))}); got "
+                f"{str(inputs.dtype).replace('torch.', '')} {tuple(inputs.shape)}. Pass the image files "
+                "(or bytes, PIL images) instead, or preprocess them with Predictor.preprocess"
+            )
+        return x
+
+
+def scoring_mismatch(scored_with: dict[str, str] | None, serving: dict[str, str]) -> str | None:
+    """Why served probabilities may differ from the calibrated ones (None when the setups agree).
+
+    Scores computed on a GPU in bf16 differ from float32 CPU inference by about 1e-4, enough to
+    flip decisions of images within that distance of a threshold.
+    """
+    if not scored_with or all(scored_with[k] == serving[k] for k in ("device", "precision")):
+        return None
+    return (
+        f"the certificate's scores were computed on {scored_with['device']} in {scored_with['precision']}, "
+        f"but this predictor serves on {serving['device']} in {serving['precision']}: probabilities "
+        "differ slightly (about 1e-4 between bf16 GPU and fp32 CPU), so decisions of images that "
+        "close to a threshold may differ from what was certified; serve on the same device type and "
+        "precision for exact parity"
+    )
 
 
 def uses_gate(policy: Any) -> bool:
@@ -227,29 +303,11 @@ def uses_gate(policy: Any) -> bool:
 def _is_single(x: Any) -> bool:
     from PIL import Image
 
-    return isinstance(x, str | os.PathLike | Image.Image)
+    return isinstance(x, str | os.PathLike | bytes | bytearray | memoryview | Image.Image)
 
 
 def _source(item: Any) -> str | None:
     return str(item) if isinstance(item, str | os.PathLike) else None
-
-
-def _with_source(p: Prediction, source: str | None) -> Prediction:
-    from dataclasses import replace
-
-    return replace(p, source=source)
-
-
-def _as_image(item: Any) -> Image.Image:
-    from PIL import Image
-
-    if isinstance(item, Image.Image):
-        return item
-    if isinstance(item, str | os.PathLike):
-        from stage1_pro.data import open_image
-
-        return open_image(str(item))
-    raise DataError(f"cannot predict on a {type(item).__name__}: pass PIL images, paths/URIs or a tensor")
 
 
 def load_bundle(bundle_dir: str | os.PathLike[str], *, device: str = "cpu") -> Predictor:

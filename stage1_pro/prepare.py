@@ -2,16 +2,19 @@
 
 A 12-megapixel street JPEG decodes at ~5 img/s per CPU core (11 with draft decoding) while a
 GPU trains a ViT-S/14 at thousands of img/s: decoding per epoch would starve the GPU. So the
-images of every split are decoded once, in parallel worker processes, with JPEG draft
-decoding, resized to ``img_size`` (:func:`stage1_pro.transforms.load_image`, the same pixels
-inference computes) and stored as raw ``uint8`` shards that training memory-maps.
+images of every split are decoded once, in parallel worker processes, brought to the training
+resolution by :func:`stage1_pro.preprocessing.load_pixels` under a
+:class:`~stage1_pro.preprocessing.PixelSpec` (the same function, under the same spec recorded in
+``model.json``, gives inference its pixels) and stored as raw ``uint8`` shards that training
+memory-maps.
 
 Layout of ``PREPARED/`` (local folder or ``gs://`` prefix)::
 
     shard-00000.npy ...  uint8 (n, img_size, img_size, 3), NHWC RGB; ~256 MB each
     rows.npz             per prepared row: index (dataset row), label, split (code), shard, offset
-    index.json           artifact "prepared", written last: sizes, dataset fingerprint, split
-                         hash, counts per split, and every image that failed to decode (by name)
+    index.json           artifact "prepared", written last: img_size and preprocessing (the
+                         pixel spec), dataset fingerprint, split hash, counts per split, and
+                         every image that failed to decode (by name)
 
 Images that fail to decode are left out, named in ``index.json`` and counted (``n_failed``);
 training on such a folder simply has fewer rows. Raw shards take ``img_size^2 * 3`` bytes per
@@ -35,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from stage1_pro import storage
-from stage1_pro.errors import ArtifactError, DataError
+from stage1_pro.errors import ArtifactError, ConfigError, DataError
+from stage1_pro.preprocessing import PixelSpec
 
 _LOG = logging.getLogger(__name__)
 
@@ -54,18 +58,18 @@ def splits_sha256(splits: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _decode(task: tuple[int, str, int]) -> tuple[int, np.ndarray | None, str | None]:
-    from stage1_pro.transforms import load_image
+def _decode(task: tuple[int, str, PixelSpec]) -> tuple[int, np.ndarray | None, str | None]:
+    from stage1_pro.preprocessing import load_pixels
 
-    row, uri, img_size = task
+    row, uri, spec = task
     try:
-        return row, load_image(uri, img_size), None
+        return row, load_pixels(uri, spec), None
     except DataError as exc:
         return row, None, str(exc)
 
 
 def _decoded(
-    tasks: list[tuple[int, str, int]], workers: int
+    tasks: list[tuple[int, str, PixelSpec]], workers: int
 ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     if workers <= 1:
         yield from map(_decode, tasks)
@@ -90,7 +94,7 @@ def prepare_dataset(
     data_uri: str,
     splits_uri: str,
     out_uri: str,
-    img_size: int,
+    spec: PixelSpec | int,
     workers: int | None = None,
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -101,7 +105,8 @@ def prepare_dataset(
         data_uri: manifest or image-folder tree (local or ``gs://``).
         splits_uri: the ``splits.json`` made for that dataset (fingerprint checked).
         out_uri: output folder or ``gs://`` prefix.
-        img_size: square side in pixels (the config's ``img_size``).
+        spec: how images become pixels (``PixelSpec.from_config(config)``); an integer means
+            that many pixels with the default modes.
         workers: decoding processes (default: all CPU cores).
         shard_bytes: target size of one shard file.
 
@@ -109,15 +114,17 @@ def prepare_dataset(
         The written ``index.json`` object.
 
     Raises:
+        ConfigError: an invalid spec (size below 1, unknown mode).
         DataError: dataset/splits mismatch, or no image could be decoded.
     """
     from stage1_pro.artifacts import write_artifact
     from stage1_pro.data import load_dataset
+    from stage1_pro.preprocessing import RECORD_KEY
     from stage1_pro.splits import SPLIT_NAMES, load_splits
-    from stage1_pro.transforms import RESIZE_METHOD
 
-    if img_size < 1:
-        raise DataError(f"img_size={img_size} must be >= 1")
+    if not isinstance(spec, PixelSpec):
+        spec = PixelSpec(spec)
+    img_size = spec.size
     start = time.perf_counter()
     dataset = load_dataset(data_uri)
     splits = load_splits(splits_uri, dataset)
@@ -128,7 +135,7 @@ def prepare_dataset(
     workers = max(1, workers or os.cpu_count() or 1)
     per_image = img_size * img_size * 3
     shard_rows = max(1, shard_bytes // per_image)
-    _LOG.info("preparing %d images at %d px with %d worker(s) -> %s", rows.size, img_size, workers, out_uri)
+    _LOG.info("preparing %d images (%s), %d worker(s) -> %s", rows.size, spec.describe(), workers, out_uri)
 
     shards: list[dict[str, Any]] = []
     kept_rows: list[int] = []
@@ -147,7 +154,7 @@ def prepare_dataset(
         shards.append({"file": name, "n": len(buffer), "bytes": len(data)})
         buffer.clear()
 
-    tasks = [(int(r), dataset.uris[r], img_size) for r in rows]
+    tasks = [(int(r), dataset.uris[r], spec) for r in rows]
     for row, array, error in _decoded(tasks, workers):
         if array is None:
             n_failed += 1
@@ -187,7 +194,7 @@ def prepare_dataset(
     obj = {
         "img_size": int(img_size),
         "layout": LAYOUT,
-        "resize": RESIZE_METHOD,
+        RECORD_KEY: spec.record(),
         "dataset": {"fingerprint": dataset.fingerprint, "n": len(dataset), "source": dataset.source},
         "splits": {"sha256": splits_sha256(splits), "seed": int(splits["seed"])},
         "shards": shards,
@@ -233,6 +240,31 @@ class PreparedData:
     @property
     def img_size(self) -> int:
         return int(self.info["img_size"])
+
+    @property
+    def pixel_spec(self) -> PixelSpec:
+        """How these shards' pixels were made (pre-spec folders: the default modes they used)."""
+        from stage1_pro.preprocessing import RECORD_KEY
+
+        return PixelSpec.from_record(self.img_size, self.info.get(RECORD_KEY), f"{self.root}/{INDEX_FILE}")
+
+    def check_spec(self, spec: PixelSpec, source: str) -> None:
+        """Raise :class:`ConfigError` unless these shards were made with ``spec`` (what training expects).
+
+        The message names each differing setting and both ways out (train with the shards'
+        settings, or prepare again with the config's).
+        """
+        diff = self.pixel_spec.differences(spec)
+        if diff:
+
+            def flags(i: int) -> str:
+                return " ".join(f"--{name.replace('_', '-')} {values[i]}" for name, values in diff.items())
+
+            raise ConfigError(
+                f"{source} was prepared with {', '.join(f'{k}={v[0]}' for k, v in diff.items())} but the "
+                f"config has {', '.join(f'{k}={v[1]}' for k, v in diff.items())}; train with {flags(0)}, "
+                f"or re-run `stage1-pro prepare` with {flags(1)}"
+            )
 
     @property
     def shard_paths(self) -> list[str]:

@@ -209,6 +209,16 @@ Rule: {validation["rule"].get("description", "")}
 """
 
 
+def _preprocessing_line(model_info: dict[str, Any]) -> str:
+    """The recorded preprocessing spec in words (the certificate holds for these pixels)."""
+    from stage1_pro.preprocessing import RECORD_KEY, PixelSpec
+
+    if "img_size" not in model_info:
+        return "n/a (no model.json)"
+    spec = PixelSpec.from_record(model_info["img_size"], model_info.get(RECORD_KEY), "model.json")
+    return f"{spec.describe()}, EXIF orientation applied, RGB (`stage1_pro.preprocessing`)"
+
+
 def render_model_card(
     validation: dict[str, Any],
     config: dict[str, Any],
@@ -232,6 +242,7 @@ def render_model_card(
 ## Model details
 - Backbone: `{backbone}` at {img_size} px, heads {info.get("heads", "?")};
   training phase {config.get("phase")}, fine-tune mode {config.get("finetune_mode")}.
+- Preprocessing: {_preprocessing_line(info)}.
 - Model version (sha256 of model_best.pth): `{lineage.get("model_version", "n/a")}`.
 - Exit policy: `{validation["exit_policy"]}` from `{validation["policy_file"]}`; validation verdict:
   **{_verdict(validation)}**.

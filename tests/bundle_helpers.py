@@ -48,14 +48,13 @@ def build_tiny_model(out_dir: Path, images: list[Path] | None = None, seed: int 
     """
     import torch
 
-    from stage1_pro.data import open_image
     from stage1_pro.models import create_model, export_state_dict, save_model_info
-    from stage1_pro.transforms import preprocess
+    from stage1_pro.preprocessing import PreprocessSpec, preprocess
 
     torch.manual_seed(seed)
     model = create_model(tiny_config(), pretrained=False).eval()
     if images:
-        x = preprocess([open_image(str(p)) for p in images], model.info)
+        x = preprocess(PreprocessSpec.from_model_info(model.info), images)
         with torch.no_grad():
             out = model(x)
             margin = out["logits"][:, 1] - out["logits"][:, 0]

@@ -1,4 +1,7 @@
-"""Datasets: manifests (CSV/JSONL), image-folder trees, the fingerprint, open_image and every bad input."""
+"""Datasets: manifests (CSV/JSONL), image-folder trees, the fingerprint and every bad input.
+
+Decoding images (and its errors) is tested in test_preprocessing.py.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stage1_pro.data import Dataset, load_dataset, manifest_fingerprint, open_image
+from stage1_pro.data import Dataset, load_dataset, manifest_fingerprint
 from stage1_pro.errors import DataError
 
 EXAMPLES = Path(__file__).parent / "data" / "manifests"
@@ -136,22 +139,10 @@ def test_check_files_false_skips_the_existence_check(images: Path) -> None:
     assert load_dataset(path, check_files=False).uris == [str(images / "missing.png")]
 
 
-def test_open_image(images: Path) -> None:
-    image = open_image(images / "b.png")
-    assert image.mode == "L" and image.size == (4, 4) and np.asarray(image)[0, 0] == 60
-
-
-def test_open_image_applies_exif_orientation(tmp_path: Path) -> None:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display": the stored 8x4 image shows as 4x8
-    Image.new("RGB", (8, 4), (200, 10, 10)).save(tmp_path / "photo.jpg", exif=exif)
-    assert open_image(tmp_path / "photo.jpg").size == (4, 8)
-
-
 def test_demo_layout_loads(tiny_dataset: Path) -> None:
     ds = load_dataset(tiny_dataset)
     assert len(ds) == 200 and ds.n_positive == 100 and ds.groups is None
-    assert open_image(ds.uris[0]).size == (28, 28)
+    assert Image.open(ds.uris[0]).size == (28, 28)
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,14 +255,3 @@ def test_bad_image_folder_trees(images: Path) -> None:
         load_dataset(root)
     (root / "0" / "labels.txt").unlink()
     assert load_dataset(root).labels.tolist() == [0]
-
-
-def test_undecodable_and_missing_images(images: Path) -> None:
-    (images / "broken.png").write_bytes((images / "a.png").read_bytes()[:30])
-    with pytest.raises(DataError, match=r"broken.png: cannot decode image .*re-export the file or remove it"):
-        open_image(images / "broken.png")
-    (images / "text.jpg").write_text("not an image")
-    with pytest.raises(DataError, match=r"text.jpg: cannot decode image \(cannot identify image file"):
-        open_image(images / "text.jpg")
-    with pytest.raises(DataError, match=r"cannot read image: .*nope.png: file not found"):
-        open_image(images / "nope.png")

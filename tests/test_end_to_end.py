@@ -23,12 +23,11 @@ from bundle_helpers import build_tiny_model, make_run, tiny_images
 from stage1_pro.artifacts import read_artifact
 from stage1_pro.bundle import POLICY_FILES, verify_bundle
 from stage1_pro.cli import main
-from stage1_pro.data import open_image
 from stage1_pro.inference import load_bundle
 from stage1_pro.models import load_model
 from stage1_pro.policies import load_policy
+from stage1_pro.preprocessing import PreprocessSpec, preprocess
 from stage1_pro.scores import load_scores
-from stage1_pro.transforms import preprocess
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +93,7 @@ def test_scores_to_predictions(
     model = load_model(run)
     with torch.no_grad():
         out = model(
-            preprocess([open_image(str(p)) for p in images], read_artifact(run / "model.json", "model"))
+            preprocess(PreprocessSpec.from_model_info(read_artifact(run / "model.json", "model")), images)
         )
     probs = torch.softmax(out["logits"], dim=1).numpy().astype(np.float64)
     gate = out["gate_logit"].numpy().astype(np.float64)

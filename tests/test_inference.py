@@ -4,6 +4,7 @@ contract (bundle.json first, checksums, weights_only, never a threshold from con
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,13 +16,12 @@ from bundle_helpers import build_tiny_model, make_run, tiny_images
 from stage1_pro.artifacts import read_artifact, write_artifact
 from stage1_pro.bundle import export_bundle
 from stage1_pro.cli import main
-from stage1_pro.data import open_image
 from stage1_pro.errors import ArtifactError, DataError
 from stage1_pro.inference import Prediction, Predictor, load_bundle
 from stage1_pro.models import load_model
 from stage1_pro.policies import load_policy
+from stage1_pro.preprocessing import PreprocessSpec, decode_image, preprocess
 from stage1_pro.provenance import sha256_file
-from stage1_pro.transforms import preprocess
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def bare_outputs(bundle: Path, images: list[Path]) -> tuple[np.ndarray, np.ndarr
     model = load_model(bundle)
     info = read_artifact(bundle / "model.json", "model")
     with torch.no_grad():
-        out = model(preprocess([open_image(str(p)) for p in images], info))
+        out = model(preprocess(PreprocessSpec.from_model_info(info), images))
     probs = torch.softmax(out["logits"], dim=1).numpy().astype(np.float64)
     gate = out.get("gate_logit")
     return probs, None if gate is None else gate.numpy().astype(np.float64)
@@ -91,7 +91,7 @@ def test_decisions_are_the_policy_on_the_model_probabilities(
 def test_input_forms_agree(bundles: dict[str, Path], images: list[Path]) -> None:
     predictor = load_bundle(bundles["softmax"])
     by_path = predictor.predict(images[:8])
-    pil = [open_image(str(p)) for p in images[:8]]
+    pil = [decode_image(p) for p in images[:8]]
     by_image = predictor.predict(pil, batch_size=3)
     by_tensor = predictor.predict(predictor.preprocess(pil))
     single = predictor.predict(str(images[0]))
@@ -208,14 +208,74 @@ def test_corrupt_image_is_named_and_skipped_on_request(
 
 def test_bad_inputs(bundles: dict[str, Path]) -> None:
     predictor = load_bundle(bundles["softmax"])
-    with pytest.raises(DataError, match=r"tensor input must be \(n, C, H, W\)"):
+    with pytest.raises(
+        DataError, match=r"a tensor input must be float \(n, 3, 32, 32\) .*got float32 \(3, 4\)"
+    ):
         predictor.predict(torch.zeros(3, 4))
-    with pytest.raises(DataError, match=r"cannot predict on a int"):
+    with pytest.raises(DataError, match=r"cannot read an image from a int: pass a path, a gs:// URI, bytes"):
         predictor.predict([1])
     with pytest.raises(DataError, match=r"batch_size must be >= 1"):
         predictor.predict(torch.zeros(1, 3, 32, 32), batch_size=0)
     with pytest.raises(ArtifactError, match=r"bundle.json: file not found"):
         load_bundle(Path(bundles["softmax"]).parent / "nope")
+
+
+def test_input_it_was_not_calibrated_for_is_refused(bundles: dict[str, Path], images: list[Path]) -> None:
+    predictor = load_bundle(bundles["softmax"])  # 32 px
+    calibrated = (
+        "this bundle was calibrated on 32 x 32 RGB inputs \\(32 px, squash, bilinear, JPEG draft decoding"
+    )
+    for tensor in (torch.zeros(2, 3, 64, 64), torch.zeros(3, 224, 224), torch.zeros(1, 1, 32, 32)):
+        with pytest.raises(
+            DataError, match=calibrated + r".*got float32 " + re.escape(str(tuple(tensor.shape)))
+        ):
+            predictor.predict(tensor)
+    with pytest.raises(DataError, match=r"a tensor input must be float .*got uint8 \(1, 3, 32, 32\)"):
+        predictor.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    assert len(predictor.predict(predictor.preprocess(images[:2]))) == 2  # the spec's own tensors pass
+
+
+def test_bytes_and_model_outputs_agree_with_paths(bundles: dict[str, Path], images: list[Path]) -> None:
+    predictor = load_bundle(bundles["gate"])
+    by_path = predictor.predict(images[:6])
+    by_bytes = predictor.predict([p.read_bytes() for p in images[:6]], batch_size=4)
+    single = predictor.predict(images[0].read_bytes())
+    probs, gate = predictor.model_outputs(images[:6], batch_size=4)
+    np.testing.assert_array_equal([p.probs for p in by_bytes], [p.probs for p in by_path])
+    assert single[0].probs == by_path[0].probs and by_bytes[0].source is None
+    np.testing.assert_array_equal(probs, [p.probs for p in by_path])
+    np.testing.assert_array_equal(gate, [p.gate_logit for p in by_path])
+    assert predictor.model_outputs([])[0].shape == (0, 2)
+    with pytest.raises(DataError, match=r"missing.png: file not found"):
+        predictor.model_outputs([images[0], images[0].parent / "missing.png"])
+
+
+def test_serving_unlike_the_scores_is_warned(
+    bundles: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    bundle = bundles["softmax"]
+    model, policy = load_model(bundle), load_policy(str(bundle / "thresholds.json"))
+    info = read_artifact(bundle / "model.json", "model")
+    with caplog.at_level("WARNING", logger="stage1_pro.inference"):
+        Predictor(model, policy, {**info, "scored_with": {"device": "cpu", "precision": "fp32"}})
+        Predictor(model, policy, info)  # not recorded (bundles made before it was): nothing to compare
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="stage1_pro.inference"):
+        predictor = Predictor(model, policy, {**info, "scored_with": {"device": "cuda", "precision": "bf16"}})
+    assert predictor.serving == {"device": "cpu", "precision": "fp32"}
+    assert (
+        "the certificate's scores were computed on cuda in bf16, but this predictor serves on cpu in fp32"
+        in caplog.text
+    )
+
+
+def test_bundle_readme_states_the_preprocessing(bundles: dict[str, Path]) -> None:
+    readme = (bundles["softmax"] / "README.md").read_text()
+    assert "## Preprocessing (the certificate holds for these pixels only)" in readme
+    assert (
+        "'size': 32, 'resize_mode': 'squash', 'decode_mode': 'draft', 'interpolation': 'bilinear'" in readme
+    )
+    assert 'image.draft("RGB", (32, 32))' in readme and "resize the whole image to 32 x 32" in readme
 
 
 def test_predictor_from_parts_needs_no_bundle(bundles: dict[str, Path], images: list[Path]) -> None:

@@ -31,7 +31,7 @@ def tiny(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     root = tmp_path_factory.mktemp("phases-tiny")
     splits = str(root / "splits.json")
     split_dataset(str(tiny_dataset), splits, seed=0)
-    prepare_dataset(str(tiny_dataset), splits, str(root / "prepared"), img_size=32, workers=1)
+    prepare_dataset(str(tiny_dataset), splits, str(root / "prepared"), 32, workers=1)
     return {"data": str(tiny_dataset), "splits": splits, "prepared": str(root / "prepared")}
 
 

@@ -390,15 +390,13 @@ def _expected_decisions(run: Path, images: list[Path]) -> np.ndarray:
     """What the run's own policy file decides on a bare forward pass of the run's own model."""
     import torch
 
-    from stage1_pro.data import open_image
     from stage1_pro.models import load_model
-    from stage1_pro.transforms import preprocess
+    from stage1_pro.preprocessing import PreprocessSpec, preprocess
 
     model = load_model(run)
+    spec = PreprocessSpec.from_model_info(read_artifact(run / "model.json", "model"))
     with torch.no_grad():
-        out = model(
-            preprocess([open_image(str(p)) for p in images], read_artifact(run / "model.json", "model"))
-        )
+        out = model(preprocess(spec, images))
     probs = torch.softmax(out["logits"], dim=1).numpy().astype(np.float64)
     return np.asarray(load_policy(run / "marginparams.json").decide(probs))
 

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from stage1_pro.artifacts import read_artifact
 from stage1_pro.cli import main
 from stage1_pro.errors import ArtifactError, DataError
 from stage1_pro.prepare import open_prepared, prepare_dataset
+from stage1_pro.preprocessing import PixelSpec, load_pixels
 from stage1_pro.splits import SPLIT_NAMES, split_dataset
 from stage1_pro.training.loaders import ShardBatches
-from stage1_pro.transforms import load_image, preprocess, resize_image
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,20 @@ def tiny_split(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_prepare_writes_shards_rows_and_a_valid_index(tiny_split, tmp_path) -> None:
     data, splits = tiny_split
     index = prepare_dataset(
-        data, splits, str(tmp_path / "p"), img_size=16, workers=1, shard_bytes=16 * 16 * 3 * 64
+        data, splits, str(tmp_path / "p"), PixelSpec(16), workers=1, shard_bytes=16 * 16 * 3 * 64
     )
     assert read_artifact(tmp_path / "p" / "index.json", "prepared") == index
     assert index["n_failed"] == 0 and sum(index["counts"].values()) == 200
     assert len(index["shards"]) == 4  # 64 rows per shard
     prepared = open_prepared(str(tmp_path / "p"))
     assert prepared.img_size == 16 and len(prepared.index) == 200
-    # every row holds the pixels load_image gives for its dataset row, with its label
+    assert index["preprocessing"] == {
+        "resize_mode": "squash",
+        "decode_mode": "draft",
+        "interpolation": "bilinear",
+    }
+    assert prepared.pixel_spec == PixelSpec(16)
+    # every row holds the pixels load_pixels gives for its dataset row, with its label
     from stage1_pro.data import load_dataset
 
     ds = load_dataset(data)
@@ -43,7 +49,7 @@ def test_prepare_writes_shards_rows_and_a_valid_index(tiny_split, tmp_path) -> N
         [0, 77, 199]
     ]
     for pos, row in enumerate(prepared.index[[0, 77, 199]]):
-        assert np.array_equal(batch[pos].numpy(), load_image(ds.uris[row], 16))
+        assert np.array_equal(batch[pos].numpy(), load_pixels(ds.uris[row], PixelSpec(16)))
         assert labels[pos] == ds.labels[row]
     codes = {name: set(prepared.index[prepared.split == c].tolist()) for c, name in enumerate(SPLIT_NAMES)}
     from stage1_pro.splits import load_splits
@@ -53,8 +59,8 @@ def test_prepare_writes_shards_rows_and_a_valid_index(tiny_split, tmp_path) -> N
 
 def test_parallel_workers_give_the_same_shards(tiny_split, tmp_path) -> None:
     data, splits = tiny_split
-    prepare_dataset(data, splits, str(tmp_path / "one"), img_size=12, workers=1)
-    prepare_dataset(data, splits, str(tmp_path / "two"), img_size=12, workers=2)
+    prepare_dataset(data, splits, str(tmp_path / "one"), PixelSpec(12), workers=1)
+    prepare_dataset(data, splits, str(tmp_path / "two"), PixelSpec(12), workers=2)
     for name in ("shard-00000.npy", "rows.npz"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
@@ -96,13 +102,13 @@ def test_corrupt_image_is_named_counted_and_left_out(tiny_dataset: Path, tmp_pat
 def test_prepare_refuses_splits_of_another_dataset(tiny_split, demo_dataset, tmp_path) -> None:
     _, splits = tiny_split
     with pytest.raises(DataError, match=r"made for dataset .* the data changed"):
-        prepare_dataset(str(demo_dataset), splits, str(tmp_path / "p"), img_size=8, workers=1)
+        prepare_dataset(str(demo_dataset), splits, str(tmp_path / "p"), PixelSpec(8), workers=1)
     assert not (tmp_path / "p").exists()
 
 
 def test_truncated_shard_is_reported(tiny_split, tmp_path) -> None:
     data, splits = tiny_split
-    prepare_dataset(data, splits, str(tmp_path / "p"), img_size=8, workers=1)
+    prepare_dataset(data, splits, str(tmp_path / "p"), PixelSpec(8), workers=1)
     shard = tmp_path / "p" / "shard-00000.npy"
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ArtifactError, match=r"shard-00000.npy: shard missing or truncated"):
@@ -112,8 +118,8 @@ def test_truncated_shard_is_reported(tiny_split, tmp_path) -> None:
 def test_prepare_to_and_from_gcs(tiny_split, gcs_emulator, tmp_path) -> None:
     data, splits = tiny_split
     bucket = gcs_emulator.make_bucket()
-    prepare_dataset(data, splits, f"{bucket}/prepared", img_size=8, workers=2)
-    local = prepare_dataset(data, splits, str(tmp_path / "local"), img_size=8, workers=1)
+    prepare_dataset(data, splits, f"{bucket}/prepared", PixelSpec(8), workers=2)
+    local = prepare_dataset(data, splits, str(tmp_path / "local"), PixelSpec(8), workers=1)
     remote = open_prepared(f"{bucket}/prepared", cache_dir=tmp_path / "cache")
     assert remote.info["counts"] == local["counts"]
     assert np.array_equal(np.load(remote.shard_paths[0]), np.load(tmp_path / "local" / "shard-00000.npy"))
@@ -121,32 +127,42 @@ def test_prepare_to_and_from_gcs(tiny_split, gcs_emulator, tmp_path) -> None:
         open_prepared(f"{bucket}/prepared/nothing")
 
 
-def test_jpeg_draft_decoding_matches_the_full_decode_closely(tmp_path) -> None:
-    rng = np.random.default_rng(0)
-    smooth = np.kron(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), np.ones((40, 40, 1), dtype=np.uint8))
-    path = tmp_path / "big.jpg"
-    Image.fromarray(smooth).save(path, quality=95)
-    drafted = load_image(str(path), 64)  # decoded at 1/8 scale (200 x 150), then resized
-    full = resize_image(Image.open(path).convert("RGB"), 64)
-    assert drafted.shape == full.shape == (64, 64, 3)
-    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 6
+def test_prepare_cli_records_the_preprocessing_and_train_refuses_other_settings(
+    tiny_split, tmp_path, capsys
+) -> None:
+    data, splits = tiny_split
+    out = tmp_path / "p"
+    args = ["--data", data, "--splits", splits, "--out", str(out), "--img-size", "12", "--workers", "1"]
+    assert main(["prepare", *args, "--resize-mode", "center_crop", "--interpolation", "bicubic"]) == 0
+    assert "12 px, center_crop, bicubic, JPEG draft decoding" in capsys.readouterr().out
+    prepared = open_prepared(str(out))
+    assert prepared.pixel_spec == PixelSpec(12, "center_crop", interpolation="bicubic")
+    with pytest.raises(SystemExit):
+        main(["prepare", *args, "--resize-mode", "letterbox"])
+    assert re.search(
+        r"invalid choice: 'letterbox' \(choose from '?squash'?, '?center_crop'?\)", capsys.readouterr().err
+    )
+
+    run = str(tmp_path / "run")
+    train = ["train", "--prepared", str(out), "--splits", splits, "--out", run, "--img-size", "12",
+             "--model-name", "test_efficientnet", "--pretrained", "false", "--epochs", "1"]  # fmt: skip
+    assert main(train) == 2  # refused before any training: the config says squash / bilinear
+    err = capsys.readouterr().err
+    assert (
+        f"{out} was prepared with resize_mode=center_crop, interpolation=bicubic but the config has "
+        "resize_mode=squash, interpolation=bilinear; train with --resize-mode center_crop --interpolation "
+        "bicubic, or re-run `stage1-pro prepare` with --resize-mode squash --interpolation bilinear"
+    ) in err
+    assert not (tmp_path / "run" / "model_best.pth").exists()
 
 
-def test_resize_and_preprocess_handle_grey_palette_and_rgba() -> None:
-    grey = Image.fromarray(np.full((10, 20), 200, dtype=np.uint8))
-    palette = grey.convert("P")
-    rgba = Image.new("RGBA", (9, 9), (10, 20, 30, 128))
-    for image in (grey, palette, rgba):
-        assert resize_image(image, 8).shape == (8, 8, 3)
-    x = preprocess([grey, rgba], {"img_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3})
-    assert x.shape == (2, 3, 8, 8)
-    assert abs(float(x[0, 0, 0, 0]) - (200 / 255 - 0.5) / 0.5) < 1e-5
+def test_an_index_written_before_the_spec_reads_as_the_default_spec(tiny_split, tmp_path) -> None:
+    import json
 
-
-def test_unreadable_image_error_names_the_file(tmp_path) -> None:
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"\xff\xd8\xff garbage")
-    with pytest.raises(DataError, match=r"bad.jpg: cannot decode image"):
-        load_image(str(bad), 8)
-    with pytest.raises(DataError, match=r"missing.png: file not found"):
-        load_image(str(tmp_path / "missing.png"), 8)
+    data, splits = tiny_split
+    prepare_dataset(data, splits, str(tmp_path / "p"), PixelSpec(8), workers=1)
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    del index["preprocessing"]
+    index["resize"] = "draft+RGB+bilinear-antialias-square"  # what earlier versions wrote
+    (tmp_path / "p" / "index.json").write_text(json.dumps(index))
+    assert open_prepared(str(tmp_path / "p")).pixel_spec == PixelSpec(8)

@@ -10,8 +10,9 @@ import pytest
 
 from stage1_pro import storage
 from stage1_pro.artifacts import read_artifact, write_artifact
-from stage1_pro.data import load_dataset, open_image
+from stage1_pro.data import load_dataset
 from stage1_pro.errors import ArtifactError, DataError, StorageError
+from stage1_pro.preprocessing import PixelSpec, decode_image, load_pixels
 from stage1_pro.splits import load_splits, split_dataset
 
 pytestmark = pytest.mark.gcs
@@ -102,7 +103,11 @@ def test_manifest_and_images_round_trip(bucket: str, tiny_dataset: Path, tmp_pat
     assert remote.uris[0] == f"{prefix}/images/00000.png"
     assert all(u.startswith(f"{prefix}/images/") for u in remote.uris)
     for i in (0, 57, 199):
-        assert np.array_equal(np.asarray(open_image(remote.uris[i])), np.asarray(open_image(local.uris[i])))
+        assert np.array_equal(
+            np.asarray(decode_image(remote.uris[i])), np.asarray(decode_image(local.uris[i]))
+        )
+        spec = PixelSpec(20, "center_crop")
+        assert np.array_equal(load_pixels(remote.uris[i], spec), load_pixels(local.uris[i], spec))
 
     # splits of the gs:// copy, written to gs://, equal the local ones (same fingerprint -> same indices)
     remote_splits = split_dataset(f"{prefix}/manifest.csv", f"{bucket}/runs/splits.json", seed=3)
@@ -141,7 +146,7 @@ def test_image_folder_tree_on_gcs(bucket: str, tiny_dataset: Path) -> None:
     assert len(ds) == 12 and ds.source == prefix
     assert ds.keys == sorted(ds.keys) and all(k.split("/")[0] in ("0", "1") for k in ds.keys)
     assert [int(k[0]) for k in ds.keys] == ds.labels.tolist()
-    assert open_image(ds.uris[0]).size == (28, 28)
+    assert decode_image(ds.uris[0]).size == (28, 28)
     storage.write_text(f"{prefix}/2/x.png", "x")
     with pytest.raises(DataError, match=r"unexpected folder '2'"):
         load_dataset(prefix)
@@ -150,6 +155,6 @@ def test_image_folder_tree_on_gcs(bucket: str, tiny_dataset: Path) -> None:
 def test_corrupt_image_on_gcs(bucket: str) -> None:
     storage.write_bytes(f"{bucket}/bad.png", b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(DataError, match=rf"{bucket}/bad.png: cannot decode image"):
-        open_image(f"{bucket}/bad.png")
+        decode_image(f"{bucket}/bad.png")
     with pytest.raises(DataError, match=r"cannot read image: .*no such object"):
-        open_image(f"{bucket}/none.png")
+        decode_image(f"{bucket}/none.png")

@@ -42,7 +42,7 @@ def tiny(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     root = tmp_path_factory.mktemp("train-tiny")
     splits = str(root / "splits.json")
     split_dataset(str(tiny_dataset), splits, seed=0)
-    prepare_dataset(str(tiny_dataset), splits, str(root / "prepared"), img_size=32, workers=1)
+    prepare_dataset(str(tiny_dataset), splits, str(root / "prepared"), 32, workers=1)
     return {"data": str(tiny_dataset), "splits": splits, "prepared": str(root / "prepared")}
 
 
@@ -127,7 +127,11 @@ def test_phase_two_needs_adapters_and_data_needs_one_source(tiny, tmp_path) -> N
 
 
 def test_prepared_at_another_size_is_refused(tiny, tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"holds 32-px images but img_size=48; pass --img-size 32"):
+    with pytest.raises(
+        ConfigError,
+        match=r"was prepared with img_size=32 but the config has img_size=48; train with --img-size 32, or "
+        r"re-run `stage1-pro prepare` with --img-size 48",
+    ):
         train(
             _config(img_size=48),
             prepared_uri=tiny["prepared"],
@@ -141,10 +145,10 @@ def test_prepared_at_another_size_is_refused(tiny, tmp_path) -> None:
 
 
 def test_phase_one_run_directory(tiny_dataset: Path, tmp_path) -> None:
-    from stage1_pro.data import load_dataset, open_image
+    from stage1_pro.data import load_dataset
     from stage1_pro.models import load_model
+    from stage1_pro.preprocessing import PreprocessSpec, preprocess
     from stage1_pro.scores import load_scores
-    from stage1_pro.transforms import preprocess
 
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset.parent, data)
@@ -193,10 +197,12 @@ def test_phase_one_run_directory(tiny_dataset: Path, tmp_path) -> None:
 
     # inference path: load_model + preprocess on the image files gives the scores training wrote
     model = load_model(out)
-    images = [open_image(dataset.uris[i]) for i in test.index[:8]]
+    images = [dataset.uris[i] for i in test.index[:8]]
     with torch.no_grad():
-        probs = torch.softmax(model(preprocess(images, model.info))["logits"], 1).numpy()
-    assert np.allclose(probs, test.probs[:8], atol=1e-5)
+        probs = torch.softmax(
+            model(preprocess(PreprocessSpec.from_model_info(model.info), images))["logits"], 1
+        )
+    assert np.allclose(probs.numpy(), test.probs[:8], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

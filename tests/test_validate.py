@@ -116,6 +116,7 @@ def test_report_model_card_and_figures(runs: dict[str, Path]) -> None:
     for section in ("## Intended use", "## Guarantee", "## Test audit", "## Limitations"):
         assert section in card
     assert f"{v['test_metrics']['coverage']:.4f}" in card
+    assert "- Preprocessing: 32 px, squash, bilinear, JPEG draft decoding, EXIF orientation applied" in card
 
 
 def test_markdown_report(run: Path) -> None:

@@ -15,6 +15,7 @@ from stage1_pro.layout import MODEL_FILE, MODEL_INFO_FILE
 from stage1_pro.models.adapters import AdapterSpec, apply_adapters, has_adapters, merge_adapters
 from stage1_pro.models.backbones import create_backbone, data_config
 from stage1_pro.models.heads import CLASSIFIER_HEADS, NUM_CLASSES, SELECTIVE_HEADS, StageHeads
+from stage1_pro.preprocessing import RECORD_KEY, PixelSpec
 
 if TYPE_CHECKING:
     from stage1_pro.config import Stage1ProConfig
@@ -87,6 +88,7 @@ def create_model(config: Stage1ProConfig, *, pretrained: bool | None = None) -> 
         "heads": list(heads_for_phase(config.phase)),
         "mean": [float(v) for v in cfg["mean"]],
         "std": [float(v) for v in cfg["std"]],
+        RECORD_KEY: PixelSpec.from_config(config).record(),
         "in_chans": 3,
         "grayscale_to_rgb": True,
         "gate_hidden": int(config.gate_hidden),

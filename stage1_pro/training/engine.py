@@ -37,6 +37,7 @@ from stage1_pro import storage
 from stage1_pro.config import Stage1ProConfig, save_config
 from stage1_pro.errors import ConfigError, DataError, NotBuiltError
 from stage1_pro.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE, SPLITS_FILE, RunDir
+from stage1_pro.preprocessing import PixelSpec
 from stage1_pro.training import checkpoint as ckpt
 from stage1_pro.training.distributed import (
     DistInfo,
@@ -108,21 +109,21 @@ def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str |
     return recipe
 
 
-def _prepared_matches(uri: str, splits: dict[str, Any], img_size: int) -> bool:
-    from stage1_pro.artifacts import read_artifact
+def _prepared_matches(uri: str, splits: dict[str, Any], spec: PixelSpec) -> bool:
     from stage1_pro.errors import ArtifactError
-    from stage1_pro.prepare import INDEX_FILE, splits_sha256
+    from stage1_pro.prepare import INDEX_FILE, open_prepared, splits_sha256
 
     if not storage.exists(storage.join(uri, INDEX_FILE)):
         return False
     try:
-        info = read_artifact(storage.join(uri, INDEX_FILE), "prepared")
+        data = open_prepared(uri)
+        made_with = data.pixel_spec
     except ArtifactError:
         return False
     return (
-        info["img_size"] == img_size
-        and info["dataset"]["fingerprint"] == splits["dataset"]["fingerprint"]
-        and info["splits"]["sha256"] == splits_sha256(splits)
+        made_with == spec
+        and data.info["dataset"]["fingerprint"] == splits["dataset"]["fingerprint"]
+        and data.info["splits"]["sha256"] == splits_sha256(splits)
     )
 
 
@@ -158,20 +159,15 @@ def open_data(
     from stage1_pro.prepare import open_prepared, prepare_dataset, splits_sha256
     from stage1_pro.splits import SPLIT_NAMES
 
+    spec = PixelSpec.from_config(config)
     if prepared_uri is None:
         prepared_uri = _local_prepared_dir(out_dir)
-        if info.is_main and not _prepared_matches(prepared_uri, splits, config.img_size):
-            prepare_dataset(
-                data_uri, splits_uri, prepared_uri, config.img_size, workers=max(1, config.num_workers)
-            )
+        if info.is_main and not _prepared_matches(prepared_uri, splits, spec):
+            prepare_dataset(data_uri, splits_uri, prepared_uri, spec, workers=max(1, config.num_workers))
         barrier(info)
     data = open_prepared(prepared_uri)
     data.check_matches(splits, prepared_uri)
-    if data.img_size != config.img_size:
-        raise ConfigError(
-            f"{prepared_uri} holds {data.img_size}-px images but img_size={config.img_size}; "
-            f"pass --img-size {data.img_size} or re-run `stage1-pro prepare --img-size {config.img_size}`"
-        )
+    data.check_spec(spec, prepared_uri)  # the pixels trained and scored are the pixels served
     if data.info["splits"]["sha256"] != splits_sha256(splits):
         raise DataError(
             f"{prepared_uri} was prepared for other splits than {splits_uri}; "
@@ -659,7 +655,9 @@ def _train(
         config, model.info, shards, split_rows, out_dir, dist_info, eval_batch, amp_dtype, workers
     )
     if dist_info.is_main:
-        save_model_info(model.info, storage.join(out_dir, MODEL_INFO_FILE))
+        # Inference warns when it serves on another device type or precision than these scores'.
+        scored_with = {"device": device.type, "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
+        save_model_info({**model.info, "scored_with": scored_with}, storage.join(out_dir, MODEL_INFO_FILE))
     barrier(dist_info)
     return {
         "out_dir": out_dir,

@@ -572,11 +572,12 @@ def _unlabeled_source(config: Stage1ProConfig, ctx: Any) -> _Source:
         rows = ctx.split_rows.rows["train"]
         return _Source(ctx.shards, rows, TRAIN_IMAGES)
     from stage1_pro.data import load_dataset
+    from stage1_pro.preprocessing import PixelSpec, load_pixels
     from stage1_pro.training.loaders import TensorBatches
-    from stage1_pro.transforms import load_image
 
     ds = load_dataset(config.explora_data)
-    images = np.stack([load_image(uri, config.img_size) for uri in ds.uris])
+    spec = PixelSpec.from_config(config)  # the same pixels as the prepared training images
+    images = np.stack([load_pixels(uri, spec) for uri in ds.uris])
     return _Source(
         TensorBatches(torch.from_numpy(images), np.zeros(len(ds), dtype=np.int64)),
         np.arange(len(ds)),
