@@ -35,6 +35,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,26 @@ def pull(uri: str, dest_dir: str | os.PathLike[str]) -> Path:
         raise
     log.info("pulled %s -> %s", source, dest)
     return dest
+
+
+@contextlib.contextmanager
+def local_bundle(uri: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local bundle folder for ``uri``, for the duration of the ``with`` block.
+
+    Args:
+        uri: a bundle folder (used in place; whoever loads it verifies it, as
+            :func:`stage1_pro.inference.load_bundle` does), or anything :func:`pull` takes: a
+            registry prefix (follows ``latest``), ``PREFIX/latest`` or ``PREFIX/VERSION``, local or
+            ``gs://`` (downloaded and verified into a temporary folder, deleted afterwards).
+
+    Raises:
+        ArtifactError: neither a bundle folder nor a published bundle, or one that does not verify.
+    """
+    if not storage.is_gcs(uri) and Path(uri, BUNDLE_FILE).is_file():
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="stage1-pro-bundle-") as tmp:
+        yield pull(str(uri), Path(tmp, "bundle"))
 
 
 def _name_in(prefix: str, uri: str) -> str:

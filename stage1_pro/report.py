@@ -31,7 +31,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
+def new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
+    """A matplotlib Figure on its own Agg canvas (no pyplot state), ``width`` x ``height`` inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -40,7 +41,8 @@ def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
     return fig
 
 
-def _png_bytes(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """The figure rendered as PNG bytes."""
     import io
 
     buf = io.BytesIO()
@@ -51,7 +53,7 @@ def _png_bytes(fig) -> bytes:
 def risk_coverage_png(validation: dict[str, Any]) -> bytes:
     """FNR_exit and selective risk against coverage on test, with the target and the deployed point."""
     rc = validation["risk_coverage"]
-    fig = _figure(5.4, 3.8)
+    fig = new_figure(5.4, 3.8)
     ax = fig.add_subplot()
     for key, label, colour in (
         ("fnr_exit", "FNR_exit", "tab:blue"),
@@ -71,14 +73,14 @@ def risk_coverage_png(validation: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"Risk-coverage on test, {validation['exit_policy']} policy ({rc['score']})", fontsize=9)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def confusion_png(validation: dict[str, Any]) -> bytes:
     """The 2 x 3 test confusion matrix (true label x decision) with counts."""
     conf = validation["confusion"]
     matrix = conf["matrix"]
-    fig = _figure(4.6, 2.6)
+    fig = new_figure(4.6, 2.6)
     ax = fig.add_subplot()
     ax.imshow(matrix, cmap="Blues")
     peak = max(max(row) for row in matrix) or 1
@@ -92,7 +94,7 @@ def confusion_png(validation: dict[str, Any]) -> bytes:
     ax.set_xlabel("decision")
     ax.set_ylabel("true label")
     ax.set_title("Test decisions", fontsize=10)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def _checks_rows(validation: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:

@@ -29,7 +29,16 @@ from stage1_pro.policy_schemas import GENERATED_KINDS, apply_policy_facts
 
 #: The kinds before and after the exit policies' kinds in :data:`ARTIFACT_KINDS`.
 _KINDS_BEFORE_POLICIES: tuple[str, ...] = ("config", "splits")
-_KINDS_AFTER_POLICIES: tuple[str, ...] = ("bundle", "validation", "latest", "model", "prepared", "explora")
+_KINDS_AFTER_POLICIES: tuple[str, ...] = (
+    "bundle",
+    "validation",
+    "latest",
+    "model",
+    "prepared",
+    "explora",
+    "score_reference",
+    "drift",
+)
 
 
 def _artifact_kinds() -> tuple[str, ...]:
