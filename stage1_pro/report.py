@@ -131,6 +131,44 @@ def _metric_rows(validation: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(label, _fmt(test.get(key)), _fmt(calib.get(key))) for key, label in _METRIC_ROWS if key in test]
 
 
+_CHAMPION_ROWS = (
+    ("coverage", "test coverage"),
+    ("fnr_exit", "test FNR_exit"),
+    ("fnr_exit_upper_bound", "test FNR_exit upper bound"),
+    ("exit_accuracy", "test exit accuracy"),
+    ("fpr_exit", "test FPR_exit"),
+    ("aurc", "test AURC"),
+)
+
+
+def _champion_rows(validation: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Challenger vs champion on the same test split (empty without a compared champion)."""
+    champion = validation.get("champion") or {}
+    if "version" not in champion:
+        return []
+    ours, theirs = validation["test_metrics"], champion["test_metrics"]
+    rows = [(label, _fmt(ours.get(key)), _fmt(theirs.get(key))) for key, label in _CHAMPION_ROWS]
+    mine = (validation.get("certificate") or {}).get("upper_bound")
+    rows.append(
+        ("certified FNR_exit bound (val_calib)", _fmt(mine), _fmt(champion["certificate"]["upper_bound"]))
+    )
+    rows.append(("policy", validation["exit_policy"], champion["exit_policy"]))
+    return rows
+
+
+def _champion_text(validation: dict[str, Any]) -> str:
+    champion = validation.get("champion") or {}
+    if "version" not in champion:
+        return f"Champion {champion['uri']}: {champion.get('note', '')}" if champion else ""
+    return (
+        f"Champion {champion['version']} ({champion['uri']}) re-scored on this run's "
+        f"{champion['n_rescored']} val_select/val_calib/test images with its own preprocessing, its "
+        f"{champion['exit_policy']} policy re-certified on this val_calib (target "
+        f"{validation['target_fnr_exit']}, delta {validation['delta']}); coverage difference "
+        f"(challenger - champion) {champion['coverage_difference']:+.4f}, tolerance {champion['tolerance']}."
+    )
+
+
 def _verdict(validation: dict[str, Any]) -> str:
     return "BLESSED" if validation["blessed"] else "NOT BLESSED"
 
@@ -173,6 +211,7 @@ Rule: {esc(validation["rule"].get("description", ""))}</p>
 {table(("check", "result", "value", "limit", "detail"), _checks_rows(validation))}
 <h2>Metrics</h2>
 {table(("metric", "test", "val_calib"), _metric_rows(validation))}
+{_champion_html(validation, table)}
 <h2>Certificate (from {esc(validation["policy_file"])})</h2>
 {table(("field", "value"), cert_rows)}
 <h2>Figures</h2>
@@ -180,6 +219,15 @@ Rule: {esc(validation["rule"].get("description", ""))}</p>
 <p>Created {esc(validation["created_at"])}.</p>
 </body></html>
 """
+
+
+def _champion_html(validation: dict[str, Any], table: Any) -> str:
+    text = _champion_text(validation)
+    if not text:
+        return ""
+    rows = _champion_rows(validation)
+    body = table(("metric", "challenger (this run)", "champion"), rows) if rows else ""
+    return f"<h2>Champion vs challenger (same test split)</h2>\n<p>{html.escape(text)}</p>\n{body}"
 
 
 def render_markdown(validation: dict[str, Any], figure_names: list[str]) -> str:
@@ -204,11 +252,20 @@ Rule: {validation["rule"].get("description", "")}
 ## Metrics
 
 {table(("metric", "test", "val_calib"), _metric_rows(validation))}
-
+{_champion_markdown(validation, table)}
 ## Figures
 
 {figs}
 """
+
+
+def _champion_markdown(validation: dict[str, Any], table: Any) -> str:
+    text = _champion_text(validation)
+    if not text:
+        return ""
+    rows = _champion_rows(validation)
+    body = table(("metric", "challenger (this run)", "champion"), rows) if rows else ""
+    return f"\n## Champion vs challenger (same test split)\n\n{text}\n\n{body}\n"
 
 
 def render_model_card(
