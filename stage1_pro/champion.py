@@ -13,6 +13,14 @@ images:
    ``val_select`` scores and certified on those ``val_calib`` scores at *this run's*
    ``target_fnr_exit`` and ``delta``: the same contract as the challenger's certificate.
 
+Images the champion was fitted on (its own ``train`` and ``val_select``) would flatter it where
+this run certifies and audits: when a dataset grows, the deterministic split reshuffles and some
+of them land in this run's ``val_calib`` or ``test``. They are found through the champion's
+``splits.json`` (its dataset's manifest, read again if it still has the recorded fingerprint) and
+left out of those two splits — for both models. (In ``val_select`` they are harmless: it only
+fits the policy's grid, as the champion's own calibration did.) When that manifest changed in
+place, they cannot be identified: the comparison says so (``overlap: "unknown"``).
+
 :mod:`stage1_pro.validate` then audits both policies on the same ``test`` split and blesses the
 challenger only if its test coverage is at least the champion's minus a tolerance.
 """
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CHAMPION_TOLERANCE = 0.02
 #: The splits the champion is scored on: fit, certify, audit.
 RESCORED_SPLITS = ("val_select", "val_calib", "test")
+#: The splits from which images the champion was fitted on are left out.
+UNSEEN_SPLITS = ("val_calib", "test")
 #: Images scored between two progress lines.
 PROGRESS_EVERY = 1024
 
@@ -48,13 +58,17 @@ class Champion:
         uri: what was asked for (bundle folder or registry URI).
         bundle: the champion's verified ``bundle.json``.
         policy: its exit policy, refitted on this run's val_select and certified on its val_calib.
-        scores: its scores of this run's val_select, val_calib and test images.
+        scores: its scores of this run's val_select, val_calib and test images, less ``excluded``.
+        excluded: dataset rows of val_calib and test the champion was fitted on (left out).
+        overlap_known: whether the champion's fitted images could be identified at all.
     """
 
     uri: str
     bundle: dict[str, Any]
     policy: Any
     scores: Any
+    excluded: np.ndarray
+    overlap_known: bool
 
 
 def nothing_published(uri: str | os.PathLike[str]) -> bool:
@@ -109,23 +123,83 @@ def rescore_champion(
     with local_bundle(uri) as folder:
         predictor = load_bundle(folder, device=device)
         policy_file = read_artifact(os.path.join(folder, predictor.bundle["policy_file"]))
+        champion_splits = read_artifact(os.path.join(folder, predictor.bundle["splits_file"]), "splits")
+    fitted = fitted_rows(champion_splits, dataset)
+    scored = {s: np.asarray(splits["indices"][s], dtype=np.int64) for s in RESCORED_SPLITS}
+    excluded = np.zeros(0, dtype=np.int64)
+    if fitted is not None:
+        excluded = np.concatenate([scored[s][np.isin(scored[s], fitted)] for s in UNSEEN_SPLITS])
+        scored.update({s: scored[s][~np.isin(scored[s], fitted)] for s in UNSEEN_SPLITS})
+        if excluded.size:
+            log.warning(
+                "champion %s was fitted on %d of this run's val_calib/test images; they are left out of the "
+                "comparison",
+                predictor.version,
+                excluded.size,
+            )
+    else:
+        log.warning(
+            "champion %s: its dataset manifest %s changed since it was trained; images it was fitted on "
+            "cannot be identified, and any among this run's test images flatter it",
+            predictor.version,
+            champion_splits["dataset"]["source"],
+        )
+    for name, rows in scored.items():
+        if not rows.size:
+            raise DataError(
+                f"this run's {name} split holds only images champion {predictor.version} was fitted on "
+                f"({excluded.size} such images in val_calib/test); there is nothing new to compare it on — "
+                "compare on new data"
+            )
     log.info(
         "champion %s (%s policy): scoring this run's %s images",
         predictor.version,
         predictor.bundle["active_exit_policy"],
         "/".join(RESCORED_SPLITS),
     )
-    scores = score_splits(predictor, dataset, splits, batch_size=batch_size)
+    scores = score_splits(predictor, dataset, scored, batch_size=batch_size)
     policy = recertify(policy_file, scores, target_fnr_exit=target_fnr_exit, delta=delta)
-    return Champion(uri=str(uri), bundle=predictor.bundle, policy=policy, scores=scores)
+    return Champion(
+        uri=str(uri),
+        bundle=predictor.bundle,
+        policy=policy,
+        scores=scores,
+        excluded=np.sort(excluded),
+        overlap_known=fitted is not None,
+    )
 
 
-def score_splits(predictor: Any, dataset: Any, splits: dict[str, Any], *, batch_size: int = 64) -> Any:
-    """:class:`~stage1_pro.scores.Scores` of ``predictor`` on the dataset rows of :data:`RESCORED_SPLITS`."""
+def fitted_rows(champion_splits: dict[str, Any], dataset: Any) -> np.ndarray | None:
+    """Rows of ``dataset`` that the champion was fitted on (its train and val_select images).
+
+    Its ``splits.json`` names its dataset's source and fingerprint; the source is read again and
+    used only if it still has that fingerprint (otherwise None: not identifiable).
+    """
+    from stage1_pro.data import load_dataset
+    from stage1_pro.errors import Stage1ProError
+
+    recorded = champion_splits["dataset"]
+    if recorded["fingerprint"] == dataset.fingerprint:
+        old = dataset
+    else:
+        try:
+            old = load_dataset(recorded["source"], check_files=False)
+        except Stage1ProError:
+            return None
+        if old.fingerprint != recorded["fingerprint"]:
+            return None
+    seen = {old.uris[i] for s in ("train", "val_select") for i in champion_splits["indices"][s]}
+    return np.asarray([i for i, u in enumerate(dataset.uris) if u in seen], dtype=np.int64)
+
+
+def score_splits(
+    predictor: Any, dataset: Any, rows_by_split: dict[str, np.ndarray], *, batch_size: int = 64
+) -> Any:
+    """:class:`~stage1_pro.scores.Scores` of ``predictor`` on the given dataset rows of each split."""
     from stage1_pro.scores import Scores
 
-    rows = np.concatenate([np.asarray(splits["indices"][s], dtype=np.int64) for s in RESCORED_SPLITS])
-    names = np.concatenate([np.full(len(splits["indices"][s]), s) for s in RESCORED_SPLITS])
+    rows = np.concatenate([np.asarray(rows_by_split[s], dtype=np.int64) for s in RESCORED_SPLITS])
+    names = np.concatenate([np.full(len(rows_by_split[s]), s) for s in RESCORED_SPLITS])
     uris = [dataset.uris[i] for i in rows.tolist()]
     probs = np.empty((len(uris), 2), dtype=np.float64)
     gate = np.empty(len(uris), dtype=np.float64)
@@ -137,8 +211,6 @@ def score_splits(predictor: Any, dataset: Any, splits: dict[str, Any], *, batch_
             has_gate = has_gate and p.gate_logit is not None
             gate[i] = np.nan if p.gate_logit is None else p.gate_logit
         log.info("champion scored %d / %d images", min(start + PROGRESS_EVERY, len(uris)), len(uris))
-    if not len(uris):
-        raise DataError("splits.json: val_select, val_calib and test are empty; nothing to score")
     return Scores(
         index=rows,
         split=names,

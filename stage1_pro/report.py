@@ -146,7 +146,7 @@ def _champion_rows(validation: dict[str, Any]) -> list[tuple[str, str, str]]:
     champion = validation.get("champion") or {}
     if "version" not in champion:
         return []
-    ours, theirs = validation["test_metrics"], champion["test_metrics"]
+    ours, theirs = champion["challenger_test_metrics"], champion["test_metrics"]
     rows = [(label, _fmt(ours.get(key)), _fmt(theirs.get(key))) for key, label in _CHAMPION_ROWS]
     mine = (validation.get("certificate") or {}).get("upper_bound")
     rows.append(
@@ -160,12 +160,19 @@ def _champion_text(validation: dict[str, Any]) -> str:
     champion = validation.get("champion") or {}
     if "version" not in champion:
         return f"Champion {champion['uri']}: {champion.get('note', '')}" if champion else ""
+    overlap = {
+        "none": "",
+        "excluded": f" {champion['n_excluded']} images it was fitted on are left out for both models.",
+        "unknown": " Its training images could not be identified (its manifest changed): any among "
+        "this test split flatter it.",
+    }[champion["overlap"]]
     return (
         f"Champion {champion['version']} ({champion['uri']}) re-scored on this run's "
         f"{champion['n_rescored']} val_select/val_calib/test images with its own preprocessing, its "
         f"{champion['exit_policy']} policy re-certified on this val_calib (target "
         f"{validation['target_fnr_exit']}, delta {validation['delta']}); coverage difference "
         f"(challenger - champion) {champion['coverage_difference']:+.4f}, tolerance {champion['tolerance']}."
+        + overlap
     )
 
 

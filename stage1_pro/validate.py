@@ -162,7 +162,8 @@ def champion_comparison(
     *,
     data: str | os.PathLike[str],
     splits: dict[str, Any],
-    challenger_test: dict[str, Any],
+    challenger: Any,
+    challenger_test: Any,
     target: float,
     delta: float,
     tolerance: float,
@@ -171,11 +172,23 @@ def champion_comparison(
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The ``champion_coverage`` check and the champion's side of the comparison (validation.json).
 
+    Args:
+        champion: the champion bundle folder or registry URI.
+        data: this run's dataset.
+        splits: this run's splits.json.
+        challenger: this run's fitted policy.
+        challenger_test: this run's test :class:`~stage1_pro.scores.Scores`.
+        target, delta: this run's contract.
+        tolerance: allowed test-coverage drop.
+        batch_size, device: how the champion scores.
+
     Returns:
         ``(check, info)``; ``check`` is None when ``champion`` is a registry prefix with nothing
-        published yet (a first run: nothing to compare against, which ``info`` records).
+        published yet (a first run: nothing to compare against, which ``info`` records). Test
+        images the champion was fitted on are left out for both models.
     """
     from stage1_pro.champion import nothing_published, rescore_champion
+    from stage1_pro.scores import Scores
 
     if nothing_published(champion):
         log.warning("champion %s: nothing published there yet (a first run?); not compared", champion)
@@ -187,10 +200,19 @@ def champion_comparison(
     test_scores = found.scores.subset("test")
     test, decisions = _split_metrics(found.policy, test_scores, delta)
     calib, _ = _split_metrics(found.policy, found.scores.subset("val_calib"), delta)
-    certificate = _clean(found.policy.certificate_)
+    ours = challenger_test
+    if found.excluded.size:  # the challenger on exactly the champion's test rows
+        keep = np.isin(challenger_test.index, test_scores.index)
+        ours = Scores(
+            index=challenger_test.index[keep], split=challenger_test.split[keep],
+            label=challenger_test.label[keep], probs=challenger_test.probs[keep],
+            gate_logit=None if challenger_test.gate_logit is None else challenger_test.gate_logit[keep],
+            source=challenger_test.source,
+        )  # fmt: skip
+    mine, _ = _split_metrics(challenger, ours, delta)
     meta = found.bundle
     floor = max(test["coverage"] - tolerance, 0.0)
-    difference = challenger_test["coverage"] - test["coverage"]
+    overlap = "unknown" if not found.overlap_known else ("excluded" if found.excluded.size else "none")
     info = {
         "uri": str(champion),
         "version": meta["version"],
@@ -198,22 +220,32 @@ def champion_comparison(
         "model_version": meta["lineage"]["model_version"],
         "data_fingerprint": meta["lineage"]["data_fingerprint"],
         "feasible": bool(found.policy.feasible_),
-        "certificate": certificate,
+        "certificate": _clean(found.policy.certificate_),
         "val_calib_metrics": calib,
         "test_metrics": test,
+        "challenger_test_metrics": mine,
         "confusion": confusion(decisions, test_scores.label),
-        "coverage_difference": difference,
+        "coverage_difference": mine["coverage"] - test["coverage"],
         "tolerance": tolerance,
         "n_rescored": len(found.scores),
+        "overlap": overlap,
+        "n_excluded": int(found.excluded.size),
+    }
+    notes = {
+        "none": "",
+        "excluded": f"; {found.excluded.size} images the champion was fitted on left out for both",
+        "unknown": "; the champion's training images could not be identified (its manifest changed): "
+        "any among this test split flatter it",
     }
     check = _check(
         "champion_coverage",
-        challenger_test["coverage"] >= floor,
-        challenger_test["coverage"],
+        mine["coverage"] >= floor,
+        mine["coverage"],
         floor,
-        f"test coverage {challenger_test['coverage']:.4f} vs champion {meta['version']} "
-        f"{test['coverage']:.4f} on the same test split (re-certified on this val_calib: "
-        f"{'feasible' if found.policy.feasible_ else 'INFEASIBLE, defers all'}) - tolerance {tolerance}",
+        f"test coverage {mine['coverage']:.4f} vs champion {meta['version']} {test['coverage']:.4f} on "
+        f"the same {test['n']} test images (re-certified on this val_calib: "
+        f"{'feasible' if found.policy.feasible_ else 'INFEASIBLE, defers all'}) - tolerance {tolerance}"
+        f"{notes[overlap]}",
     )
     return check, info
 
@@ -422,8 +454,9 @@ def validate_run(
     champion_info = None
     if champion is not None:
         check, champion_info = champion_comparison(
-            champion, data=data or splits["dataset"]["source"], splits=splits, challenger_test=test,
-            target=target, delta=delta, tolerance=champion_tolerance, batch_size=batch_size, device=device,
+            champion, data=data or splits["dataset"]["source"], splits=splits, challenger=policy,
+            challenger_test=test_scores, target=target, delta=delta, tolerance=champion_tolerance,
+            batch_size=batch_size, device=device,
         )  # fmt: skip
         if check is not None:
             checks.append(check)

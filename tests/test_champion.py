@@ -80,7 +80,9 @@ def test_weaker_challenger_is_refused_and_a_stronger_one_blessed(
     assert side["coverage_difference"] < -DEFAULT_CHAMPION_TOLERANCE
     check = checks(weak)["champion_coverage"]
     assert check["limit"] == pytest.approx(side["test_metrics"]["coverage"] - DEFAULT_CHAMPION_TOLERANCE)
-    assert "vs champion champ" in check["message"] and "on the same test split" in check["message"]
+    expected = f"vs champion champ {side['test_metrics']['coverage']:.4f} on the same 300 test images"
+    assert expected in check["message"]
+    assert side["overlap"] == "none" and side["n_excluded"] == 0  # same dataset, same splits
 
     strong = validate_run(
         Path(shutil.copytree(challengers["stronger"], tmp_path / "strong")), champion=champion
@@ -151,3 +153,53 @@ def test_champion_bad_input(
         ["validate", "--run", str(run), "--champion", str(champion_world["bundle"]), "--data", str(other)]
     )
     assert code == 2 and "the data changed" in capsys.readouterr().err
+
+
+def test_images_the_champion_was_fitted_on_are_left_out(
+    champion_world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dataset grew by 400 images and was split again: some of the champion's training images now
+    sit in this run's val_calib and test. They are left out for both models; if the champion's
+    manifest cannot be read back, the comparison says it could not check."""
+    from stage1_pro import data as data_module
+    from stage1_pro.errors import DataError as DataErr
+
+    world = champion_world
+    grown = write_manifest(tmp_path / "grown.csv", world["pool"], world["labels"])
+    run = image_run(
+        tmp_path / "grown-run", world["model_dir"], grown, world["probs"], world["gate"], validate=False
+    )
+    splits = read_artifact(run / "splits.json", "splits")
+    old = read_artifact(world["bundle"] / "splits.json", "splits")
+    old_uris = [str(p) for p in world["pool"][:DATASET_SIZE]]
+    fitted = {old_uris[i] for s in ("train", "val_select") for i in old["indices"][s]}
+    new_uris = [str(p) for p in world["pool"]]
+    in_split = {s: sum(new_uris[i] in fitted for i in splits["indices"][s]) for s in ("val_calib", "test")}
+    assert in_split["test"] > 0 and in_split["val_calib"] > 0
+
+    v = validate_run(run, champion=world["bundle"])
+    side = v["champion"]
+    assert side["overlap"] == "excluded" and side["n_excluded"] == sum(in_split.values())
+    n_test = len(splits["indices"]["test"]) - in_split["test"]
+    assert (
+        side["test_metrics"]["n"] == side["challenger_test_metrics"]["n"] == n_test < v["test_metrics"]["n"]
+    )
+    assert side["coverage_difference"] == pytest.approx(
+        side["challenger_test_metrics"]["coverage"] - side["test_metrics"]["coverage"]
+    )
+    assert (
+        f"{side['n_excluded']} images the champion was fitted on left out for both"
+        in (checks(v)["champion_coverage"]["message"])
+    )
+
+    real = data_module.load_dataset
+
+    def champion_manifest_gone(uri, check_files=True):
+        if str(uri) == old["dataset"]["source"]:
+            raise DataErr(f"{uri}: no such file or folder")
+        return real(uri, check_files=check_files)
+
+    monkeypatch.setattr(data_module, "load_dataset", champion_manifest_gone)
+    v = validate_run(run, champion=world["bundle"], data=grown)
+    assert v["champion"]["overlap"] == "unknown" and v["champion"]["n_excluded"] == 0
+    assert "could not be identified" in checks(v)["champion_coverage"]["message"]
