@@ -250,7 +250,7 @@ def test_cli_versions_table(
     assert meta["lineage"]["data_fingerprint"][:12] in row and meta["created_at"] in row
     assert " softmax " in row and " yes " in row
     assert " NO " in lines["u1"] and not lines["u1"].startswith("*")
-    assert "INCOMPLETE" in lines["v9"]
+    assert "INCOMPLETE" in lines["v9"] and "v9: no bundle.json — an unfinished or failed publish" in out
     assert "* latest -> v2 (publish at" in out
 
     assert main(["versions", prefix, "--json"]) == 0

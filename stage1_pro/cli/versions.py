@@ -33,17 +33,20 @@ def _fmt(value: object) -> str:
 
 
 def table(rows: list) -> str:
-    """The versions as an aligned text table (one line per version)."""
+    """The versions as an aligned text table (one line per version), then notes on odd ones."""
     header = ("", "version", "created", "blessed", "policy", "test coverage", "certified bound", "data")
     body = []
+    notes = []
     for r in rows:
         if not r.complete:
-            body.append(
-                ("", r.version, "INCOMPLETE (no bundle.json: unfinished publish)", "", "", "", "", "")
+            body.append(("", r.version, "-", "INCOMPLETE", "-", "-", "-", "-"))
+            notes.append(
+                f"{r.version}: no bundle.json — an unfinished or failed publish; pull and rollback refuse it"
             )
             continue
         if r.error:
-            body.append(("*" if r.latest else "", r.version, f"UNREADABLE: {r.error}", "", "", "", "", ""))
+            body.append(("*" if r.latest else "", r.version, "-", "UNREADABLE", "-", "-", "-", "-"))
+            notes.append(f"{r.version}: {r.error}")
             continue
         bound = _fmt(r.certified_bound)
         if r.certified_bound is not None and r.target_fnr_exit is not None:
@@ -63,7 +66,7 @@ def table(rows: list) -> str:
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=True)).rstrip() for b in body]
-    return "\n".join(lines)
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def run(args: argparse.Namespace) -> int:
