@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stage1_pro.schemas [--check]``: rewrite (or compare) the generated schema parts."""
     parser = argparse.ArgumentParser(
         prog=REGENERATE_COMMAND,
-        description="Write the exit-policy parts of schemas/{config,bundle,validation}.schema.json "
+        description="Write the exit-policy parts of schemas/{config,bundle,validation,score_reference,drift}"
+        ".schema.json "
         "from the policy registry (run it in a checkout after registering a built-in policy).",
     )
     parser.add_argument("--check", action="store_true", help="only list stale files; exit 1 if any")
