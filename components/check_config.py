@@ -24,7 +24,7 @@ def check_config(
     gpu_type: str,
     gpu_count: int,
     publish_prefix: str,
-    baseline_bundle: str,
+    champion_prefix: str,
     config_overrides: dict,
     config: Output[Artifact],
 ) -> NamedTuple(
@@ -60,7 +60,7 @@ def check_config(
         gpu_type: cloud.google.com/gke-accelerator label value of the GPU node pool.
         gpu_count: GPUs of the train task (data-parallel workers).
         publish_prefix: Registry prefix to publish to; empty for none.
-        baseline_bundle: Bundle to compare against; empty for none.
+        champion_prefix: Registry prefix of the model in production; empty for none.
         config_overrides: Further Stage1ProConfig settings.
         config: The resolved, schema-validated config.json (for lineage and the UI).
 
@@ -96,7 +96,7 @@ def check_config(
             "gpu_type": gpu_type,
             "gpu_count": gpu_count,
             "publish_prefix": publish_prefix,
-            "baseline_bundle": baseline_bundle,
+            "champion_prefix": champion_prefix,
             "config_overrides": config_overrides,
         }
     )

@@ -18,6 +18,9 @@ from typing import Any
 
 #: Most points of a ROC curve sent to the KFP UI (it renders every point it is given).
 MAX_ROC_POINTS = 200
+#: Training images the drift check scores with the champion (a random sample; the report states
+#: the shift this many images can detect against the champion's reference).
+DRIFT_SAMPLE_SIZE = 2000
 
 
 def durable_run_dir(model_uri: str) -> str | None:
@@ -186,6 +189,64 @@ def log_validation(validation: Mapping[str, Any], scores_path: str, metrics: Any
         exits.log_roc_curve(
             fpr[keep].tolist(), tpr[keep].tolist(), np.minimum(thresholds[keep], 1.0).tolist()
         )
+
+
+def log_champion(validation: Mapping[str, Any], metrics: Any) -> None:
+    """Send the champion's side of a validation to the KFP UI, next to the challenger's ``test_*``.
+
+    ``champion_compared`` is 1 when a champion was re-scored and compared, else 0 (none given, or
+    nothing published yet).
+    """
+    champion = validation.get("champion") or {}
+    compared = "test_metrics" in champion
+    metrics.log_metric("champion_compared", float(compared))
+    if not compared:
+        return
+    log_metrics(metrics, champion["test_metrics"], prefix="champion_test_")
+    log_metrics(
+        metrics,
+        {
+            "champion_certified_fnr_exit_upper_bound": champion["certificate"].get("upper_bound"),
+            "champion_feasible": champion["feasible"],
+            "champion_coverage_difference": champion["coverage_difference"],
+            "champion_tolerance": champion["tolerance"],
+        },
+    )
+
+
+def log_drift(result: Mapping[str, Any], metrics: Any) -> None:
+    """Send a drift check to the KFP UI: the verdict, each test's p-value, exit rates, sample sizes."""
+    log_metrics(
+        metrics,
+        {
+            "drift_detected": bool(result["drift"]),
+            "drift_level": result["level"],
+            "exit_rate_reference": result["exit_rate_reference"],
+            "exit_rate_new": result["exit_rate_new"],
+            "n_new": result["n_new"],
+            "n_reference": result["n_reference"],
+            "n_needed": result["n_needed"],
+            "detectable_shift": result["detectable_shift"],
+        },
+    )
+    for test in result["tests"]:
+        log_metrics(
+            metrics, {f"{test['name']}_p_value": test["p_value"], f"{test['name']}_drift": test["drift"]}
+        )
+
+
+def write_no_champion_report(path: str | os.PathLike[str], reason: str) -> None:
+    """The drift step's HTML when there is nothing to compare with (so the UI says why)."""
+    import html
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>drift check</title></head>'
+        f"<body><h1>Drift check: not run</h1><p>{html.escape(reason)}: no champion to compare the "
+        "training data with.</p></body></html>\n",
+        encoding="utf-8",
+    )
+    print(f"[stage1-pro] drift: not run — {reason}")
 
 
 def copy_file(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:

@@ -9,7 +9,8 @@ from stage1_pro.components.base import stage1_component
 def validate(
     model: Input[Model],
     policy: Input[Artifact],
-    baseline_bundle: str,
+    data_uri: str,
+    champion_uri: str,
     validation: Output[Artifact],
     metrics: Output[Metrics],
     exits: Output[ClassificationMetrics],
@@ -21,14 +22,19 @@ def validate(
     Computes on test: coverage, FNR_exit with its Clopper-Pearson upper bound, FPR_exit, exit
     accuracy, AURC and the risk-coverage curve. Blessed when the policy is feasible, the test
     FNR_exit is within the target, coverage and exit accuracy clear their floors (so exiting
-    everything as positive cannot pass), and, with a baseline bundle, coverage does not regress.
+    everything as positive cannot pass), and, with a champion, test coverage is not below the
+    champion's minus a tolerance: the champion re-scores this run's val_select/val_calib/test images
+    with its own preprocessing and its policy is re-certified on this val_calib (same target, delta).
 
     Args:
         model: The train step's run directory (weights, config, splits, scores).
         policy: The certified policy file of this branch.
-        baseline_bundle: Bundle to compare coverage against (PREFIX/latest or a version); empty for none.
+        data_uri: The dataset (manifest or image folder) the splits were made for: the champion scores it.
+        champion_uri: The champion's version folder resolved by the drift step (PREFIX/VERSION, so
+            the cache key changes when latest moves); empty for none.
         validation: validation.json and every file of the report (figures included).
-        metrics: Test coverage, FNR_exit and bounds, FPR_exit, exit accuracy, AURC, blessed.
+        metrics: Test coverage, FNR_exit and bounds, FPR_exit, exit accuracy, AURC, blessed; with a
+            champion, the same as champion_test_*, its certified bound and the coverage difference.
         exits: Confusion matrix of the exited test images; ROC of p(positive) on test.
         report: Human report with the risk-coverage curve and the confusion matrix.
         model_card: Model card (intended use, data, metrics, limits).
@@ -42,6 +48,7 @@ def validate(
 
     from stage1_pro.components.runtime import (
         copy_file,
+        log_champion,
         log_validation,
         policy_file_name,
         stage_run_dir,
@@ -52,7 +59,7 @@ def validate(
 
     with tempfile.TemporaryDirectory() as scratch:
         work = stage_run_dir(scratch, model.path, {policy_file_name(policy.path): policy.path})
-        result = validate_run(str(work), baseline=baseline_bundle or None)
+        result = validate_run(str(work), champion=champion_uri or None, data=data_uri)
         os.makedirs(validation.path, exist_ok=True)
         for path in written_files(work):
             copy_file(path, os.path.join(validation.path, path.name))
@@ -62,6 +69,7 @@ def validate(
             copy_file(work / result["model_card_file"], model_card.path)
 
     log_validation(result, RunDir(model.path).scores, metrics, exits)
+    log_champion(result, metrics)
     blessed = bool(result["blessed"])
     validation.metadata.update({"exit_policy": result["exit_policy"], "blessed": blessed})
     test = result["test_metrics"]
@@ -69,6 +77,12 @@ def validate(
         f"[stage1-pro] validate ({result['exit_policy']}): blessed={blessed}; test coverage "
         f"{test['coverage']:.4f}, FNR_exit {test['fnr_exit']}"
     )
+    champion = result.get("champion") or {}
+    if "test_metrics" in champion:
+        print(
+            f"[stage1-pro] validate: champion {champion['version']} on the same test split: coverage "
+            f"{champion['test_metrics']['coverage']:.4f} (difference {champion['coverage_difference']:+.4f})"
+        )
     for check in result["checks"]:
         print(f"[stage1-pro]   {'pass' if check['passed'] else 'FAIL'} {check['name']}: {check['message']}")
     return blessed

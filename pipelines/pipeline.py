@@ -1,5 +1,6 @@
-"""The stage1-pro Kubeflow pipeline: check config -> fingerprint -> split -> prepare -> train (GPU)
--> one exit-policy branch (calibrate -> validate -> export if blessed -> publish if asked).
+"""The stage1-pro Kubeflow pipeline: check config -> fingerprint -> split -> prepare -> drift check
+against the champion -> train (GPU) -> one exit-policy branch (calibrate -> validate against the
+champion -> export if blessed -> publish if asked).
 
 Build it with :func:`build_pipeline` (``stage1-pro compile`` does), or use the module-level
 :data:`stage1_pro_pipeline` (``kfp dsl compile --py pipelines/pipeline.py``).
@@ -18,7 +19,9 @@ Design notes
   in kfp 2.17 and only names the resource anyway). The count is a run-time value too.
 - Caching: every task is cached on its inputs except ``fingerprint``, whose output (the dataset's
   sha256) is an input of split, prepare and train: an unchanged dataset reuses their results, a
-  changed one recomputes everything downstream.
+  changed one recomputes everything downstream; and ``drift-check``, which resolves the champion
+  (``champion_prefix``'s latest) once per run: its output, the champion's ``PREFIX/VERSION``, is
+  validate's input, so a moved ``latest`` invalidates a cached validation.
 - Retries: train retries on failure (preemptible GPU nodes); on a GCS pipeline root it writes its
   run directory and per-epoch checkpoints straight to ``<model uri>.run``, which every retry of
   the task sees, and resumes from there (see ``stage1_pro.components.runtime.durable_run_dir``).
@@ -33,6 +36,7 @@ from stage1_pro import cluster
 from stage1_pro.components.calibrate import calibrate
 from stage1_pro.components.check_config import check_config, fingerprint
 from stage1_pro.components.data import prepare, split
+from stage1_pro.components.drift import drift_check
 from stage1_pro.components.export import export, publish
 from stage1_pro.components.image import GPU_TAG_SUFFIX, component_image
 from stage1_pro.components.train import train
@@ -55,6 +59,7 @@ CPU_TASK_RESOURCES: dict[str, tuple[str, str, str, str]] = {
     "split": ("1", "2", "2Gi", "4Gi"),
     "prepare": ("8", "8", "16Gi", "16Gi"),
     "calibrate": ("1", "2", "2Gi", "4Gi"),
+    "drift-check": ("1", "2", "4Gi", "8Gi"),
     "validate": ("1", "2", "4Gi", "8Gi"),
     "export": ("1", "2", "4Gi", "8Gi"),
     "publish": ("0.5", "1", "2Gi", "4Gi"),
@@ -134,7 +139,7 @@ def build_pipeline(
         gpu_type: str = gpu_type_default,
         gpu_count: int = _D["gpu_count"],
         publish_prefix: str = _D["publish_prefix"],
-        baseline_bundle: str = _D["baseline_bundle"],
+        champion_prefix: str = _D["champion_prefix"],
         config_overrides: dict = _D["config_overrides"],
     ):
         checked = cpu_task(
@@ -154,7 +159,7 @@ def build_pipeline(
                 gpu_type=gpu_type,
                 gpu_count=gpu_count,
                 publish_prefix=publish_prefix,
-                baseline_bundle=baseline_bundle,
+                champion_prefix=champion_prefix,
                 config_overrides=config_overrides,
             ),
             "check-config",
@@ -174,6 +179,12 @@ def build_pipeline(
             "prepare",
         )
 
+        # Before training: is the new data still like what the champion was certified on? Never cached
+        # (latest may move); its output pins the champion version validate compares with.
+        drifted = cpu_task(drift_check(data_uri=data_uri, champion_prefix=champion_prefix), "drift-check")
+        drifted.after(fp)
+        drifted.set_caching_options(enable_caching=False)
+
         trained = train(
             config_json=checked.outputs["config_json"],
             splits=splits.outputs["splits"],
@@ -191,6 +202,7 @@ def build_pipeline(
         kubernetes.add_node_selector_json(trained, checked.outputs["gpu_node_selector"])
         kubernetes.add_toleration(trained, **cluster.GPU_TOLERATION)
         kubernetes.set_security_context(trained, **cluster.SECURITY_CONTEXT)
+        trained.after(drifted)
 
         def branch(policy: str) -> None:
             calibrated = cpu_task(
@@ -207,7 +219,8 @@ def build_pipeline(
                 validate(
                     model=trained.outputs["model"],
                     policy=calibrated.outputs["policy"],
-                    baseline_bundle=baseline_bundle,
+                    data_uri=data_uri,
+                    champion_uri=drifted.outputs["Output"],
                 ),
                 "validate",
             )

@@ -18,7 +18,15 @@ from typing import Any
 
 from stage1_pro import storage
 from stage1_pro.errors import ArtifactError, StorageError
-from stage1_pro.layout import BUNDLE_FILE, CONFIG_FILE, MODEL_INFO_FILE, SPLITS_FILE, VALIDATION_FILE
+from stage1_pro.layout import (
+    BUNDLE_FILE,
+    CONFIG_FILE,
+    DRIFT_FILE,
+    MODEL_INFO_FILE,
+    SCORE_REFERENCE_FILE,
+    SPLITS_FILE,
+    VALIDATION_FILE,
+)
 from stage1_pro.policy_registry import RegistryMapping, policy_specs
 from stage1_pro.schemas import ARTIFACT_KINDS, SCHEMA_VERSION, check_kind, validation_errors
 
@@ -32,6 +40,8 @@ _FILENAMES: dict[str, str] = {
     "model": MODEL_INFO_FILE,
     "prepared": "index.json",
     "explora": "explora.json",
+    "score_reference": SCORE_REFERENCE_FILE,
+    "drift": DRIFT_FILE,
 }
 
 

@@ -6,6 +6,7 @@ A bundle is one flat folder::
     config.json  splits.json  metrics.csv  model_best.pth  model.json
     thresholds.json | gateparams.json | ...  exactly one policy file, = config.exit_policy
     validation.json  report.html (or report.md)  model_card.md  *.png  README.md
+    score_reference.json   the val_calib exit-score distribution (``stage1-pro drift`` tests against it)
 
 Export builds the bundle in a temporary sibling folder and renames it into place, so a reader
 never sees a half-built bundle. :func:`verify_bundle` is what every consumer (inference, publish,
@@ -39,10 +40,13 @@ from stage1_pro.layout import (
     MODEL_FILE,
     MODEL_INFO_FILE,
     README_FILE,
+    SCORE_REFERENCE_FILE,
+    SCORES_FILE,
     VALIDATION_FILE,
 )
 from stage1_pro.policy_registry import RegistryMapping, policy_specs
 from stage1_pro.provenance import sha256_file, utc_now
+from stage1_pro.score_reference import write_reference
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ _POINTERS: dict[str, str | None] = {
     "report_file": None,
     "model_card_file": None,
     "readme_file": None,
+    "score_reference_file": "score_reference",
 }
 
 
@@ -134,6 +139,9 @@ Test audit: coverage {m["coverage"]:.4f}, FNR_exit {_fmt(m.get("fnr_exit"))}
 (Clopper-Pearson upper bound {_fmt(ub)}), exit accuracy {_fmt(m.get("exit_accuracy"))}.
 Full report: `{validation.get("report_file", "report.html")}`;
 model card: `{validation.get("model_card_file", "model_card.md")}`.
+The certificate assumes images exchangeable with val_calib; `{SCORE_REFERENCE_FILE}` holds the
+val_calib exit-score distribution, and `stage1-pro drift --bundle DIR --data IMAGES` tests new,
+unlabelled images against it.
 
 ## Inference contract
 
@@ -303,6 +311,7 @@ def export_bundle(
     try:
         for name in copied:
             shutil.copyfile(run / name, tmp / name)
+        write_reference(run / SCORES_FILE, run / policy_path.name, tmp / SCORE_REFERENCE_FILE)
         meta: dict[str, Any] = {
             "version": version,
             "created_at": utc_now(),
@@ -315,6 +324,7 @@ def export_bundle(
             "metrics_file": METRICS_FILE,
             "validation_file": VALIDATION_FILE,
             "readme_file": README_FILE,
+            "score_reference_file": SCORE_REFERENCE_FILE,
             "blessed": bool(validation["blessed"]),
             "lineage": {
                 "data_fingerprint": splits["dataset"]["fingerprint"],

@@ -168,23 +168,43 @@ class _Row:
 
 
 def _load_manifest(source: str, check_files: bool) -> Dataset:
+    rows, has_group = _read_manifest(source, REQUIRED_COLUMNS)
+    uris, keys = _resolve_rows(source, rows)
+    labels = np.empty(len(rows), dtype=np.int64)
+    groups: list[str] | None = [] if has_group else None
+    for i, row in enumerate(rows):
+        where = f"{source}: line {row.line}"
+        labels[i] = _parse_label(row.label, where)
+        if groups is not None:
+            groups.append(_parse_group(row.group, where))
+    if check_files:
+        _check_files_exist(source, uris, [r.line for r in rows])
+    return Dataset(uris=uris, labels=labels, groups=groups, source=source, keys=keys)
+
+
+def _read_manifest(source: str, required: tuple[str, ...]) -> tuple[list[_Row], bool]:
+    """The manifest's rows (and whether it has a group column); ``required`` columns must be there."""
     try:
         text = storage.read_text(source)
     except StorageError as exc:
         raise DataError(str(exc)) from exc
     text = text.removeprefix("\ufeff")  # spreadsheet exports often start with a BOM
     parse = _parse_jsonl if source.lower().endswith(JSONL_SUFFIXES) else _parse_csv
-    rows, has_group = parse(text, source)
+    rows, has_group = parse(text, source, required)
     if not rows:
-        raise DataError(f"{source}: the manifest has no rows; add one line per image (uri,label[,group])")
+        raise DataError(
+            f"{source}: the manifest has no rows; add one line per image ({_columns_help(required)})"
+        )
+    return rows, has_group
 
+
+def _resolve_rows(source: str, rows: list[_Row]) -> tuple[list[str], list[str]]:
+    """(resolved URIs, URIs as written) of the rows; a repeated image is an error."""
     root = _parent(source)
     uris: list[str] = []
     keys: list[str] = []
-    labels = np.empty(len(rows), dtype=np.int64)
-    groups: list[str] | None = [] if has_group else None
     first_line: dict[str, int] = {}
-    for i, row in enumerate(rows):
+    for row in rows:
         where = f"{source}: line {row.line}"
         key = _clean_uri(row.key, where)
         resolved = _resolve(root, key, where)
@@ -194,17 +214,16 @@ def _load_manifest(source: str, check_files: bool) -> Dataset:
                 "each image must appear once: remove the repeated row"
             )
         first_line[resolved] = row.line
-        labels[i] = _parse_label(row.label, where)
-        if groups is not None:
-            groups.append(_parse_group(row.group, where))
         uris.append(resolved)
         keys.append(key)
-    if check_files:
-        _check_files_exist(source, uris, [r.line for r in rows])
-    return Dataset(uris=uris, labels=labels, groups=groups, source=source, keys=keys)
+    return uris, keys
 
 
-def _parse_csv(text: str, source: str) -> tuple[list[_Row], bool]:
+def _columns_help(required: tuple[str, ...]) -> str:
+    return "uri,label[,group]" if "label" in required else "uri[,label][,group]"
+
+
+def _parse_csv(text: str, source: str, required: tuple[str, ...]) -> tuple[list[_Row], bool]:
     reader = csv.reader(io.StringIO(text))
     try:
         header = next(reader)
@@ -213,11 +232,11 @@ def _parse_csv(text: str, source: str) -> tuple[list[_Row], bool]:
     except csv.Error as exc:
         raise DataError(f"{source}: line 1: not valid CSV ({exc})") from exc
     header = [h.strip() for h in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         raise DataError(
             f"{source}: line 1: missing column(s) {', '.join(missing)}; the header must be "
-            f"uri,label[,group] (found: {','.join(header) or 'an empty line'})"
+            f"{_columns_help(required)} (found: {','.join(header) or 'an empty line'})"
         )
     duplicated = sorted({h for h in header if header.count(h) > 1 and h in MANIFEST_COLUMNS})
     if duplicated:
@@ -239,7 +258,7 @@ def _parse_csv(text: str, source: str) -> tuple[list[_Row], bool]:
                 _Row(
                     line=reader.line_num,
                     key=values[col["uri"]],
-                    label=values[col["label"]],
+                    label=values[col["label"]] if "label" in col else None,
                     group=values[col["group"]] if "group" in col else None,
                 )
             )
@@ -248,7 +267,7 @@ def _parse_csv(text: str, source: str) -> tuple[list[_Row], bool]:
     return rows, "group" in col
 
 
-def _parse_jsonl(text: str, source: str) -> tuple[list[_Row], bool]:
+def _parse_jsonl(text: str, source: str, required: tuple[str, ...]) -> tuple[list[_Row], bool]:
     rows: list[_Row] = []
     first_group_line: int | None = None
     first_plain_line: int | None = None
@@ -264,17 +283,17 @@ def _parse_jsonl(text: str, source: str) -> tuple[list[_Row], bool]:
             raise DataError(
                 f'{where}: expected a JSON object like {{"uri": ..., "label": 0}}, got {type(obj).__name__}'
             )
-        missing = [c for c in REQUIRED_COLUMNS if c not in obj]
+        missing = [c for c in required if c not in obj]
         if missing:
             raise DataError(
                 f"{where}: missing key(s) {', '.join(missing)}; "
-                "each line needs uri and label (group optional)"
+                f"each line needs {' and '.join(required)} (group optional)"
             )
         if "group" in obj:
             first_group_line = first_group_line or line_no
         else:
             first_plain_line = first_plain_line or line_no
-        rows.append(_Row(line=line_no, key=obj["uri"], label=obj["label"], group=obj.get("group")))
+        rows.append(_Row(line=line_no, key=obj["uri"], label=obj.get("label"), group=obj.get("group")))
     if first_group_line is not None and first_plain_line is not None:
         raise DataError(
             f"{source}: line {first_plain_line}: no 'group' key, but line {first_group_line} has one; "
@@ -403,3 +422,64 @@ def _load_folder(root: str) -> Dataset:
     ]
     labels = np.array([int(r.split("/", 1)[0]) for r in rels], dtype=np.int64)
     return Dataset(uris=uris, labels=labels, groups=None, source=root, keys=rels)
+
+
+def load_image_uris(uri: str | os.PathLike[str], check_files: bool = True) -> list[str]:
+    """The images of an unlabelled dataset: a manifest (labels optional, ignored) or any image folder.
+
+    Args:
+        uri: a manifest (``.csv`` with a ``uri`` column, or ``.jsonl``; ``label``/``group`` may be
+            there and are ignored), or a folder / ``gs://`` prefix whose image files (any depth,
+            extensions :data:`IMAGE_EXTENSIONS`; hidden entries and other files skipped) are taken,
+            sorted by path. A labelled ``0/``, ``1/`` tree is such a folder too.
+        check_files: verify that every image a manifest names exists.
+
+    Returns:
+        Absolute local paths or ``gs://`` URIs, in manifest order (folders: sorted).
+
+    Raises:
+        DataError: a missing path, a manifest without a ``uri`` column or with missing images,
+            or no image at all (naming the file and the fix).
+    """
+    uri = str(uri)
+    is_manifest = uri.lower().endswith(CSV_SUFFIXES + JSONL_SUFFIXES)
+    is_folder = not is_manifest
+    if not storage.is_gcs(uri):
+        path = Path(uri)
+        if not path.exists():
+            raise DataError(
+                f"{uri}: no such file or folder; pass a manifest (.csv/.jsonl with a uri column) or a "
+                "folder of images"
+            )
+        is_folder = path.is_dir()
+        if not is_folder and not is_manifest:
+            raise DataError(
+                f"{uri}: unsupported dataset file; a manifest must end in "
+                f"{', '.join(CSV_SUFFIXES + JSONL_SUFFIXES)} (or pass a folder of images)"
+            )
+        uri = os.path.abspath(uri)
+    if not is_folder:
+        rows, _ = _read_manifest(uri, ("uri",))
+        uris, _ = _resolve_rows(uri, rows)
+        if check_files:
+            _check_files_exist(uri, uris, [r.line for r in rows])
+        return uris
+    root = uri.rstrip("/") if storage.is_gcs(uri) else uri
+    try:
+        files = list(storage.list_files(root))
+    except StorageError as exc:
+        raise DataError(str(exc)) from exc
+    sep = "/" if storage.is_gcs(root) else os.sep
+    images = []
+    for file in files:
+        parts = file[len(root) :].lstrip(sep).replace(os.sep, "/").split("/")
+        if not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            images.append(file)
+    if not images:
+        raise DataError(
+            f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}); pass a folder of "
+            "images or a manifest"
+        )
+    return images
+
+

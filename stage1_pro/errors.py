@@ -29,5 +29,9 @@ class StorageError(Stage1ProError):
     """A local path or ``gs://`` object cannot be read or written."""
 
 
+class PreconditionFailedError(StorageError):
+    """A conditional write found the object changed since it was read (or present when it must not be)."""
+
+
 class NotBuiltError(Stage1ProError):
     """A feature that exists in the design but is not implemented yet."""

@@ -7,7 +7,9 @@ from it with the same names::
                checkpoints/last.pth                      (resume state; never exported)
     calibrate  one policy file: thresholds.json | gateparams.json | scrcparams.json
     validate   validation.json  report.html  model_card.md  (+ the report's images)
-    export     bundle.json  README.md                    (bundle only)
+    export     bundle.json  README.md  score_reference.json   (bundle only)
+
+``stage1-pro drift --out DIR`` writes ``drift.json``, ``drift.png`` and ``drift.html``.
 
 :class:`RunDir` names the URIs of one directory's files, local or ``gs://``::
 
@@ -34,6 +36,10 @@ VALIDATION_FILE = "validation.json"
 MODEL_CARD_FILE = "model_card.md"
 BUNDLE_FILE = "bundle.json"
 README_FILE = "README.md"
+SCORE_REFERENCE_FILE = "score_reference.json"
+DRIFT_FILE = "drift.json"
+DRIFT_PLOT_FILE = "drift.png"
+DRIFT_REPORT_FILE = "drift.html"
 
 
 def _file(name: str) -> property:

@@ -4,7 +4,8 @@ the policy registry (:mod:`stage1_pro.policy_registry`).
 * ``config``: the ``exit_policy`` enum and the phase/policy matrix (``allOf`` rules, one per run of
   phases that does not allow every policy, each with the message a user sees);
 * ``bundle``: the ``active_exit_policy`` enum and which ``policy_file`` each policy has;
-* ``validation``: the ``exit_policy`` enum.
+* ``validation``: the ``exit_policy`` enum (the run's, and the champion's);
+* ``score_reference`` and ``drift``: the ``exit_policy`` enum.
 
 :func:`apply_policy_facts` writes them into a schema document. :mod:`stage1_pro.schemas` applies it
 to every schema it loads, so a policy registered at run time validates at once; the committed files
@@ -118,12 +119,19 @@ def _bundle(doc: dict[str, Any], specs: tuple[PolicySpec, ...]) -> None:
 
 def _validation(doc: dict[str, Any], specs: tuple[PolicySpec, ...]) -> None:
     _policy_enum(doc["properties"]["exit_policy"], specs)
+    _policy_enum(doc["properties"]["champion"]["properties"]["exit_policy"], specs)
+
+
+def _exit_policy(doc: dict[str, Any], specs: tuple[PolicySpec, ...]) -> None:
+    _policy_enum(doc["properties"]["exit_policy"], specs)
 
 
 _GENERATORS: dict[str, Callable[[dict[str, Any], tuple[PolicySpec, ...]], None]] = {
     "config": _config,
     "bundle": _bundle,
     "validation": _validation,
+    "score_reference": _exit_policy,
+    "drift": _exit_policy,
 }
 #: The artifact kinds whose schema lists exit policies.
 GENERATED_KINDS: tuple[str, ...] = tuple(_GENERATORS)

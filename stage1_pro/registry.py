@@ -5,10 +5,19 @@ Layout under a prefix (``gs://BUCKET/PREFIX`` or a local folder)::
     PREFIX/<version>/bundle.json, config.json, model_best.pth, ...   one folder per version
     PREFIX/latest                                                    JSON pointer (kind "latest")
 
-Publishing uploads every file of the version, **bundle.json last**, and only then rewrites the
-``latest`` pointer (one object write, atomic in GCS). A version folder without ``bundle.json`` is
-therefore an unfinished publish: :func:`pull` refuses it, and ``latest`` never points at it.
-Published versions are immutable: publishing a version whose ``bundle.json`` exists is refused.
+Publishing uploads every file of the version, **bundle.json last**, checks that the version folder
+holds every listed file, and only then moves the ``latest`` pointer. A version folder without
+``bundle.json`` is therefore an unfinished publish: :func:`pull` refuses it, and ``latest`` never
+points at it. Published versions are immutable: every file is written *create-only* (a GCS
+``ifGenerationMatch=0`` precondition), so two publishers of one version name cannot mix their
+files, and publishing a version whose ``bundle.json`` exists is refused.
+
+``latest`` moves by compare-and-swap: read the pointer with its object generation, write the new
+pointer on the precondition that the generation is unchanged, re-read and retry when another
+writer got there first. Two concurrent publishers therefore both land in the pointer's
+``history`` (newest first); with a plain overwrite one of them would vanish from it.
+:func:`rollback` moves ``latest`` back (or forward) to a published, verified version the same way.
+:func:`describe_versions` reads what ``stage1-pro versions`` prints.
 
 Pulling reads ``bundle.json`` first, refuses a version folder holding files it does not list,
 downloads and checks each listed file's sha256, verifies the whole bundle
@@ -22,40 +31,144 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stage1_pro import storage
 from stage1_pro.artifacts import (
     DEFAULT_FILENAMES,
+    dumps_artifact,
     is_plain_filename,
     parse_json,
     read_artifact,
+    stamp,
     validate_artifact,
-    write_artifact,
 )
 from stage1_pro.bundle import BUNDLE_FILE, verify_bundle
-from stage1_pro.errors import ArtifactError, StorageError
+from stage1_pro.errors import ArtifactError, PreconditionFailedError, StorageError
 from stage1_pro.provenance import sha256_bytes, sha256_file, utc_now
 
 log = logging.getLogger(__name__)
 
 LATEST = DEFAULT_FILENAMES["latest"]
+#: Compare-and-swap attempts to move ``latest`` before giving up (each loses only to a writer that
+#: succeeded, so running out means a storm of concurrent publishers).
+LATEST_CAS_ATTEMPTS = 20
+#: Upper bound of the random pause (seconds) before the n-th retry: n * this, jittered.
+LATEST_RETRY_PAUSE_S = 0.05
+#: Moves of ``latest`` remembered in its ``history``.
+LATEST_HISTORY_LENGTH = 100
+PUBLISH, ROLLBACK = "publish", "rollback"
 
 
-def _upload_file(local_path: Path, uri: str) -> None:
-    """Upload one file (retried on transient errors); a separate function so tests can inject faults."""
-    storage.copy_file(local_path, uri)
+def _upload_file(local_path: Path, uri: str) -> bool:
+    """Upload one file create-only, retried on transient errors (its own function: tests inject faults).
+
+    Returns:
+        True when this call created ``uri``; False when it already held these bytes (a rerun).
+
+    Raises:
+        PreconditionFailedError: ``uri`` already holds other bytes.
+    """
+    return storage.copy_file(local_path, uri, create_only=True)
 
 
 def read_latest(prefix: str) -> dict[str, Any] | None:
     """The validated ``latest`` pointer under ``prefix``, or None when nothing was published yet."""
+    return _read_latest_versioned(prefix)[0]
+
+
+def _read_latest_versioned(prefix: str) -> tuple[dict[str, Any] | None, str]:
+    """(the validated pointer or None, its generation)."""
     uri = storage.join(prefix, LATEST)
-    if not storage.exists(uri):
-        return None
-    return read_artifact(uri, "latest")
+    data, generation = storage.read_versioned(uri)
+    if data is None:
+        return None, generation
+    pointer = parse_json(data.decode("utf-8", errors="replace"), uri)
+    validate_artifact(pointer, "latest", uri)
+    return pointer, generation
+
+
+def _move_latest(
+    prefix: str,
+    version: str,
+    bundle_sha256: str,
+    action: str,
+    *,
+    seen: tuple[dict[str, Any] | None, str] | None = None,
+) -> dict[str, Any]:
+    """Point ``PREFIX/latest`` at ``version`` by compare-and-swap on the pointer's generation.
+
+    Args:
+        prefix: the registry prefix.
+        version: a complete, verified version under it.
+        bundle_sha256: sha256 of that version's bundle.json.
+        action: ``publish`` or ``rollback`` (recorded in the pointer and its history).
+        seen: the pointer and generation the caller decided on. The swap then succeeds only if
+            ``latest`` is still exactly that (no retry: a concurrent move must not be overridden
+            behind an operator's back). Without it, a lost race re-reads and tries again.
+
+    Returns:
+        The pointer as written (or as found, when it already pointed at ``version``).
+
+    Raises:
+        PreconditionFailedError: ``latest`` moved since ``seen``, or another writer kept winning
+            for :data:`LATEST_CAS_ATTEMPTS` attempts.
+    """
+    uri = storage.join(prefix, LATEST)
+    attempts = 1 if seen is not None else LATEST_CAS_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        current, generation = seen if seen is not None else _read_latest_versioned(prefix)
+        if current is not None and current["version"] == version:
+            return current
+        now = utc_now()
+        history = (current or {}).get("history") or _legacy_history(current)
+        entry = {"version": version, "moved_at": now, "action": action}
+        pointer = stamp(
+            {
+                "version": version,
+                "bundle_sha256": bundle_sha256,
+                "published_at": now,
+                "previous_version": current["version"] if current else None,
+                "action": action,
+                "history": [entry, *history][:LATEST_HISTORY_LENGTH],
+            },
+            "latest",
+        )
+        validate_artifact(pointer, "latest", uri)
+        try:
+            storage.write_bytes_if_generation(
+                uri, dumps_artifact(pointer).encode("utf-8"), generation, content_type="application/json"
+            )
+        except PreconditionFailedError as exc:
+            if seen is not None:
+                now_at = (read_latest(prefix) or {}).get("version")
+                raise PreconditionFailedError(
+                    f"{uri}: moved by another writer (to {now_at}) while this {action} was running; nothing "
+                    f"was changed — check 'stage1-pro versions {prefix}' and run the {action} again"
+                ) from exc
+            log.info("%s: lost a race to another writer (attempt %d); re-reading", uri, attempt)
+            time.sleep(random.uniform(0, LATEST_RETRY_PAUSE_S * attempt))  # jitter: racers desynchronise
+            continue
+        log.info("%s -> %s (%s)", uri, version, action)
+        return pointer
+    raise PreconditionFailedError(
+        f"{uri}: still contended after {LATEST_CAS_ATTEMPTS} compare-and-swap attempts; version {version} is "
+        f"published but 'latest' was not moved to it — run 'stage1-pro rollback {prefix} --to {version}'"
+    )
+
+
+def _legacy_history(pointer: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A one-entry history for a pointer written before pointers kept one."""
+    if pointer is None:
+        return []
+    return [{"version": pointer["version"], "moved_at": pointer["published_at"], "action": PUBLISH}]
 
 
 def publish(
@@ -96,38 +209,54 @@ def publish(
             f"{target}: version {version} is already published (published versions are immutable); "
             "export again with a new --version"
         )
-    uploaded: list[str] = []
+    created: list[str] = []  # only what this call wrote: a file found in place may be another's
     try:
         for name in sorted(meta["files"]):  # every data file first ...
             uri = storage.join(target, name)
-            _upload_file(root / name, uri)
-            uploaded.append(uri)
+            if _upload_file(root / name, uri):
+                created.append(uri)
         uri = storage.join(target, BUNDLE_FILE)  # ... bundle.json last: it marks the version complete
         _upload_file(root / BUNDLE_FILE, uri)
     except BaseException as exc:
-        # Best effort: an unfinished version has no bundle.json, so pull refuses it either way.
-        for uri in uploaded:
+        conflict = isinstance(exc, PreconditionFailedError)
+        # Best effort: an unfinished version has no bundle.json, so pull refuses it either way. On a
+        # conflict another publisher owns the folder and may be using identical files: leave them.
+        for uri in [] if conflict else created:
             with contextlib.suppress(StorageError):
                 storage.delete(uri)
+        if conflict:
+            raise ArtifactError(
+                f"publish of {version} to {target} refused: {exc}. Another publisher is writing (or has "
+                f"written) a different bundle under the version name {version}; published versions are "
+                "immutable — export again with a new --version"
+            ) from exc
         if isinstance(exc, StorageError):
             raise StorageError(
-                f"publish of {version} to {target} failed after {len(uploaded)} of "
+                f"publish of {version} to {target} failed after {len(created)} of "
                 f"{len(meta['files']) + 1} files: {exc}; nothing was marked complete and 'latest' was not "
                 "moved — rerun publish"
             ) from exc
         raise
+    _check_complete(target, meta)
     log.info("published %s (%d files)", target, len(meta["files"]) + 1)
     if set_latest:
-        previous = read_latest(prefix)
-        pointer = {
-            "version": version,
-            "bundle_sha256": sha256_file(root / BUNDLE_FILE),
-            "published_at": utc_now(),
-            "previous_version": previous["version"] if previous else None,
-        }
-        write_artifact(storage.join(prefix, LATEST), "latest", pointer)
-        log.info("%s -> %s", storage.join(prefix, LATEST), version)
+        _move_latest(prefix, version, sha256_file(root / BUNDLE_FILE), PUBLISH)
     return target
+
+
+def _check_complete(source: str, meta: dict[str, Any]) -> None:
+    """Raise unless the version folder ``source`` holds exactly the files its bundle.json lists."""
+    listed = set(meta["files"])
+    remote = {_name_in(source, u) for u in storage.list_files(source)}
+    unlisted = sorted(remote - listed - {BUNDLE_FILE})
+    if unlisted:
+        raise ArtifactError(
+            f"{source}: holds {', '.join(unlisted)}, not listed in its bundle.json; the published "
+            "version was modified after publishing — refusing it"
+        )
+    missing = sorted(listed - remote)
+    if missing:
+        raise ArtifactError(f"{source}: incomplete bundle, missing {', '.join(missing)}")
 
 
 def resolve(uri: str) -> tuple[str, str | None]:
@@ -180,17 +309,7 @@ def pull(uri: str, dest_dir: str | os.PathLike[str]) -> Path:
         )
     meta = parse_json(raw.decode("utf-8", errors="replace"), bundle_uri)
     validate_artifact(meta, "bundle", bundle_uri)
-    listed = set(meta["files"])
-    remote = {_name_in(source, u) for u in storage.list_files(source)}
-    unlisted = sorted(remote - listed - {BUNDLE_FILE})
-    if unlisted:
-        raise ArtifactError(
-            f"{source}: holds {', '.join(unlisted)}, not listed in its bundle.json; the published "
-            "version was modified after publishing — refusing it"
-        )
-    missing = sorted(listed - remote)
-    if missing:
-        raise ArtifactError(f"{source}: incomplete bundle, missing {', '.join(missing)}")
+    _check_complete(source, meta)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
@@ -218,6 +337,26 @@ def pull(uri: str, dest_dir: str | os.PathLike[str]) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def local_bundle(uri: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local bundle folder for ``uri``, for the duration of the ``with`` block.
+
+    Args:
+        uri: a bundle folder (used in place; whoever loads it verifies it, as
+            :func:`stage1_pro.inference.load_bundle` does), or anything :func:`pull` takes: a
+            registry prefix (follows ``latest``), ``PREFIX/latest`` or ``PREFIX/VERSION``, local or
+            ``gs://`` (downloaded and verified into a temporary folder, deleted afterwards).
+
+    Raises:
+        ArtifactError: neither a bundle folder nor a published bundle, or one that does not verify.
+    """
+    if not storage.is_gcs(uri) and Path(uri, BUNDLE_FILE).is_file():
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="stage1-pro-bundle-") as tmp:
+        yield pull(str(uri), Path(tmp, "bundle"))
+
+
 def _name_in(prefix: str, uri: str) -> str:
     """The part of ``uri`` below ``prefix`` (``a/b`` for nested objects, which bundles never have)."""
     if storage.is_gcs(prefix):
@@ -234,3 +373,122 @@ def list_versions(prefix: str) -> list[str]:
         if name == BUNDLE_FILE and folder and "/" not in folder:
             out.add(folder)
     return sorted(out)
+
+
+def rollback(prefix: str, version: str) -> dict[str, Any]:
+    """Move ``PREFIX/latest`` to the published ``version``, verified, in one conditional write.
+
+    The version is downloaded and verified like :func:`pull` does (every sha256 and schema) and
+    must be blessed. ``latest`` is then swapped on the generation read before the download: if
+    another writer moved it meanwhile, nothing changes and the error says so. Works forward too
+    (promote a version published with ``--no-latest``).
+
+    Args:
+        prefix: the registry prefix (``gs://BUCKET/PREFIX`` or a local folder).
+        version: a version folder under it.
+
+    Returns:
+        The ``latest`` pointer now in place (unchanged when it already pointed at ``version``).
+
+    Raises:
+        ArtifactError: no such complete version, a version that does not verify, or an unblessed one.
+        PreconditionFailedError: ``latest`` was moved by someone else during the rollback.
+    """
+    prefix = prefix.rstrip("/")
+    seen = _read_latest_versioned(prefix)
+    published = list_versions(prefix)
+    if version not in published:
+        shown = ", ".join(published[-10:]) or "none"
+        raise ArtifactError(
+            f"{storage.join(prefix, version)}: not a published version (no {BUNDLE_FILE} there); "
+            f"published versions under {prefix}: {shown} — see 'stage1-pro versions {prefix}'"
+        )
+    with tempfile.TemporaryDirectory(prefix="stage1-pro-rollback-") as tmp:
+        dest = pull(storage.join(prefix, version), Path(tmp, version))
+        raw = (dest / BUNDLE_FILE).read_bytes()
+        meta = verify_bundle(dest)
+    if meta["version"] != version:
+        raise ArtifactError(
+            f"{storage.join(prefix, version, BUNDLE_FILE)}: describes version {meta['version']!r}, not the "
+            f"folder's name {version!r}; this folder was not written by publish — refusing it"
+        )
+    if not meta["blessed"]:
+        raise ArtifactError(
+            f"{storage.join(prefix, version)}: bundle {version} is not blessed (blessed: false); 'latest' "
+            "never points at an unblessed bundle — pick a blessed version"
+        )
+    return _move_latest(prefix, version, sha256_bytes(raw), ROLLBACK, seen=seen)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One row of ``stage1-pro versions``: what a published version is, read from its files.
+
+    Attributes:
+        version: the version folder's name.
+        complete: the folder holds ``bundle.json`` (else an unfinished or failed publish).
+        latest: ``PREFIX/latest`` points at it.
+        created_at: when the bundle was exported.
+        blessed: the bundle's blessing.
+        policy: the active exit policy.
+        test_coverage: coverage of the policy on the run's test split (validation.json).
+        certified_bound: the certificate's upper bound on FNR_exit (validation.json).
+        target_fnr_exit: the target it was certified for.
+        data_fingerprint: the dataset the run was trained and certified on.
+        error: why the version's files could not be read (the other fields are then None).
+    """
+
+    version: str
+    complete: bool
+    latest: bool = False
+    created_at: str | None = None
+    blessed: bool | None = None
+    policy: str | None = None
+    test_coverage: float | None = None
+    certified_bound: float | None = None
+    target_fnr_exit: float | None = None
+    data_fingerprint: str | None = None
+    error: str | None = None
+
+
+def describe_versions(prefix: str) -> list[VersionInfo]:
+    """Every version folder under ``prefix``, complete ones by creation time, then unfinished ones.
+
+    Reads each complete version's ``bundle.json`` and ``validation.json`` (schema-validated; a
+    version whose files do not validate is listed with ``error`` set rather than hidden).
+    """
+    prefix = prefix.rstrip("/")
+    folders: dict[str, set[str]] = {}
+    for uri in storage.list_files(prefix):
+        folder, _, name = _name_in(prefix, uri).rpartition("/")
+        if folder and "/" not in folder:
+            folders.setdefault(folder, set()).add(name)
+    latest = (read_latest(prefix) or {}).get("version")
+    rows = [_describe(prefix, v, latest) if BUNDLE_FILE in names else VersionInfo(v, complete=False)
+            for v, names in folders.items()]  # fmt: skip
+    return sorted(rows, key=lambda r: (not r.complete, r.created_at or "", r.version))
+
+
+def _describe(prefix: str, version: str, latest: str | None) -> VersionInfo:
+    folder = storage.join(prefix, version)
+    try:
+        meta = read_artifact(storage.join(folder, BUNDLE_FILE), "bundle")
+        validation = None
+        if meta.get("validation_file"):
+            validation = read_artifact(storage.join(folder, meta["validation_file"]), "validation")
+    except (ArtifactError, StorageError) as exc:
+        return VersionInfo(version, complete=True, latest=version == latest, error=str(exc))
+    test = (validation or {}).get("test_metrics") or {}
+    certificate = (validation or {}).get("certificate") or {}
+    return VersionInfo(
+        version,
+        complete=True,
+        latest=version == latest,
+        created_at=meta["created_at"],
+        blessed=meta["blessed"],
+        policy=meta["active_exit_policy"],
+        test_coverage=test.get("coverage"),
+        certified_bound=certificate.get("upper_bound"),
+        target_fnr_exit=(validation or {}).get("target_fnr_exit"),
+        data_fingerprint=meta["lineage"]["data_fingerprint"],
+    )

@@ -31,7 +31,8 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
+def new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
+    """A matplotlib Figure on its own Agg canvas (no pyplot state), ``width`` x ``height`` inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -40,7 +41,8 @@ def _figure(width: float, height: float):  # -> matplotlib.figure.Figure
     return fig
 
 
-def _png_bytes(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """The figure rendered as PNG bytes."""
     import io
 
     buf = io.BytesIO()
@@ -51,7 +53,7 @@ def _png_bytes(fig) -> bytes:
 def risk_coverage_png(validation: dict[str, Any]) -> bytes:
     """FNR_exit and selective risk against coverage on test, with the target and the deployed point."""
     rc = validation["risk_coverage"]
-    fig = _figure(5.4, 3.8)
+    fig = new_figure(5.4, 3.8)
     ax = fig.add_subplot()
     for key, label, colour in (
         ("fnr_exit", "FNR_exit", "tab:blue"),
@@ -71,14 +73,14 @@ def risk_coverage_png(validation: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(f"Risk-coverage on test, {validation['exit_policy']} policy ({rc['score']})", fontsize=9)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def confusion_png(validation: dict[str, Any]) -> bytes:
     """The 2 x 3 test confusion matrix (true label x decision) with counts."""
     conf = validation["confusion"]
     matrix = conf["matrix"]
-    fig = _figure(4.6, 2.6)
+    fig = new_figure(4.6, 2.6)
     ax = fig.add_subplot()
     ax.imshow(matrix, cmap="Blues")
     peak = max(max(row) for row in matrix) or 1
@@ -92,7 +94,7 @@ def confusion_png(validation: dict[str, Any]) -> bytes:
     ax.set_xlabel("decision")
     ax.set_ylabel("true label")
     ax.set_title("Test decisions", fontsize=10)
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def _checks_rows(validation: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -127,6 +129,51 @@ def _metric_rows(validation: dict[str, Any]) -> list[tuple[str, str, str]]:
     test = validation["test_metrics"]
     calib = validation.get("val_calib_metrics") or {}
     return [(label, _fmt(test.get(key)), _fmt(calib.get(key))) for key, label in _METRIC_ROWS if key in test]
+
+
+_CHAMPION_ROWS = (
+    ("coverage", "test coverage"),
+    ("fnr_exit", "test FNR_exit"),
+    ("fnr_exit_upper_bound", "test FNR_exit upper bound"),
+    ("exit_accuracy", "test exit accuracy"),
+    ("fpr_exit", "test FPR_exit"),
+    ("aurc", "test AURC"),
+)
+
+
+def _champion_rows(validation: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Challenger vs champion on the same test split (empty without a compared champion)."""
+    champion = validation.get("champion") or {}
+    if "version" not in champion:
+        return []
+    ours, theirs = champion["challenger_test_metrics"], champion["test_metrics"]
+    rows = [(label, _fmt(ours.get(key)), _fmt(theirs.get(key))) for key, label in _CHAMPION_ROWS]
+    mine = (validation.get("certificate") or {}).get("upper_bound")
+    rows.append(
+        ("certified FNR_exit bound (val_calib)", _fmt(mine), _fmt(champion["certificate"]["upper_bound"]))
+    )
+    rows.append(("policy", validation["exit_policy"], champion["exit_policy"]))
+    return rows
+
+
+def _champion_text(validation: dict[str, Any]) -> str:
+    champion = validation.get("champion") or {}
+    if "version" not in champion:
+        return f"Champion {champion['uri']}: {champion.get('note', '')}" if champion else ""
+    overlap = {
+        "none": "",
+        "excluded": f" {champion['n_excluded']} images it was fitted on are left out for both models.",
+        "unknown": " Its training images could not be identified (its manifest changed): any among "
+        "this test split flatter it.",
+    }[champion["overlap"]]
+    return (
+        f"Champion {champion['version']} ({champion['uri']}) re-scored on this run's "
+        f"{champion['n_rescored']} val_select/val_calib/test images with its own preprocessing, its "
+        f"{champion['exit_policy']} policy re-certified on this val_calib (target "
+        f"{validation['target_fnr_exit']}, delta {validation['delta']}); coverage difference "
+        f"(challenger - champion) {champion['coverage_difference']:+.4f}, tolerance {champion['tolerance']}."
+        + overlap
+    )
 
 
 def _verdict(validation: dict[str, Any]) -> str:
@@ -171,6 +218,7 @@ Rule: {esc(validation["rule"].get("description", ""))}</p>
 {table(("check", "result", "value", "limit", "detail"), _checks_rows(validation))}
 <h2>Metrics</h2>
 {table(("metric", "test", "val_calib"), _metric_rows(validation))}
+{_champion_html(validation, table)}
 <h2>Certificate (from {esc(validation["policy_file"])})</h2>
 {table(("field", "value"), cert_rows)}
 <h2>Figures</h2>
@@ -178,6 +226,15 @@ Rule: {esc(validation["rule"].get("description", ""))}</p>
 <p>Created {esc(validation["created_at"])}.</p>
 </body></html>
 """
+
+
+def _champion_html(validation: dict[str, Any], table: Any) -> str:
+    text = _champion_text(validation)
+    if not text:
+        return ""
+    rows = _champion_rows(validation)
+    body = table(("metric", "challenger (this run)", "champion"), rows) if rows else ""
+    return f"<h2>Champion vs challenger (same test split)</h2>\n<p>{html.escape(text)}</p>\n{body}"
 
 
 def render_markdown(validation: dict[str, Any], figure_names: list[str]) -> str:
@@ -202,7 +259,7 @@ Rule: {validation["rule"].get("description", "")}
 ## Metrics
 
 {table(("metric", "test", "val_calib"), _metric_rows(validation))}
-
+{_champion_markdown(validation, table)}
 ## Figures
 
 {figs}
@@ -217,6 +274,15 @@ def _preprocessing_line(model_info: dict[str, Any]) -> str:
         return "n/a (no model.json)"
     spec = PixelSpec.from_record(model_info["img_size"], model_info.get(RECORD_KEY), "model.json")
     return f"{spec.describe()}, EXIF orientation applied, RGB (`stage1_pro.preprocessing`)"
+
+
+def _champion_markdown(validation: dict[str, Any], table: Any) -> str:
+    text = _champion_text(validation)
+    if not text:
+        return ""
+    rows = _champion_rows(validation)
+    body = table(("metric", "challenger (this run)", "champion"), rows) if rows else ""
+    return f"\n## Champion vs challenger (same test split)\n\n{text}\n\n{body}\n"
 
 
 def render_model_card(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
 from stage1_pro.cluster import DEFAULT_ACCELERATOR
 from stage1_pro.config import EXIT_POLICIES, Stage1ProConfig
 from stage1_pro.errors import ConfigError
@@ -143,11 +144,14 @@ PARAMETERS: tuple[PipelineParameter, ...] = (
         "PREFIX/<version>/ with a 'latest' pointer; empty: do not publish.",
     ),
     PipelineParameter(
-        "baseline_bundle",
+        "champion_prefix",
         str,
         "",
-        "Bundle to compare against in validate (a published PREFIX/latest or PREFIX/<version>); "
-        "the run is blessed only without a coverage regression at the same target. Empty: no comparison.",
+        "Registry prefix of the model in production (usually the publish_prefix): its latest version "
+        "checks the training data for drift before training, re-scores this run's images and is "
+        "re-certified on them; the run is blessed only if its test coverage is not below the "
+        f"champion's (minus {DEFAULT_CHAMPION_TOLERANCE:g}) on the same test split. Nothing published there "
+        "yet, or empty: no champion.",
     ),
     PipelineParameter(
         "config_overrides",
@@ -227,7 +231,7 @@ def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
             "needs at least one GPU, and data-parallel training runs in one pod"
         )
     gpu_type = check_gpu_type(values["gpu_type"])
-    for name in ("publish_prefix", "baseline_bundle"):
+    for name in ("publish_prefix", "champion_prefix"):
         uri = values[name].strip()
         if uri.startswith("gs://") and not uri[len("gs://") :].split("/", 1)[0]:
             raise ConfigError(f"pipeline parameter {name}={uri!r} has no bucket; expected gs://BUCKET/PREFIX")

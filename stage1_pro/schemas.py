@@ -29,7 +29,16 @@ from stage1_pro.policy_schemas import GENERATED_KINDS, apply_policy_facts
 
 #: The kinds before and after the exit policies' kinds in :data:`ARTIFACT_KINDS`.
 _KINDS_BEFORE_POLICIES: tuple[str, ...] = ("config", "splits")
-_KINDS_AFTER_POLICIES: tuple[str, ...] = ("bundle", "validation", "latest", "model", "prepared", "explora")
+_KINDS_AFTER_POLICIES: tuple[str, ...] = (
+    "bundle",
+    "validation",
+    "latest",
+    "model",
+    "prepared",
+    "explora",
+    "score_reference",
+    "drift",
+)
 
 
 def _artifact_kinds() -> tuple[str, ...]:
@@ -177,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stage1_pro.schemas [--check]``: rewrite (or compare) the generated schema parts."""
     parser = argparse.ArgumentParser(
         prog=REGENERATE_COMMAND,
-        description="Write the exit-policy parts of schemas/{config,bundle,validation}.schema.json "
+        description="Write the exit-policy parts of schemas/{config,bundle,validation,score_reference,drift}"
+        ".schema.json "
         "from the policy registry (run it in a checkout after registering a built-in policy).",
     )
     parser.add_argument("--check", action="store_true", help="only list stale files; exit 1 if any")

@@ -4,25 +4,45 @@ Local writes are atomic: data goes to a temporary file in the same folder, then 
 moves it into place, so a reader never sees a half-written file. A single GCS object upload is
 atomic by itself. Transient GCS errors are retried with the client's default policy.
 
+Conditional writes (:func:`write_bytes_if_generation`) are the compare-and-swap the registry's
+``latest`` pointer moves by: GCS checks ``ifGenerationMatch`` on the server, atomically with the
+write; a local folder takes an exclusive ``flock`` on the parent folder around "compare, then
+rename into place".
+
 Set ``STORAGE_EMULATOR_HOST`` (e.g. ``http://127.0.0.1:4443``) to talk to an emulator such as
 fake-gcs-server; the client then uses anonymous credentials.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from stage1_pro.errors import StorageError
+from stage1_pro.errors import PreconditionFailedError, StorageError
 
 if TYPE_CHECKING:
     from google.cloud import storage as gcs
 
 GCS_SCHEME = "gs://"
+#: The generation of an object that does not exist: a write conditioned on it only creates.
+ABSENT = "0"
+
+
+class Versioned(NamedTuple):
+    """An object's bytes (None when it does not exist) and its generation.
+
+    The generation is an opaque token to hand back to :func:`write_bytes_if_generation`: the GCS
+    object generation, or for a local file the sha256 of its content; :data:`ABSENT` when missing.
+    """
+
+    data: bytes | None
+    generation: str
 
 
 def is_gcs(uri: str | os.PathLike[str]) -> bool:
@@ -138,6 +158,106 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes, content_type: str | No
         raise
 
 
+def read_versioned(uri: str | os.PathLike[str]) -> Versioned:
+    """Read an object with its generation; ``Versioned(None, ABSENT)`` when it does not exist."""
+    uri = str(uri)
+    if is_gcs(uri):
+        from google.api_core import exceptions as gexc
+
+        blob = _blob(uri)
+        try:
+            data = blob.download_as_bytes()
+        except gexc.NotFound:
+            return Versioned(None, ABSENT)
+        except gexc.GoogleAPIError as exc:
+            raise _gcs_error(uri, exc) from exc
+        return Versioned(data, str(blob.generation))
+    path = Path(uri)
+    if not path.is_file():
+        return Versioned(None, ABSENT)
+    data = read_bytes(path)
+    return Versioned(data, _content_generation(data))
+
+
+def write_bytes_if_generation(
+    uri: str | os.PathLike[str], data: bytes, generation: str, content_type: str | None = None
+) -> str:
+    """Write ``data`` only if the object still has ``generation`` (:data:`ABSENT`: only if missing).
+
+    A compare-and-swap: GCS evaluates the ``ifGenerationMatch`` precondition on the server,
+    atomically with the write; locally the comparison and the rename happen under an exclusive
+    lock on the parent folder. An object that already holds exactly ``data`` counts as written
+    (a retried request whose first attempt succeeded, or a rerun), so the call is idempotent.
+
+    Returns:
+        The object's new generation.
+
+    Raises:
+        PreconditionFailedError: the object changed since ``generation`` was read (or exists when
+            it must not); nothing was written.
+        StorageError: the write failed.
+    """
+    uri = str(uri)
+    if is_gcs(uri):
+        from google.api_core import exceptions as gexc
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        blob = _blob(uri)
+        try:
+            blob.upload_from_string(
+                data,
+                content_type=content_type or "application/octet-stream",
+                if_generation_match=int(generation),
+                retry=DEFAULT_RETRY,  # safe to retry: the precondition makes the request idempotent
+            )
+        except gexc.PreconditionFailed as exc:
+            current = read_versioned(uri)
+            if current.data == data:
+                return current.generation
+            raise _precondition_error(uri, generation, current.generation) from exc
+        except gexc.GoogleAPIError as exc:
+            raise _gcs_error(uri, exc) from exc
+        return str(blob.generation)
+    path = Path(uri)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write ({exc.strerror})") from exc
+    with _folder_lock(path.parent):
+        current = read_versioned(path)
+        if current.generation != generation:
+            if current.data == data:
+                return current.generation
+            raise _precondition_error(uri, generation, current.generation)
+        write_bytes(path, data)
+    return _content_generation(data)
+
+
+def _content_generation(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _precondition_error(uri: str, expected: str, found: str) -> PreconditionFailedError:
+    if expected == ABSENT:
+        return PreconditionFailedError(f"{uri}: already exists (it was written to be created only)")
+    if found == ABSENT:
+        return PreconditionFailedError(f"{uri}: deleted since it was read")
+    return PreconditionFailedError(f"{uri}: changed since it was read (another writer got there first)")
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on a local folder (POSIX ``flock``), released on exit."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def write_text(uri: str | os.PathLike[str], text: str, content_type: str = "text/plain") -> None:
     """Write UTF-8 text atomically."""
     write_bytes(uri, text.encode("utf-8"), content_type=content_type)
@@ -183,21 +303,48 @@ def list_files(prefix: str | os.PathLike[str], recursive: bool = True) -> Iterat
         yield str(path)
 
 
-def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Copy one file between any two locations (local or GCS), atomically at the destination."""
+def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, create_only: bool = False) -> bool:
+    """Copy one file between any two locations (local or GCS), atomically at the destination.
+
+    Args:
+        src: the file to copy.
+        dst: where to write it.
+        create_only: refuse to replace an existing ``dst`` that holds other bytes (a conditional
+            write on :data:`ABSENT`); the same bytes already there count as copied.
+
+    Returns:
+        True when this call wrote ``dst``; False when ``create_only`` found the same bytes there.
+
+    Raises:
+        PreconditionFailedError: ``create_only`` and ``dst`` holds other bytes.
+        StorageError: the copy failed.
+    """
     src, dst = str(src), str(dst)
     if is_gcs(dst) and not is_gcs(src):
         from google.api_core import exceptions as gexc
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         try:
-            _blob(dst).upload_from_filename(src, retry=DEFAULT_RETRY)
+            _blob(dst).upload_from_filename(
+                src, if_generation_match=int(ABSENT) if create_only else None, retry=DEFAULT_RETRY
+            )
         except FileNotFoundError as exc:
             raise StorageError(f"{src}: file not found") from exc
+        except gexc.PreconditionFailed as exc:
+            if read_bytes(dst) == read_bytes(src):
+                return False
+            raise _precondition_error(dst, ABSENT, "?") from exc
         except gexc.GoogleAPIError as exc:
             raise _gcs_error(dst, exc) from exc
-        return
-    write_bytes(dst, read_bytes(src))
+        return True
+    data = read_bytes(src)
+    if create_only:
+        if exists(dst) and read_bytes(dst) == data:
+            return False
+        write_bytes_if_generation(dst, data, ABSENT)
+    else:
+        write_bytes(dst, data)
+    return True
 
 
 def delete(uri: str | os.PathLike[str]) -> None:

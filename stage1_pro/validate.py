@@ -37,9 +37,16 @@ A run is **blessed** iff every check passes:
     FPR_exit <= ``max_fpr_exit`` (default :data:`DEFAULT_MAX_FPR_EXIT`). An FNR-only constraint
     is gamed by exiting everything as positive (FNR_exit 0, coverage 1); that policy has
     FPR_exit = 1 whatever the class balance, and exit accuracy = the positive rate.
-``baseline_coverage`` (only with ``baseline``)
-    test coverage >= the baseline bundle's test coverage - ``baseline_tolerance`` (default
-    :data:`DEFAULT_BASELINE_TOLERANCE`), both at the same ``target_fnr_exit``.
+``champion_coverage`` (only with ``champion``)
+    test coverage >= the champion's test coverage *on this run's test split* - ``champion_tolerance``
+    (default :data:`~stage1_pro.champion.DEFAULT_CHAMPION_TOLERANCE`). The champion bundle
+    re-scores this run's images with its own preprocessing and its policy is re-certified on this
+    run's val_calib at this run's target and delta (:mod:`stage1_pro.champion`); both are
+    reported side by side under ``champion`` in validation.json. A champion that is a registry
+    prefix with nothing published yet (a first run) is recorded as such and not compared.
+
+The former ``baseline`` comparison (coverage recorded by another bundle on *its* test set) was
+removed: coverages measured on different test sets do not say which model is better.
 
 These floors are sanity gates reported beside the certified constraint, not calibration
 targets: calibration never sees them.
@@ -49,7 +56,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -57,6 +63,7 @@ import numpy as np
 from stage1_pro import storage
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact, write_artifact
 from stage1_pro.bundle import find_policy_file
+from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.layout import CONFIG_FILE, MODEL_FILE, MODEL_INFO_FILE, SCORES_FILE, SPLITS_FILE
 from stage1_pro.provenance import sha256_uri, utc_now
@@ -69,8 +76,6 @@ DEFAULT_MIN_COVERAGE = 0.10
 DEFAULT_MIN_EXIT_ACCURACY = 0.90
 #: At most this fraction of exited negatives may be labelled positive (exit-all-positive has 1.0).
 DEFAULT_MAX_FPR_EXIT = 0.25
-#: Allowed absolute coverage drop against a baseline bundle at the same target.
-DEFAULT_BASELINE_TOLERANCE = 0.02
 FNR_RULES = ("point_estimate", "upper_bound")
 #: Points kept from the risk-coverage curve in validation.json (enough to plot it).
 CURVE_POINTS = 101
@@ -152,51 +157,95 @@ def risk_coverage(policy: Any, scores: Any, m: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _load_baseline(baseline: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(bundle.json, validation.json) of a baseline bundle folder or registry URI, verified."""
-    from stage1_pro.bundle import verify_bundle
+def champion_comparison(
+    champion: str | os.PathLike[str],
+    *,
+    data: str | os.PathLike[str],
+    splits: dict[str, Any],
+    challenger: Any,
+    challenger_test: Any,
+    target: float,
+    delta: float,
+    tolerance: float,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The ``champion_coverage`` check and the champion's side of the comparison (validation.json).
 
-    if storage.is_gcs(baseline):
-        from stage1_pro.registry import pull
+    Args:
+        champion: the champion bundle folder or registry URI.
+        data: this run's dataset.
+        splits: this run's splits.json.
+        challenger: this run's fitted policy.
+        challenger_test: this run's test :class:`~stage1_pro.scores.Scores`.
+        target, delta: this run's contract.
+        tolerance: allowed test-coverage drop.
+        batch_size, device: how the champion scores.
 
-        with tempfile.TemporaryDirectory() as tmp:
-            dest = pull(baseline, os.path.join(tmp, "baseline"))
-            return _load_baseline(str(dest))
-    meta = verify_bundle(baseline)
-    if not meta.get("validation_file"):
-        raise ArtifactError(f"{baseline}: the baseline bundle has no validation.json to compare against")
-    return meta, read_artifact(os.path.join(baseline, meta["validation_file"]), "validation")
+    Returns:
+        ``(check, info)``; ``check`` is None when ``champion`` is a registry prefix with nothing
+        published yet (a first run: nothing to compare against, which ``info`` records). Test
+        images the champion was fitted on are left out for both models.
+    """
+    from stage1_pro.champion import nothing_published, rescore_champion
+    from stage1_pro.scores import Scores
 
-
-def _baseline_check(
-    baseline: str, target: float, test: dict[str, Any], tolerance: float, fingerprint: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    meta, base_val = _load_baseline(baseline)
-    if not np.isclose(base_val["target_fnr_exit"], target):
-        raise ConfigError(
-            f"--baseline {baseline}: certified for target_fnr_exit={base_val['target_fnr_exit']}, "
-            f"this run for "
-            f"{target}; coverage is only comparable at the same target — pick a baseline with the same target"
-        )
-    base_cov = float(base_val["test_metrics"]["coverage"])
-    same_data = meta["lineage"]["data_fingerprint"] == fingerprint
+    if nothing_published(champion):
+        log.warning("champion %s: nothing published there yet (a first run?); not compared", champion)
+        return None, {"uri": str(champion), "note": "nothing published under this prefix yet: not compared"}
+    found = rescore_champion(
+        champion, data=data, splits=splits, target_fnr_exit=target, delta=delta, batch_size=batch_size,
+        device=device,
+    )  # fmt: skip
+    test_scores = found.scores.subset("test")
+    test, decisions = _split_metrics(found.policy, test_scores, delta)
+    calib, _ = _split_metrics(found.policy, found.scores.subset("val_calib"), delta)
+    ours = challenger_test
+    if found.excluded.size:  # the challenger on exactly the champion's test rows
+        keep = np.isin(challenger_test.index, test_scores.index)
+        ours = Scores(
+            index=challenger_test.index[keep], split=challenger_test.split[keep],
+            label=challenger_test.label[keep], probs=challenger_test.probs[keep],
+            gate_logit=None if challenger_test.gate_logit is None else challenger_test.gate_logit[keep],
+            source=challenger_test.source,
+        )  # fmt: skip
+    mine, _ = _split_metrics(challenger, ours, delta)
+    meta = found.bundle
+    floor = max(test["coverage"] - tolerance, 0.0)
+    overlap = "unknown" if not found.overlap_known else ("excluded" if found.excluded.size else "none")
     info = {
-        "uri": str(baseline),
+        "uri": str(champion),
         "version": meta["version"],
-        "target_fnr_exit": base_val["target_fnr_exit"],
-        "coverage": base_cov,
+        "exit_policy": meta["active_exit_policy"],
+        "model_version": meta["lineage"]["model_version"],
         "data_fingerprint": meta["lineage"]["data_fingerprint"],
-        "same_data": same_data,
+        "feasible": bool(found.policy.feasible_),
+        "certificate": _clean(found.policy.certificate_),
+        "val_calib_metrics": calib,
+        "test_metrics": test,
+        "challenger_test_metrics": mine,
+        "confusion": confusion(decisions, test_scores.label),
+        "coverage_difference": mine["coverage"] - test["coverage"],
+        "tolerance": tolerance,
+        "n_rescored": len(found.scores),
+        "overlap": overlap,
+        "n_excluded": int(found.excluded.size),
     }
-    floor = max(base_cov - tolerance, 0.0)
-    note = "" if same_data else " (different dataset fingerprint: coverages measured on different test sets)"
+    notes = {
+        "none": "",
+        "excluded": f"; {found.excluded.size} images the champion was fitted on left out for both",
+        "unknown": "; the champion's training images could not be identified (its manifest changed): "
+        "any among this test split flatter it",
+    }
     check = _check(
-        "baseline_coverage",
-        test["coverage"] >= floor,
-        test["coverage"],
+        "champion_coverage",
+        mine["coverage"] >= floor,
+        mine["coverage"],
         floor,
-        f"test coverage {test['coverage']:.4f} vs baseline {meta['version']} {base_cov:.4f} - tolerance "
-        f"{tolerance}{note}",
+        f"test coverage {mine['coverage']:.4f} vs champion {meta['version']} {test['coverage']:.4f} on "
+        f"the same {test['n']} test images (re-certified on this val_calib: "
+        f"{'feasible' if found.policy.feasible_ else 'INFEASIBLE, defers all'}) - tolerance {tolerance}"
+        f"{notes[overlap]}",
     )
     return check, info
 
@@ -312,13 +361,17 @@ def validate_run(
     run_dir: str | os.PathLike[str],
     *,
     policy_file: str | os.PathLike[str] | None = None,
-    baseline: str | os.PathLike[str] | None = None,
+    champion: str | os.PathLike[str] | None = None,
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     min_exit_accuracy: float = DEFAULT_MIN_EXIT_ACCURACY,
     max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
-    baseline_tolerance: float = DEFAULT_BASELINE_TOLERANCE,
+    champion_tolerance: float = DEFAULT_CHAMPION_TOLERANCE,
     fnr_rule: str = "point_estimate",
     report_format: str = "html",
+    data: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    baseline: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Audit the run's policy on ``test``, decide the blessing, write validation.json and reports.
 
@@ -326,11 +379,16 @@ def validate_run(
         run_dir: run directory holding config.json, splits.json, scores.npz and one policy file.
         policy_file: the policy file to audit (default: the run's one policy file, which must
             match ``config.exit_policy``).
-        baseline: a bundle folder or registry URI to compare coverage with (no regression).
-        min_coverage, min_exit_accuracy, max_fpr_exit, baseline_tolerance: the blessing floors
+        champion: the model in production to compare with on this run's data: a bundle folder or a
+            registry URI (``PREFIX`` follows ``latest``; ``PREFIX/VERSION``); see the module docstring.
+        min_coverage, min_exit_accuracy, max_fpr_exit, champion_tolerance: the blessing floors
             (module docstring); fractions in [0, 1].
         fnr_rule: ``point_estimate`` (default) or ``upper_bound``; see the module docstring.
         report_format: ``html`` or ``md``.
+        data: this run's dataset, for the champion to score (default: the ``dataset.source``
+            recorded in splits.json).
+        batch_size, device: how the champion scores the images.
+        baseline: removed (raises); use ``champion``.
 
     Returns:
         The written validation.json object (``blessed`` says the verdict).
@@ -347,10 +405,15 @@ def validate_run(
         raise ConfigError(f"fnr_rule={fnr_rule!r} is unknown; allowed: {', '.join(FNR_RULES)}")
     if report_format not in REPORT_FORMATS:
         raise ConfigError(f"report_format={report_format!r} is unknown; allowed: {', '.join(REPORT_FORMATS)}")
+    if baseline is not None:
+        raise ConfigError(
+            "baseline was removed: it compared coverages recorded on two different test sets; pass "
+            "champion=BUNDLE_OR_REGISTRY_URI (--champion), which re-scores that bundle on this run's data"
+        )
     min_coverage = _check_fraction("min_coverage", min_coverage)
     min_exit_accuracy = _check_fraction("min_exit_accuracy", min_exit_accuracy)
     max_fpr_exit = _check_fraction("max_fpr_exit", max_fpr_exit)
-    baseline_tolerance = _check_fraction("baseline_tolerance", baseline_tolerance)
+    champion_tolerance = _check_fraction("champion_tolerance", champion_tolerance)
 
     run = str(run_dir)
     uri = {name: storage.join(run, name) for name in (CONFIG_FILE, SPLITS_FILE, SCORES_FILE)}
@@ -388,12 +451,15 @@ def validate_run(
         min_exit_accuracy=min_exit_accuracy,
         max_fpr_exit=max_fpr_exit,
     )
-    baseline_info = None
-    if baseline is not None:
-        check, baseline_info = _baseline_check(
-            str(baseline), target, test, baseline_tolerance, splits["dataset"]["fingerprint"]
-        )
-        checks.append(check)
+    champion_info = None
+    if champion is not None:
+        check, champion_info = champion_comparison(
+            champion, data=data or splits["dataset"]["source"], splits=splits, challenger=policy,
+            challenger_test=test_scores, target=target, delta=delta, tolerance=champion_tolerance,
+            batch_size=batch_size, device=device,
+        )  # fmt: skip
+        if check is not None:
+            checks.append(check)
 
     inputs = {name: sha256_uri(u) for name, u in uri.items()}
     inputs[policy_name] = sha256_uri(policy_uri)
@@ -410,7 +476,7 @@ def validate_run(
         f"feasible policy certified for target <= {target} at delta <= {delta}; test FNR_exit "
         f"{'point estimate' if fnr_rule == 'point_estimate' else 'upper bound'} <= {target}; coverage >= "
         f"{min_coverage}; exit accuracy >= {min_exit_accuracy}; FPR_exit <= {max_fpr_exit}"
-        + (f"; coverage >= baseline - {baseline_tolerance}" if baseline is not None else "")
+        + (f"; coverage >= champion's on this test split - {champion_tolerance}" if champion_info else "")
     )
     validation: dict[str, Any] = {
         "created_at": utc_now(),
@@ -424,7 +490,7 @@ def validate_run(
             "min_coverage": min_coverage,
             "min_exit_accuracy": min_exit_accuracy,
             "max_fpr_exit": max_fpr_exit,
-            "baseline_tolerance": baseline_tolerance,
+            "champion_tolerance": champion_tolerance,
             "description": rule_text,
         },
         "checks": _clean(checks),
@@ -433,7 +499,7 @@ def validate_run(
         "certificate": policy_obj["certificate"],
         "confusion": confusion(decisions, test_scores.label),
         "risk_coverage": risk_coverage(policy, test_scores, test),
-        "baseline": baseline_info,
+        "champion": champion_info,
         "inputs": inputs,
         "lineage": lineage,
     }

@@ -173,3 +173,14 @@ def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = out.glob("stage1_pro-*.whl")
     return wheel
+
+
+@pytest.fixture(scope="session")
+def champion_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A blessed champion bundle certified on real JPEGs, its dataset and unseen images (read-only).
+
+    See ``tests/retrain_helpers.py``; built once (~30 s) for the champion and drift tests.
+    """
+    from retrain_helpers import build_world
+
+    return build_world(tmp_path_factory.mktemp("champion-world"))

@@ -70,7 +70,7 @@ def test_export_contents_lineage_and_checksums(base_run: Path, base_bundle: Path
     expected = {
         "bundle.json", "config.json", "splits.json", "metrics.csv", "model_best.pth", "model.json",
         "thresholds.json", "validation.json", "report.html", "model_card.md", "risk_coverage.png",
-        "confusion.png", "README.md",
+        "confusion.png", "README.md", "score_reference.json",
     }  # fmt: skip
     assert names == expected
     assert set(meta["files"]) == expected - {"bundle.json"}

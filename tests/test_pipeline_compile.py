@@ -169,14 +169,16 @@ def test_retries_on_train_only(spec: dict) -> None:
     assert retried["train"]["backoffDuration"] == "120s"
 
 
-def test_caching_off_only_for_fingerprint_and_fingerprint_feeds_data_tasks(spec: dict) -> None:
+def test_caching_off_only_for_fingerprint_and_drift_check_and_fingerprint_feeds_data_tasks(
+    spec: dict,
+) -> None:
     tasks = all_tasks(spec)
     uncached = {
         name
         for name, t in tasks.items()
         if "cachingOptions" in t and not t["cachingOptions"].get("enableCache")
     }
-    assert uncached == {"fingerprint"}
+    assert uncached == {"fingerprint", "drift-check"}
     for name in ("split", "prepare", "train"):
         source = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
         assert source == {"producerTask": "fingerprint", "outputParameterKey": "Output"}

@@ -70,9 +70,9 @@ def test_upload_order_puts_bundle_json_last(
     order: list[str] = []
     real = registry._upload_file
 
-    def spy(local: Path, uri: str) -> None:
+    def spy(local: Path, uri: str) -> bool:
         order.append(uri.rsplit("/", 1)[1])
-        real(local, uri)
+        return real(local, uri)
 
     monkeypatch.setattr(registry, "_upload_file", spy)
     registry.publish(bundles["v1"], prefix)
@@ -87,11 +87,11 @@ def test_publish_failing_midway_leaves_no_pullable_version(
     calls: list[str] = []
     real = registry._upload_file
 
-    def flaky(local: Path, uri: str) -> None:
+    def flaky(local: Path, uri: str) -> bool:
         calls.append(uri)
         if len(calls) == fail_at or (fail_at == "bundle.json" and uri.endswith("/bundle.json")):
             raise StorageError(f"{uri}: GCS request failed: 503 injected fault")
-        real(local, uri)
+        return real(local, uri)
 
     monkeypatch.setattr(registry, "_upload_file", flaky)
     # the clean-up can fail too (the network is down): the version must still be refused
@@ -119,11 +119,11 @@ def test_failed_publish_cleans_up_what_it_uploaded(
     calls: list[str] = []
     real = registry._upload_file
 
-    def flaky(local: Path, uri: str) -> None:
+    def flaky(local: Path, uri: str) -> bool:
         calls.append(uri)
         if len(calls) == 4:
             raise StorageError("injected")
-        real(local, uri)
+        return real(local, uri)
 
     monkeypatch.setattr(registry, "_upload_file", flaky)
     with pytest.raises(StorageError):

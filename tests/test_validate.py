@@ -1,5 +1,5 @@
 """The blessing gate: metrics on test from stage1_pro.metrics, the rule's checks, the gamed
-policy, baselines, reports, bad input."""
+policy, reports, bad input (the champion comparison: test_champion.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from PIL import Image
 
 from stage1_pro import metrics, validate
 from stage1_pro.artifacts import read_artifact
-from stage1_pro.bundle import POLICY_FILES, export_bundle
+from stage1_pro.bundle import POLICY_FILES
+from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
 from stage1_pro.cli import main
 from stage1_pro.decisions import argmax_class
 from stage1_pro.errors import ArtifactError, ConfigError, DataError, StorageError
@@ -198,7 +199,7 @@ def test_default_floors_are_recorded_and_overridable(run: Path) -> None:
         "min_coverage": validate.DEFAULT_MIN_COVERAGE,
         "min_exit_accuracy": validate.DEFAULT_MIN_EXIT_ACCURACY,
         "max_fpr_exit": validate.DEFAULT_MAX_FPR_EXIT,
-        "baseline_tolerance": validate.DEFAULT_BASELINE_TOLERANCE,
+        "champion_tolerance": DEFAULT_CHAMPION_TOLERANCE,
     }
     cov = v["test_metrics"]["coverage"]
     v = validate_run(run, min_coverage=round(cov + 0.01, 4), min_exit_accuracy=1.0)
@@ -215,39 +216,14 @@ def test_certificate_for_a_looser_target_does_not_count(tmp_path: Path) -> None:
     assert "certified for target 0.05" in checks(v)["certified_target"]["message"]
 
 
-def test_baseline_coverage(runs: dict[str, Path], tmp_path: Path) -> None:
-    baseline = export_bundle(runs["softmax"], tmp_path / "baseline", version="base")
-    run = Path(shutil.copytree(runs["softmax"], tmp_path / "same"))
-    v = validate_run(run, baseline=baseline)
-    check = checks(v)["baseline_coverage"]
-    assert check["passed"] and v["blessed"]
-    assert v["baseline"]["version"] == "base" and v["baseline"]["same_data"] is True
-    assert v["baseline"]["coverage"] == pytest.approx(v["test_metrics"]["coverage"])
-
-    # against a better baseline (a more separable score distribution: higher certified coverage)
-    better = export_bundle(
-        make_run(tmp_path / "better", score_kwargs={"mu": 2.2}), tmp_path / "hi", version="hi"
-    )
-    v = validate_run(run, baseline=better)
-    assert v["test_metrics"]["coverage"] < v["baseline"]["coverage"] - validate.DEFAULT_BASELINE_TOLERANCE
-    assert failed(v) == {"baseline_coverage"}
-    assert "vs baseline hi" in checks(v)["baseline_coverage"]["message"]
-    # a large enough tolerance accepts the drop
-    assert validate_run(run, baseline=better, baseline_tolerance=1.0)["blessed"]
-
-    other = make_run(tmp_path / "other", config_overrides={"target_fnr_exit": 0.05}, validate=False)
-    with pytest.raises(ConfigError, match=r"certified for target_fnr_exit=0.02, this run for 0.05"):
-        validate_run(other, baseline=baseline)
-
-
-def test_baseline_from_the_registry(runs: dict[str, Path], tmp_path: Path, gcs_emulator) -> None:
-    from stage1_pro.registry import publish
-
-    prefix = gcs_emulator.make_bucket() + "/bundles"
-    publish(export_bundle(runs["softmax"], tmp_path / "b", version="reg-1"), prefix)
-    run = Path(shutil.copytree(runs["softmax"], tmp_path / "run"))
-    v = validate_run(run, baseline=prefix)
-    assert v["baseline"]["version"] == "reg-1" and checks(v)["baseline_coverage"]["passed"]
+def test_baseline_was_removed_with_a_clear_error(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--baseline compared coverages recorded on two test sets; --champion (test_champion.py) replaces it."""
+    before = (run / "validation.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"baseline was removed: .*pass champion="):
+        validate_run(run, baseline=str(run))
+    assert main(["validate", "--run", str(run), "--baseline", str(run)]) == 2
+    assert "baseline was removed" in capsys.readouterr().err
+    assert (run / "validation.json").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------

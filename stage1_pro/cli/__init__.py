@@ -40,8 +40,13 @@ COMMANDS: dict[str, Command] = {
     ),
     "export": Command("stage1_pro.cli.export", "export a validated run as a deployable bundle folder"),
     "predict": Command("stage1_pro.cli.predict", "exit-positive / exit-negative / defer per image"),
+    "drift": Command(
+        "stage1_pro.cli.drift", "are new images still like val_calib? label-free check (exit 3: drift)"
+    ),
     "publish": Command("stage1_pro.cli.publish", "upload a bundle to gs://.../<version>/, move latest"),
     "pull": Command("stage1_pro.cli.pull", "download a published bundle, verified, into a folder"),
+    "versions": Command("stage1_pro.cli.versions", "list a registry's versions and which one 'latest' is"),
+    "rollback": Command("stage1_pro.cli.rollback", "point PREFIX/latest at a published version, verified"),
     "check": Command("stage1_pro.cli.check", "validate any artifact against its JSON Schema"),
     "compile": Command("stage1_pro.cli.compile", "compile the Kubeflow pipeline to YAML"),
     "doctor": Command(

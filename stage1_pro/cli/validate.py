@@ -9,17 +9,23 @@ and model_card.md into the run directory.
 Blessed iff: the policy is feasible and certified for the run's target/delta; the test FNR_exit
 point estimate is <= target_fnr_exit (or its upper bound, with --fnr-rule upper_bound);
 coverage >= --min-coverage; exit accuracy >= --min-exit-accuracy; FPR_exit <= --max-fpr-exit
-(so exit-everything-as-positive cannot pass); and, with --baseline, coverage >= the baseline
-bundle's coverage - --baseline-tolerance at the same target. Exit status 0 when blessed, 1 when
-not (validation.json is written either way), 2 on bad input.
+(so exit-everything-as-positive cannot pass); and, with --champion, coverage >= the champion's
+coverage on this run's test split - --champion-tolerance. The champion (a bundle folder, or a
+registry prefix: its latest, or PREFIX/VERSION) scores this run's val_select/val_calib/test images
+with its own preprocessing (the dataset from --data, default the source recorded in
+splits.json), its policy is re-certified on this val_calib at this run's target and delta, and
+both are reported side by side. A registry prefix with nothing published yet (a first run) is
+recorded and not compared. (--baseline, which compared coverages recorded on different test
+sets, was removed.) Exit status 0 when blessed, 1 when not (validation.json is written either
+way), 2 on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
 from stage1_pro.validate import (
-    DEFAULT_BASELINE_TOLERANCE,
     DEFAULT_MAX_FPR_EXIT,
     DEFAULT_MIN_COVERAGE,
     DEFAULT_MIN_EXIT_ACCURACY,
@@ -33,8 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy-file", "--policy_file", metavar="FILE", help="policy file to audit (default: the run's one)"
     )
     parser.add_argument(
-        "--baseline", metavar="BUNDLE", help="bundle folder or gs:// registry URI to compare with"
-    )
+        "--champion", metavar="BUNDLE_DIR_OR_gs://PREFIX[/latest|/VERSION]",
+        help="the model in production: re-scored on this run's data and compared on the same test split",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", metavar="MANIFEST_OR_FOLDER",
+        help="this run's dataset, for the champion to score (default: the source in splits.json)",
+    )  # fmt: skip
+    parser.add_argument("--baseline", help=argparse.SUPPRESS)  # removed: a clear error, not 'unrecognized'
+
     parser.add_argument(
         "--min-coverage", "--min_coverage", type=float, default=DEFAULT_MIN_COVERAGE, metavar="X",
         help=f"test coverage floor (default {DEFAULT_MIN_COVERAGE})",
@@ -49,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"test FPR_exit ceiling (default {DEFAULT_MAX_FPR_EXIT})",
     )  # fmt: skip
     parser.add_argument(
-        "--baseline-tolerance", "--baseline_tolerance", type=float, default=DEFAULT_BASELINE_TOLERANCE,
-        metavar="T", help=f"allowed coverage drop against --baseline (default {DEFAULT_BASELINE_TOLERANCE})",
+        "--champion-tolerance", "--champion_tolerance", type=float, default=DEFAULT_CHAMPION_TOLERANCE,
+        metavar="T", help=f"allowed test-coverage drop vs --champion (default {DEFAULT_CHAMPION_TOLERANCE})",
     )  # fmt: skip
     parser.add_argument(
         "--fnr-rule", "--fnr_rule", choices=FNR_RULES, default="point_estimate",
@@ -63,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="html",
         help="report format (html)",
     )
+    parser.add_argument(
+        "--batch-size", "--batch_size", type=int, default=64, metavar="N",
+        help="images per forward pass when the champion scores (64)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="torch device the champion scores on (cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,15 +89,22 @@ def run(args: argparse.Namespace) -> int:
     v = validate_run(
         args.run,
         policy_file=args.policy_file,
-        baseline=args.baseline,
+        champion=args.champion,
         min_coverage=args.min_coverage,
         min_exit_accuracy=args.min_exit_accuracy,
         max_fpr_exit=args.max_fpr_exit,
-        baseline_tolerance=args.baseline_tolerance,
+        champion_tolerance=args.champion_tolerance,
         fnr_rule=args.fnr_rule,
         report_format=args.report_format,
+        data=args.data,
+        batch_size=args.batch_size,
+        device=args.device,
+        baseline=args.baseline,
     )
     for c in v["checks"]:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']:<18} {c['message']}")
+    champion = v.get("champion") or {}
+    if champion and "version" not in champion:
+        print(f"NOTE  champion {champion['uri']}: {champion['note']}")
     print(f"{'BLESSED' if v['blessed'] else 'NOT BLESSED'}: {args.run}/validation.json, {v['report_file']}")
     return 0 if v["blessed"] else 1

@@ -3,7 +3,7 @@
 Same flags and behaviour as ``stage1-pro validate`` (it calls the same function,
 ``stage1_pro.validate.validate_run``)::
 
-    python stage1_pro/scripts/40_validate.py --run runs/exp1 [--baseline BUNDLE] [--min-coverage 0.1]
+    python stage1_pro/scripts/40_validate.py --run runs/exp1 [--champion PREFIX] [--min-coverage 0.1]
 """
 
 import sys
