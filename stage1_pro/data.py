@@ -481,5 +481,3 @@ def load_image_uris(uri: str | os.PathLike[str], check_files: bool = True) -> li
             "images or a manifest"
         )
     return images
-
-
