@@ -82,7 +82,7 @@ def _fsam_train_step(
     from stage1_pro.training.engine import default_train_step
 
     losses = default_train_step(state, x, y, accum)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = state.__dict__.setdefault("_fsam_pending", [])
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = state.recipe_state.setdefault("fsam_pending", [])
     pending.append((x, y))
     if not last_micro:
         return losses
