@@ -9,9 +9,10 @@ peak named in the header (``--peak-tflops`` to give one).
 1. **Step** (``project full / bare``): the project's epoch loop, built by the engine's own stages
    (``engine.build_model_and_loss``, ``engine.build_trainer``: model with its head, loss module,
    AdamW from ``create_optimizer``, the warm-up cosine schedule, ``torch.compile`` as the engine
-   applies it) and run by ``engine.train_one_epoch`` (uint8 batch -> device -> normalise, progress),
-   against a bare timm loop (same model and batch, float input already normalised on the device,
-   ``F.cross_entropy``, AdamW (foreach on CPU, fused on CUDA), ``backward``/``step``/``zero_grad``).
+   applies it) and run by ``engine.train_one_epoch`` (uint8 batch -> device -> normalise, progress;
+   on CUDA fed by the pipeline's loader workers per GPU, ``--workers``), against a bare timm loop
+   (same model and batch, float input already normalised on the device, ``F.cross_entropy``, AdamW
+   (foreach on CPU, fused on CUDA), ``backward``/``step``/``zero_grad``).
    Eager, and compiled unless ``--no-compile``. Goal: >= 1.0 (CPU: >= 0.95).
 2. **Adapters** (phase 2's path): the project's LoRA and DoRA steps: ``dora / lora`` (goal >= 0.8)
    and ``lora / bare full fine-tune`` (frozen weights need no weight gradients: goal >= 1.0).
@@ -50,6 +51,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from stage1_pro.config import Stage1ProConfig
 from stage1_pro.models.flops import mfu, model_flops, peak_tflops
+from stage1_pro.run_parameters import PIPELINE_LOADER_WORKERS
 from stage1_pro.training import engine
 from stage1_pro.training.distributed import DistInfo
 from stage1_pro.training.loaders import EpochBatchSampler, ShardBatches, TensorBatches, make_loader
@@ -383,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (cpu 7, cuda 5)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
     p.add_argument(
-        "--workers", type=int, default=0, help="loader worker processes of the project loops (0: in-process)"
+        "--workers",
+        type=int,
+        default=None,
+        help="loader worker processes of the project loops (cuda: the pipeline's per-GPU default, "
+        "cpu: 0, as the engine uses none there)",
     )
     p.add_argument(
         "--no-data",
@@ -407,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.batch_size or (256 if on_cuda else 16)
     args.steps = args.steps or (20 if on_cuda else 2)
     args.rounds = args.rounds or (5 if on_cuda else 7)
+    if args.workers is None:
+        args.workers = PIPELINE_LOADER_WORKERS if on_cuda else 0
     if not on_cuda:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if on_cuda else torch.float32

@@ -40,6 +40,7 @@ from stage1_pro.config import Stage1ProConfig, save_config
 from stage1_pro.errors import ConfigError, DataError, NotBuiltError
 from stage1_pro.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE, SPLITS_FILE, RunDir
 from stage1_pro.training import checkpoint as ckpt
+from stage1_pro.training.compilation import compile_for_training, eager
 from stage1_pro.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -608,7 +609,7 @@ def build_sampler(job: TrainJob, data: TrainingData, train_labels: np.ndarray) -
 
 
 def wrap_for_step(module: nn.Module, job: TrainJob) -> nn.Module:
-    """``module`` as the training step calls it: DDP when data-parallel, then ``torch.compile`` if asked."""
+    """``module`` as the training step calls it: DDP when data-parallel, then compiled if asked."""
     step_module = module
     if job.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -618,8 +619,8 @@ def wrap_for_step(module: nn.Module, job: TrainJob) -> nn.Module:
         step_module = DistributedDataParallel(
             step_module, device_ids=[job.device] if job.device.type == "cuda" else None
         )
-    if job.config.compile:  # after DDP, so that dynamo's DDPOptimizer splits graphs at bucket boundaries
-        step_module = torch.compile(step_module)
+    if job.config.compile:  # block by block where the model repeats one (training/compilation.py)
+        step_module = compile_for_training(step_module)
     return step_module
 
 
@@ -710,17 +711,18 @@ def save_checkpoint(job: TrainJob, state: TrainState, history: EpochHistory) -> 
 def validate(job: TrainJob, state: TrainState, data: TrainingData, labels: np.ndarray) -> dict[str, Any]:
     """Metrics of the trained module on ``val_select`` (see :func:`~.epoch_metrics.epoch_metrics`)."""
     state.module.eval()
-    outputs = predict(
-        state.module,
-        data.val,
-        data.val_rows,
-        batch_size=job.eval_batch,
-        device=job.device,
-        prepare_input=data.to_input,
-        amp_dtype=job.amp_dtype,
-        dist_info=job.dist,
-        num_workers=data.loader_workers,
-    )
+    with eager():  # blocks compiled for the training step are not compiled again for validation
+        outputs = predict(
+            state.module,
+            data.val,
+            data.val_rows,
+            batch_size=job.eval_batch,
+            device=job.device,
+            prepare_input=data.to_input,
+            amp_dtype=job.amp_dtype,
+            dist_info=job.dist,
+            num_workers=data.loader_workers,
+        )
     return epoch_metrics(outputs, labels, state.loss_fn, job.config)
 
 
