@@ -31,6 +31,8 @@ def test_a_vit_compiles_its_blocks_and_a_convnet_or_heads_compile_whole() -> Non
 def test_compiled_blocks_give_the_eager_gradients_and_validation_compiles_nothing() -> None:
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     eager_model = _model("test_vit").train()
     compiled_model = _model("test_vit").train()
@@ -42,7 +44,7 @@ def test_compiled_blocks_give_the_eager_gradients_and_validation_compiles_nothin
     for (name, a), b in zip(eager_model.named_parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1
+    assert graphs == 1  # one block traced, its code reused by the five others
     with torch.no_grad(), eager():  # validation: another batch size, no gradients, not compiled again
         out = compiled_model.eval()(torch.cat([x, x]))["logits"]
     assert counters["stats"]["unique_graphs"] == graphs
