@@ -21,7 +21,8 @@ def test_importing_the_recipes_module_alone_registers_all_six_phases_built() -> 
 
 
 def test_a_phase_cannot_be_registered_twice() -> None:
-    with pytest.raises(ValueError, match=r"phase 4 is already registered \(ExPLoRA\); a phase has one recipe"):
+    message = r"phase 4 is already registered \(ExPLoRA\); a phase has one recipe"
+    with pytest.raises(ValueError, match=message):
         phases.register_phase(phases.PhaseRecipe(phase=4, name="ExPLoRA again", built=False))
     assert phases.PHASES[4].built and phases.PHASES[4].before_training is not None
 
