@@ -1,7 +1,8 @@
 """Training throughput: the project's training step against a bare timm loop, adapters, and the data path.
 
 Everything is measured in one run and printed as ratios against a baseline from the same run, in
-interleaved rounds (median per variant), so that drifting machine load hits all variants alike.
+interleaved rounds: images/s is the median over rounds, a ratio the median over rounds of the two
+variants' rates in the same round, so that drifting machine load hits both alike.
 Beside images/s each variant shows its model FLOPs utilisation (MFU: ``stage1_pro.models.flops``;
 analytical for ViTs, counting only the products each variant's backward really needs) against the
 peak named in the header (``--peak-tflops`` to give one).
@@ -224,8 +225,8 @@ def _size_kwargs(name: str, img_size: int) -> dict:
 
 def interleaved(
     variants: dict[str, Loop], steps: int, rounds: int, clock: Clock
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median images/s and median host CPU seconds per step of each variant over interleaved rounds.
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Images/s and host CPU seconds per step of each variant in each of ``rounds`` interleaved rounds.
 
     Each variant first runs one untimed round (compilation, optimiser state, allocator warm-up).
     """
@@ -239,10 +240,12 @@ def interleaved(
             n = loop.run(steps)
             host[name].append((time.thread_time() - host_start) / steps)
             rates[name].append(n / (clock.now() - start))
-    return (
-        {name: statistics.median(r) for name, r in rates.items()},
-        {name: statistics.median(h) for name, h in host.items()},
-    )
+    return rates, host
+
+
+def paired_ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s rate over ``b``'s in the same round (drift between rounds cancels)."""
+    return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,11 +366,11 @@ def step_suite(args: argparse.Namespace, device: torch.device, tmp: Path) -> dic
     rates, host = interleaved(variants, args.steps, args.rounds, clock)
     flops = {name: model_flops(loop.model, args.img_size).train_step for name, loop in variants.items()}
     return {
-        "img_per_s": rates,
-        "host_ms_per_step": {k: 1000 * v for k, v in host.items()},
+        "img_per_s": {k: statistics.median(v) for k, v in rates.items()},
+        "host_ms_per_step": {k: 1000 * statistics.median(v) for k, v in host.items()},
         "train_gflop_per_image": {k: v / 1e9 for k, v in flops.items()},
         "ratios": {
-            name: rates[a] / rates[b] for name, (a, b, _) in RATIOS.items() if a in rates and b in rates
+            name: paired_ratio(rates, a, b) for name, (a, b, _) in RATIOS.items() if a in rates and b in rates
         },
     }
 
@@ -382,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=None, help="cpu 98, cuda 224")
     p.add_argument("--batch-size", type=int, default=None, help="cpu 16, cuda 256")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (cpu 2, cuda 20)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (cpu 7, cuda 5)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (cpu 9, cuda 5)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
     p.add_argument(
         "--workers",
@@ -412,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args.img_size = args.img_size or (224 if on_cuda else 98)
     args.batch_size = args.batch_size or (256 if on_cuda else 16)
     args.steps = args.steps or (20 if on_cuda else 2)
-    args.rounds = args.rounds or (5 if on_cuda else 7)
+    args.rounds = args.rounds or (5 if on_cuda else 9)
     if args.workers is None:
         args.workers = PIPELINE_LOADER_WORKERS if on_cuda else 0
     if not on_cuda:
