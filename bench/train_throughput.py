@@ -1,25 +1,33 @@
-"""Training throughput: the project's training step against a bare timm loop, and the data path.
+"""Training throughput: the project's training step against a bare timm loop, adapters, and the data path.
 
 Everything is measured in one run and printed as ratios against a baseline from the same run, in
-interleaved rounds (median per variant) so that drifting machine load hits all variants alike.
+interleaved rounds: images/s is the median over rounds, a ratio the median over rounds of the two
+variants' rates in the same round, so that drifting machine load hits both alike.
+Beside images/s each variant shows its model FLOPs utilisation (MFU: ``stage1_pro.models.flops``;
+analytical for ViTs, counting only the products each variant's backward really needs) against the
+peak named in the header (``--peak-tflops`` to give one).
 
-1. **Step**: the project's epoch loop (``stage1_pro.training.engine.train_one_epoch``: uint8
-   batch -> device -> normalise, ``Stage1Model`` with its head, the loss module, AdamW from
-   ``create_optimizer``, the warm-up cosine schedule, progress) against a bare timm loop (same
-   model and batch, float input already normalised in memory, ``F.cross_entropy``, AdamW,
-   ``backward``/``step``/``zero_grad``). Goal on CPU: ratio >= 0.95.
-2. **Data path**: the same project loop reading prepared shards (memory-mapped ``.npy``, what
-   ``train --prepared`` reads) against in-memory tensors. Goal: ratio >= 0.9.
-3. **Loader**: images/s of the shard loader alone with 0, 1 and 2 worker processes, i.e. what
-   one CPU core feeds, to size the train task's CPU request (README "Training"); and the decode
-   rate of ``prepare`` on a 12-MP JPEG (draft vs full decoding) per core.
-4. **GPU** (when CUDA is present, or ``--suite gpu``): ``vit_small_patch14_dinov2`` at 224 px,
-   batch 256, bf16 autocast: bare vs project, eager and ``torch.compile``; the project's
-   DoRA/LoRA ratio (phase-2 adapters).
+1. **Step** (``project full / bare``): the project's epoch loop, built by the engine's own stages
+   (``engine.build_model_and_loss``, ``engine.build_trainer``: model with its head, loss module,
+   AdamW from ``create_optimizer``, the warm-up cosine schedule, ``torch.compile`` as the engine
+   applies it) and run by ``engine.train_one_epoch`` (uint8 batch -> device -> normalise, progress;
+   on CUDA fed by the pipeline's loader workers per GPU, ``--workers``), against a bare timm loop
+   (same model and batch, float input already normalised on the device, ``F.cross_entropy``, AdamW
+   (foreach on CPU, fused on CUDA), ``backward``/``step``/``zero_grad``).
+   Eager, and compiled unless ``--no-compile``. Goal: >= 1.0 (CPU: >= 0.95).
+2. **Adapters** (phase 2's path): the project's LoRA and DoRA steps: ``dora / lora`` (goal >= 0.8)
+   and ``lora / bare full fine-tune`` (frozen weights need no weight gradients: goal >= 1.0).
+3. **Data path** (``prepared shards / in-memory``): the same project loop reading prepared shards
+   (memory-mapped ``.npy``, what ``train --prepared`` reads) against in-memory tensors. Goal >= 0.9.
+4. **Loader and decode** (sizing): images/s of the shard loader alone with 0, 1 and 2 worker
+   processes, and ``prepare``'s decode rate of a 12-MP JPEG per core (draft vs full decoding).
 
-On CPU, time is the calling thread's CPU time (``time.thread_time``) with one intra-op thread,
-so other processes on a shared machine do not distort the ratios; on GPU it is wall time between
-synchronisations. ``python bench/train_throughput.py --help`` lists the knobs.
+Defaults: on CUDA the issue's setting (``vit_small_patch14_dinov2``, 224 px, batch 256, bf16, wall
+time between synchronisations; the host thread's CPU time per step is shown too: a step whose host
+time nears its wall time is bound by Python/launch overhead, not by the GPU); on CPU the same model
+at 98 px, batch 16, fp32, one intra-op thread, timed by the thread's CPU time
+(``time.thread_time``) so that other processes on a shared machine do not distort the ratios.
+``python bench/train_throughput.py --help`` lists the knobs.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,13 +51,16 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from stage1_pro.config import Stage1ProConfig
-from stage1_pro.losses import create_loss
-from stage1_pro.models import create_model
-from stage1_pro.optim import create_optimizer, create_scheduler
+from stage1_pro.models.flops import mfu, model_flops, peak_tflops
+from stage1_pro.run_parameters import PIPELINE_LOADER_WORKERS
 from stage1_pro.training import engine
 from stage1_pro.training.distributed import DistInfo
 from stage1_pro.training.loaders import EpochBatchSampler, ShardBatches, TensorBatches, make_loader
 from stage1_pro.training.phases import get_phase
+from stage1_pro.training.split_rows import SplitRows
+
+#: A compiled H200 ViT-S/14 step at batch 256 (issue 13): the rate the loader workers must feed.
+GPU_STEP_IMG_PER_S = 6560
 
 
 class Clock:
@@ -64,12 +76,18 @@ class Clock:
         return time.thread_time()
 
 
+class Loop(Protocol):
+    model: torch.nn.Module
+
+    def run(self, steps: int) -> int: ...
+
+
 # ------------------------------------------------------------------------------------------
-# the two loops
+# the loops
 
 
 class BareLoop:
-    """A plain timm training loop: the baseline."""
+    """A plain timm training loop (full fine-tuning): the baseline."""
 
     def __init__(
         self,
@@ -82,10 +100,10 @@ class BareLoop:
         torch.manual_seed(0)
         self.model = timm.create_model(args.model, num_classes=2, **_size_kwargs(args.model, args.img_size))
         self.model.to(device).train()
-        if device.type == "cuda":
+        on_cuda = device.type == "cuda"
+        if on_cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model = torch.compile(self.model) if compile_ else self.model
-        on_cuda = device.type == "cuda"
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=1e-4, fused=on_cuda or None, foreach=None if on_cuda else True
         )
@@ -119,7 +137,11 @@ class BareLoop:
 
 
 class ProjectLoop:
-    """The project's loop: ``engine.train_one_epoch`` over a loader of uint8 batches."""
+    """The project's loop, built by the engine's stages and run by ``engine.train_one_epoch``.
+
+    ``run(steps)`` is one epoch of ``steps`` batches; the trainer (optimiser, schedule, loader) for
+    that length is built once, on first use.
+    """
 
     def __init__(
         self,
@@ -134,7 +156,7 @@ class ProjectLoop:
         peft_method: str = "dora",
         workers: int = 0,
     ) -> None:
-        self.config = Stage1ProConfig(
+        config = Stage1ProConfig(
             phase=phase,
             model_name=args.model,
             img_size=args.img_size,
@@ -149,45 +171,48 @@ class ProjectLoop:
             log_every=10**9,
             device=str(device),
         )
-        recipe = get_phase(phase)
-        torch.manual_seed(0)
-        model = create_model(self.config).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        loss_fn = create_loss(recipe.loss, self.config).to(device)
-        optimizer = create_optimizer(model, self.config, device=device)
-        scheduler = create_scheduler(optimizer, self.config, updates_per_epoch=1000)
-        step_module = torch.compile(model) if compile_ else model
-        self.state = engine.TrainState(
-            self.config,
-            recipe,
-            DistInfo(device=device),
-            device,
-            engine.resolve_amp(self.config, device),
-            model,
-            model,
-            step_module,
-            loss_fn,
-            optimizer,
-            scheduler,
-            normalize_input=True,
-            mean=tuple(model.info["mean"]),
-            std=tuple(model.info["std"]),
+        dist = DistInfo(device=device)
+        self.job = engine.TrainJob(
+            config=config,
+            recipe=get_phase(phase),
+            splits={},
+            splits_uri="",
+            data_uri=None,
+            prepared_uri=None,
             out_dir="",
-            epochs=1000,
+            resume=False,
+            dist=dist,
+            amp_dtype=engine.resolve_amp(config, device),
         )
-        self.dataset, self.rows, self.workers = dataset, rows, workers
-        self.loaders: dict[int, torch.utils.data.DataLoader] = {}
+        self.model, self.loss_fn = engine.build_model_and_loss(self.job)
+        self.dataset, self.rows = dataset, rows
+        self.labels = dataset.label.numpy()
+        self.states: dict[int, tuple[engine.TrainState, torch.utils.data.DataLoader]] = {}
+        self.to_input = engine.InputTransform.for_model(self.model.info, device)
+
+    def _trainer(self, steps: int) -> tuple[engine.TrainState, torch.utils.data.DataLoader]:
+        """The engine's trainer over ``steps`` batches (one per step count; they share the model)."""
+        if steps not in self.states:
+            rows = self.rows[: steps * self.job.config.batch_size]
+            data = engine.TrainingData(
+                module=self.model,
+                train=self.dataset,
+                train_rows=rows,
+                val=self.dataset,
+                val_rows=rows,
+                to_input=self.to_input,
+                augment="none",
+                loader_workers=self.job.config.num_workers,
+                pin_memory=self.job.device.type == "cuda",
+            )
+            split_rows = SplitRows(rows={}, index={}, label={"train": self.labels[rows]})
+            self.states[steps] = engine.build_trainer(self.job, self.model, self.loss_fn, data, split_rows)
+        return self.states[steps]
 
     def run(self, steps: int) -> int:
-        rows = self.rows[: steps * self.config.batch_size]
-        if steps not in self.loaders:
-            sampler = EpochBatchSampler(rows, self.config.batch_size, shuffle=True, seed=0, drop_last=True)
-            self.loaders[steps] = make_loader(
-                self.dataset, sampler, num_workers=self.workers, pin_memory=self.state.device.type == "cuda"
-            )
-        engine.train_one_epoch(self.state, self.loaders[steps], epoch=0)
-        return steps * self.config.batch_size
+        state, loader = self._trainer(steps)
+        engine.train_one_epoch(state, loader, epoch=0)
+        return steps * self.job.config.batch_size
 
 
 def _size_kwargs(name: str, img_size: int) -> dict:
@@ -199,18 +224,28 @@ def _size_kwargs(name: str, img_size: int) -> dict:
 
 
 def interleaved(
-    variants: dict[str, object], steps: int, rounds: int, warmup: int, clock: Clock
-) -> dict[str, float]:
-    """Median images/s per variant over interleaved rounds (one warm-up run each first)."""
+    variants: dict[str, Loop], steps: int, rounds: int, clock: Clock
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Images/s and host CPU seconds per step of each variant in each of ``rounds`` interleaved rounds.
+
+    Each variant first runs one untimed round (compilation, optimiser state, allocator warm-up).
+    """
     for loop in variants.values():
-        loop.run(warmup)
+        loop.run(steps)
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    host: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, loop in variants.items():
-            start = clock.now()
+            start, host_start = clock.now(), time.thread_time()
             n = loop.run(steps)
+            host[name].append((time.thread_time() - host_start) / steps)
             rates[name].append(n / (clock.now() - start))
-    return {name: statistics.median(r) for name, r in rates.items()}
+    return rates, host
+
+
+def paired_ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s rate over ``b``'s in the same round (drift between rounds cancels)."""
+    return statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True))
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,36 +309,6 @@ def decode_rates(tmp: Path, img_size: int, repeats: int = 3) -> dict[str, float]
     return rates
 
 
-# ------------------------------------------------------------------------------------------
-
-
-def cpu_suite(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
-    clock = Clock(device)
-    n_images = max(args.batch_size * args.steps * 2, 200)
-    shards, rows = prepared_demo(tmp, args.img_size, n_images)
-    images, labels, _ = shards[rows.tolist()]
-    memory = TensorBatches(images.clone(), labels.numpy())
-    variants = {
-        "bare timm loop": BareLoop(args, device, images, labels),
-        "project (in-memory)": ProjectLoop(args, device, memory, rows),
-        "project (prepared shards)": ProjectLoop(args, device, shards, rows),
-    }
-    rates = interleaved(variants, args.steps, args.rounds, args.warmup, clock)
-    report = {
-        "device": str(device),
-        "model": args.model,
-        "img_size": args.img_size,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "img_per_s": rates,
-    }
-    report["step_ratio"] = rates["project (in-memory)"] / rates["bare timm loop"]
-    report["data_path_ratio"] = rates["project (prepared shards)"] / rates["project (in-memory)"]
-    report.update(data_suite(args, tmp))
-    return report
-
-
 def data_suite(args: argparse.Namespace, tmp: Path) -> dict:
     """Decode rate per core (prepare) and shard-loader rate per worker (training) at loader size."""
     big, big_rows = prepared_demo(tmp / "big", args.loader_img_size, 4 * args.loader_batch)
@@ -313,45 +318,61 @@ def data_suite(args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
-def gpu_suite(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
+# ------------------------------------------------------------------------------------------
+# the suite
+
+#: ratio name -> (numerator variant, denominator variant, goal).
+RATIOS: dict[str, tuple[str, str, str]] = {
+    "project / bare, eager": ("project full (eager)", "bare (eager)", ">= 1.0 (CPU >= 0.95)"),
+    "project / bare, compiled": ("project full (compiled)", "bare (compiled)", ">= 1.0 (CPU >= 0.95)"),
+    "DoRA / LoRA, phase-2 path": ("project dora (eager)", "project lora (eager)", ">= 0.8"),
+    "LoRA / bare full fine-tune": ("project lora (eager)", "bare (eager)", ">= 1.0"),
+    "prepared shards / in-memory": ("project full (prepared shards)", "project full (eager)", ">= 0.9"),
+}
+
+
+def step_suite(args: argparse.Namespace, device: torch.device, tmp: Path) -> dict:
+    """Every training-step variant in interleaved rounds; images/s, host time per step, MFU and ratios."""
     clock = Clock(device)
     n = args.batch_size * max(args.steps, 2)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, args.img_size, args.img_size, 3), dtype=torch.uint8, generator=gen)
-    labels = torch.randint(0, 2, (n,), generator=gen)
-    memory = TensorBatches(images, labels.numpy())
-    rows = np.arange(n)
-    report = {
-        "device": str(device),
-        "model": args.model,
-        "img_size": args.img_size,
-        "batch_size": args.batch_size,
-        "amp": "bf16" if device.type == "cuda" else "off",
+    if args.data:
+        shards, rows = prepared_demo(tmp, args.img_size, max(n, 200))
+        rows = rows[:n]
+        images, labels, _ = shards[rows.tolist()]
+    else:
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, args.img_size, args.img_size, 3), dtype=torch.uint8, generator=gen)
+        labels = torch.randint(0, 2, (n,), generator=gen)
+        rows = np.arange(n)
+    memory = TensorBatches(images.clone(), labels.numpy())
+    workers = args.workers
+    variants: dict[str, Loop] = {
+        "bare (eager)": BareLoop(args, device, images, labels),
+        "project full (eager)": ProjectLoop(args, device, memory, rows, workers=workers),
+        "project lora (eager)": ProjectLoop(
+            args, device, memory, rows, phase=2, finetune_mode="peft", peft_method="lora", workers=workers
+        ),
+        "project dora (eager)": ProjectLoop(
+            args, device, memory, rows, phase=2, finetune_mode="peft", peft_method="dora", workers=workers
+        ),
     }
-    modes = [False, True] if args.compile else [False]
-    rates: dict[str, float] = {}
-    for compile_ in modes:
-        tag = "compile" if compile_ else "eager"
-        variants = {
-            f"bare ({tag})": BareLoop(args, device, images, labels, compile_=compile_),
-            f"project full ({tag})": ProjectLoop(args, device, memory, rows, compile_=compile_, workers=0),
-        }
-        rates.update(interleaved(variants, args.steps, args.rounds, args.warmup, clock))
-        del variants
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        report[f"step_ratio_{tag}"] = rates[f"project full ({tag})"] / rates[f"bare ({tag})"]
-    peft = {
-        f"project {m} (eager)": ProjectLoop(
-            args, device, memory, rows, phase=2, finetune_mode="peft", peft_method=m
+    if args.data:
+        variants["project full (prepared shards)"] = ProjectLoop(args, device, shards, rows, workers=workers)
+    if args.compile:
+        variants["bare (compiled)"] = BareLoop(args, device, images, labels, compile_=True)
+        variants["project full (compiled)"] = ProjectLoop(
+            args, device, memory, rows, compile_=True, workers=workers
         )
-        for m in ("lora", "dora")
+    rates, host = interleaved(variants, args.steps, args.rounds, clock)
+    flops = {name: model_flops(loop.model, args.img_size).train_step for name, loop in variants.items()}
+    return {
+        "img_per_s": {k: statistics.median(v) for k, v in rates.items()},
+        "host_ms_per_step": {k: 1000 * statistics.median(v) for k, v in host.items()},
+        "train_gflop_per_image": {k: v / 1e9 for k, v in flops.items()},
+        "ratios": {
+            name: paired_ratio(rates, a, b) for name, (a, b, _) in RATIOS.items() if a in rates and b in rates
+        },
     }
-    rates.update(interleaved(peft, args.steps, args.rounds, args.warmup, clock))
-    report["dora_over_lora"] = rates["project dora (eager)"] / rates["project lora (eager)"]
-    report["img_per_s"] = rates
-    report.update(data_suite(args, tmp))
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,19 +380,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--model", default="vit_small_patch14_dinov2", help="timm model (%(default)s)")
+    p.add_argument("--img-size", type=int, default=None, help="cpu 98, cuda 224")
+    p.add_argument("--batch-size", type=int, default=None, help="cpu 16, cuda 256")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (cpu 2, cuda 20)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (cpu 9, cuda 5)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variants")
     p.add_argument(
-        "--suite", choices=["auto", "cpu", "gpu"], default="auto", help="auto: gpu when CUDA is present"
+        "--workers",
+        type=int,
+        default=None,
+        help="loader worker processes of the project loops (cuda: the pipeline's per-GPU default, "
+        "cpu: 0, as the engine uses none there)",
     )
-    p.add_argument("--device", default="auto")
     p.add_argument(
-        "--model", default=None, help="timm model (cpu: the local default; gpu: vit_small_patch14_dinov2)"
+        "--no-data",
+        dest="data",
+        action="store_false",
+        help="skip the prepared-shards variant and the loader/decode rates (random uint8 images)",
     )
-    p.add_argument("--img-size", type=int, default=None, help="cpu: the config default; gpu: 224")
-    p.add_argument("--batch-size", type=int, default=None, help="cpu: 32; gpu: 256")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (cpu 4, gpu 20)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (cpu 1, gpu 5)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="gpu suite: skip torch.compile")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: see the header)")
     p.add_argument(
         "--loader-img-size", type=int, default=224, help="image size of the loader/decode measurements"
     )
@@ -381,57 +410,62 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     args = p.parse_args(argv)
-    suite = ("gpu" if cuda else "cpu") if args.suite == "auto" else args.suite
-    device = torch.device(
-        "cuda"
-        if (cuda and args.device in ("auto", "cuda"))
-        else (args.device if args.device != "auto" else "cpu")
-    )
-    defaults = Stage1ProConfig()
-    if suite == "gpu":
-        args.model = args.model or "vit_small_patch14_dinov2"
-        args.img_size, args.batch_size = args.img_size or 224, args.batch_size or 256
-        args.steps, args.warmup = args.steps or 20, args.warmup if args.warmup is not None else 5
-    else:
-        args.model = args.model or defaults.model_name
-        args.img_size, args.batch_size = args.img_size or defaults.img_size, args.batch_size or 32
-        args.steps, args.warmup = args.steps or 4, args.warmup if args.warmup is not None else 1
-    if device.type == "cpu":
+    device = torch.device("cuda" if cuda and args.device == "auto" else args.device.replace("auto", "cpu"))
+    on_cuda = device.type == "cuda"
+    args.img_size = args.img_size or (224 if on_cuda else 98)
+    args.batch_size = args.batch_size or (256 if on_cuda else 16)
+    args.steps = args.steps or (20 if on_cuda else 2)
+    args.rounds = args.rounds or (5 if on_cuda else 9)
+    if args.workers is None:
+        args.workers = PIPELINE_LOADER_WORKERS if on_cuda else 0
+    if not on_cuda:
         torch.set_num_threads(args.threads)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu, {torch.get_num_threads()} thread(s)"
-    )
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    peak, peak_source = peak_tflops(device, dtype, args.peak_tflops)
+    name = torch.cuda.get_device_name(device) if on_cuda else f"cpu, {torch.get_num_threads()} thread(s)"
+    precision = str(dtype).removeprefix("torch.")
     print(
-        f"suite {suite} on {device} ({name}), model {args.model} @ {args.img_size} px, "
-        f"batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds",
+        f"{time.strftime('%Y-%m-%d')} on {device} ({name}); torch {torch.__version__}, "
+        f"timm {timm.__version__}\nmodel {args.model} @ {args.img_size} px, batch {args.batch_size}, "
+        f"{precision}, "
+        f"{args.steps} steps x {args.rounds} rounds, {'wall' if on_cuda else 'thread CPU'} time; "
+        f"MFU against {peak:.3g} TFLOP/s ({peak_source})",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        report = (gpu_suite if suite == "gpu" else cpu_suite)(args, device, Path(tmp))
+        report = step_suite(args, device, Path(tmp))
+        if args.data:
+            report.update(data_suite(args, Path(tmp)))
+    report.update(
+        date=time.strftime("%Y-%m-%d"),
+        device=name,
+        model=args.model,
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        peak_tflops=peak,
+        peak_source=peak_source,
+    )
     width = max(len(k) for k in report["img_per_s"])
-    print(f"\n{'variant'.ljust(width)}  img/s")
-    for name, rate in report["img_per_s"].items():
-        print(f"{name.ljust(width)}  {rate:8.1f}")
+    print(f"\n{'variant'.ljust(width)}     img/s    MFU  host ms/step  GFLOP/img")
+    for variant, rate in report["img_per_s"].items():
+        gflop = report["train_gflop_per_image"][variant]
+        print(
+            f"{variant.ljust(width)}  {rate:8.1f}  {100 * mfu(rate, gflop * 1e9, peak):4.1f}%  "
+            f"{report['host_ms_per_step'][variant]:12.1f}  {gflop:9.2f}"
+        )
     print()
-    for key, value in report.items():
-        if key.endswith("ratio") or key.startswith(("step_ratio", "dora_over")):
-            goal = {
-                "step_ratio": ">= 0.95",
-                "data_path_ratio": ">= 0.9",
-                "step_ratio_compile": ">= 0.95",
-            }.get(key, "")
-            print(f"{key}: {value:.3f} {goal}")
-        elif key.startswith(("loader", "decode")):
-            print(f"{key}: " + ", ".join(f"{k}: {v:,.0f}" for k, v in value.items()))
+    for ratio, value in report["ratios"].items():
+        print(f"{ratio}: {value:.3f} (goal {RATIOS[ratio][2]})")
+    for key in ("decode_img_per_s_per_core", "loader_img_per_s"):
+        if key in report:
+            print(f"{key}: " + ", ".join(f"{k}: {v:,.0f}" for k, v in report[key].items()))
     if "loader_img_per_s" in report:
         per_worker = report["loader_img_per_s"][1]
         print(
-            f"\nsizing: one loader worker feeds ~{per_worker:,.0f} img/s of "
-            f"{args.loader_img_size}-px prepared "
-            f"images (batch {args.loader_batch}); a ViT-S/14 step at 6,560 img/s (H200, compiled) needs "
-            f"~{math.ceil(6560 / per_worker)} worker(s) + 1 core for the training process"
+            f"\nsizing: one loader worker feeds ~{per_worker:,.0f} img/s of {args.loader_img_size}-px "
+            f"prepared images (batch {args.loader_batch}); a ViT-S/14 step at {GPU_STEP_IMG_PER_S:,} img/s "
+            f"(H200, compiled) needs ~{math.ceil(GPU_STEP_IMG_PER_S / per_worker)} worker(s) + 1 core "
+            "for the training process"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))

@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 
 #: Default number of images per forward pass.
 DEFAULT_BATCH_SIZE = 64
-#: Numeric precision of :meth:`Predictor.forward` (no autocast).
-SERVING_PRECISION = "fp32"
+#: Forward precisions. ``auto``: the precision ``model.json``'s ``scored_with`` records when serving
+#: on the device type the scores were computed on, else bf16 autocast on CUDA and fp32 elsewhere
+#: (what training's ``amp=auto`` scores with).
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,15 @@ class Predictor:
         model_info: the bundle's ``model.json`` (preprocessing spec, heads, ``scored_with``).
         bundle: the verified ``bundle.json`` (for provenance), if loaded from a bundle.
         device: torch device to run on.
+        precision: ``auto`` (see :data:`PRECISIONS`), ``fp32`` or ``bf16`` (autocast).
+        compile: ``torch.compile`` the network (the first batch of each shape pays the compilation).
 
     Attributes:
         spec: the :class:`~stage1_pro.preprocessing.PreprocessSpec` every input goes through.
 
     Raises:
         ArtifactError: ``model_info`` records a preprocessing this version cannot reproduce.
+        ConfigError: an unknown ``precision``.
     """
 
     def __init__(
@@ -124,12 +129,27 @@ class Predictor:
         *,
         bundle: dict[str, Any] | None = None,
         device: str = "cpu",
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
+        import torch
+
+        if precision not in PRECISIONS:
+            from stage1_pro.errors import ConfigError
+
+            raise ConfigError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+        self.device = device
+        device_type = torch.device(device).type
         self.model = model.to(device).eval()
+        if device_type == "cuda":  # channels-last input and weights, as in training
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if precision == "auto":
+            precision = _auto_precision(model_info.get("scored_with"), device_type)
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self._network = torch.compile(self.model) if compile else self.model
         self.policy = policy
         self.model_info = model_info
         self.bundle = bundle or {}
-        self.device = device
         self.spec = PreprocessSpec.from_model_info(model_info)
         mismatch = scoring_mismatch(model_info.get("scored_with"), self.serving)
         if mismatch:
@@ -145,7 +165,8 @@ class Predictor:
         """Device type and precision this predictor computes with (compared with ``scored_with``)."""
         import torch
 
-        return {"device": torch.device(self.device).type, "precision": SERVING_PRECISION}
+        precision = "fp32" if self.autocast_dtype is None else "bf16"
+        return {"device": torch.device(self.device).type, "precision": precision}
 
     # -- the three steps, public so benchmarks and tests can time or call each one ------------
     def preprocess(self, images: Sequence[ImageSource]) -> torch.Tensor:
@@ -160,8 +181,15 @@ class Predictor:
         """Class probabilities ``(n, 2)`` and gate logits ``(n,)`` (None without a gate head)."""
         import torch
 
+        device = torch.device(self.device)
         with torch.inference_mode():
-            out = self.model(x.to(self.device))
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(
+                device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
+                out = self._network(x)
             probs = torch.softmax(out["logits"].float(), dim=1).cpu().numpy().astype(np.float64)
             gate = out.get("gate_logit")
             gate_np = None if gate is None else gate.float().reshape(-1).cpu().numpy().astype(np.float64)
@@ -310,8 +338,25 @@ def _source(item: Any) -> str | None:
     return str(item) if isinstance(item, str | os.PathLike) else None
 
 
-def load_bundle(bundle_dir: str | os.PathLike[str], *, device: str = "cpu") -> Predictor:
-    """Load a verified bundle folder as a :class:`Predictor`.
+def _auto_precision(scored_with: dict[str, str] | None, device_type: str) -> str:
+    """``precision="auto"``: the scores' precision on their device type, else bf16 on CUDA, fp32 elsewhere."""
+    if (
+        scored_with
+        and scored_with.get("device") == device_type
+        and scored_with.get("precision") in PRECISIONS
+    ):
+        return scored_with["precision"]
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
+def load_bundle(
+    bundle_dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    precision: str = "auto",
+    compile: bool = False,
+) -> Predictor:
+    """Load a verified bundle folder as a :class:`Predictor` (``device``, ``precision``, ``compile``: there).
 
     Reads ``bundle.json`` first, verifies every file's sha256 and schema, loads the policy named
     by ``policy_file`` and the weights with ``weights_only=True``. ``config.json`` is not used.
@@ -336,4 +381,6 @@ def load_bundle(bundle_dir: str | os.PathLike[str], *, device: str = "cpu") -> P
         )
     model = load_model(str(root), model_file=meta["model_file"], model_json=info_name)
     log.info("loaded bundle %s (%s policy) from %s", meta["version"], meta["active_exit_policy"], root)
-    return Predictor(model, policy, model_info, bundle=meta, device=device)
+    return Predictor(
+        model, policy, model_info, bundle=meta, device=device, precision=precision, compile=compile
+    )

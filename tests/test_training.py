@@ -366,7 +366,7 @@ def test_adamw_groups_and_warmup_cosine_schedule() -> None:
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.05 and [p.shape for p in decayed["params"]] == [(2, 8)]
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # LayerNorm weight/bias, Linear bias
-    assert not opt.defaults["fused"]  # fused AdamW is for CUDA
+    assert opt.defaults["fused"] and not opt.defaults["foreach"]  # the fused kernel on CPU too
     sched = create_scheduler(opt, _config(epochs=2, warmup_epochs=0.5), updates_per_epoch=4)
     lrs = []
     for _ in range(8):

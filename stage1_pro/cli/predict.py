@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import argparse
 
+from stage1_pro.inference import DEFAULT_BATCH_SIZE, PRECISIONS
+
+#: Images per forward pass on a GPU (``--batch-size`` default there).
+CUDA_BATCH_SIZE = 256
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, metavar="DIR", help="bundle folder (from export or pull)")
@@ -23,9 +28,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="report unreadable images and go on (default: stop)",
     )
     parser.add_argument(
-        "--batch-size", "--batch_size", type=int, default=64, metavar="N", help="images per forward pass (64)"
+        "--batch-size",
+        "--batch_size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"images per forward pass (default: {CUDA_BATCH_SIZE} on CUDA, {DEFAULT_BATCH_SIZE} elsewhere)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (cpu)")
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="auto",
+        help="forward precision: auto = bf16 autocast on CUDA (as training scores), fp32 elsewhere",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the network (pays off on many batches)"
+    )
 
 
 def _table(rows: list[dict]) -> str:
@@ -53,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
 
     from stage1_pro.inference import load_bundle
 
-    predictor = load_bundle(args.bundle, device=args.device)
-    preds = predictor.predict(args.images, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    predictor = load_bundle(args.bundle, device=args.device, precision=args.precision, compile=args.compile)
+    batch_size = args.batch_size or (
+        CUDA_BATCH_SIZE if args.device.startswith("cuda") else DEFAULT_BATCH_SIZE
+    )
+    preds = predictor.predict(args.images, batch_size=batch_size, skip_bad=args.skip_bad)
     rows = [p.to_dict() for p in preds]
     print(json.dumps(rows, indent=2) if args.json else _table(rows))
     return 1 if any(p.error for p in preds) else 0

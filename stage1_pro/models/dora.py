@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: N812 (the PyTorch convention)
 from torch import nn
 
 from stage1_pro.errors import ConfigError, NotBuiltError
+from stage1_pro.models.lowrank_ops import DoRALinear, LoRALinear, autocast_off
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -162,6 +163,12 @@ class LowRankAdapter(nn.Module):
             weight = torch.cat([weight, bias.to(weight.dtype)[:, None]], dim=1)
         return torch.addmm(out.reshape(-1, out.shape[-1]), h2, weight.t()).view(out.shape)
 
+    def _fused_path(self) -> bool:
+        """A Linear base with no dropout active: the fused autograd functions of :mod:`.lowrank_ops` apply."""
+        return isinstance(self.base_layer, nn.Linear) and (
+            isinstance(self.dropout, nn.Identity) or not self.training
+        )
+
     def _channel_view(self, vector: torch.Tensor) -> torch.Tensor:
         """A per-output-unit vector shaped to broadcast over the layer's output."""
         return vector if isinstance(self.base_layer, nn.Linear) else vector.view(1, -1, 1, 1)
@@ -199,6 +206,8 @@ class LoRALayer(LowRankAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if self._fused_path():
+            return LoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
         h = self._base(self.dropout(x), self.lora_A, None)
         return self._add_up(self._base(x, base.weight, base.bias), h, self._b_scaled(self.scaling), None)
 
@@ -222,7 +231,7 @@ class DoRALayer(LowRankAdapter):
         """``‖W0 + s·B A‖_row`` in at least fp32 (autocast off: bf16 would round it), without a graph."""
         w = self.base_layer.weight
         dtype = torch.promote_types(w.dtype, torch.float32)
-        with torch.autocast(device_type=w.device.type, enabled=False):
+        with autocast_off(w):
             adapted = torch.addmm(
                 w.to(dtype).flatten(1),
                 self.lora_B.to(dtype).reshape(w.shape[0], self.rank),
@@ -233,6 +242,10 @@ class DoRALayer(LowRankAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if self._fused_path():
+            return DoRALinear.apply(
+                x, base.weight, base.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.scaling
+            )
         norm = self.weight_norm()
         scale = self.lora_magnitude.to(norm.dtype) / norm  # k = m / ‖·‖: the gradient reaches m only
         b_scaled = self._b_scaled(scale * self.scaling)  # s·k folded into B (out × r)

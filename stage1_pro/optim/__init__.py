@@ -1,8 +1,9 @@
 """Optimiser and learning-rate schedule factories (timm-style ``create_*``).
 
 * :func:`create_optimizer`: AdamW over the trainable parameters, without weight decay on
-  biases and normalisation/1-D parameters (the usual ViT/timm recipe); the fused CUDA kernel
-  on GPU, the multi-tensor (foreach) path on CPU.
+  biases and normalisation/1-D parameters (the usual ViT/timm recipe); the fused kernel (one
+  pass over each parameter for the whole update) on CUDA and CPU, the multi-tensor (foreach)
+  path elsewhere.
 * :func:`create_scheduler`: per-update linear warm-up then cosine decay to zero, as a
   ``LambdaLR`` (so its state is saved in checkpoints and resumes exactly).
 """
@@ -17,6 +18,10 @@ from torch import nn
 
 if TYPE_CHECKING:
     from stage1_pro.config import Stage1ProConfig
+
+
+#: Device types with a fused AdamW kernel.
+FUSED_ADAMW_DEVICES: frozenset[str] = frozenset({"cuda", "cpu"})
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -40,7 +45,9 @@ def create_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW over ``model``'s trainable parameters (``lr``/``weight_decay`` from ``config`` unless given).
 
-    ``fused=True`` on CUDA (one kernel for the whole update), ``foreach=True`` elsewhere.
+    ``fused=True`` on CUDA and CPU (one pass per parameter for the whole update: on one CPU thread
+    a ViT-S step is 4 % faster than with ``foreach``, ``bench/train_throughput.py``), ``foreach=True``
+    elsewhere.
     """
     lr = lr if lr is not None else (config.lr if config is not None else 1e-3)
     weight_decay = (
@@ -51,8 +58,8 @@ def create_optimizer(
         raise ValueError("the model has no trainable parameters")
     if device is None:
         device = next(p.device for g in groups for p in g["params"])
-    on_cuda = torch.device(device).type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, fused=on_cuda or None, foreach=None if on_cuda else True)
+    fused = torch.device(device).type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None, foreach=None if fused else True)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:

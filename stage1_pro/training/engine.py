@@ -1,31 +1,33 @@
 """The training engine behind ``stage1-pro train``, ``scripts/20_train.py`` and the KFP train task.
 
-:func:`train` runs one phase recipe (:mod:`stage1_pro.training.phases`) end to end:
+:func:`train` runs one phase recipe (:mod:`stage1_pro.training.phases`) end to end, in named stages:
 
-1. checks everything that can be checked before work (phase/policy matrix, phase built,
-   fine-tune mode, model name, batch split over processes, data arguments);
-2. reads prepared shards (``prepared_uri``), or prepares ``data_uri`` once into
-   ``RUN_DIR/prepared`` (reused on resume);
-3. builds the model (:func:`stage1_pro.models.create_model`), loss, AdamW and the cosine
-   schedule; resumes from ``RUN_DIR/checkpoints/last.pth`` when it belongs to this run;
-4. trains epoch by epoch (bf16 autocast on GPU, optional ``torch.compile``, gradient
-   accumulation, DDP when launched by torchrun), validates on ``val_select`` after each
-   epoch, writes ``metrics.csv``, keeps ``model_best.pth`` (plain merged weights) and a
-   checkpoint; with a frozen backbone, features are extracted once and only the heads train;
-5. reloads ``model_best.pth`` into a plain model and writes ``scores.npz`` for
-   ``val_select``, ``val_calib`` and ``test``, and ``model.json``.
+1. **check** (:func:`preflight`): everything that needs no data or model (phase/policy matrix,
+   fine-tune mode, model name, data arguments), before any work;
+2. **open the data** (:func:`~stage1_pro.training.split_rows.open_data`): prepared shards
+   (``prepared_uri``), or ``data_uri`` prepared once into ``RUN_DIR/prepared``;
+3. **build** (:func:`build_model_and_loss`, :func:`build_trainer`): the model
+   (:func:`stage1_pro.models.create_model`), the loss, the phase's ``before_training`` hook,
+   the batch sampler and loader, AdamW and the cosine schedule, DDP / ``torch.compile``;
+4. **cache features** (:func:`cache_features`): with a frozen backbone, the backbone runs once over
+   ``train`` and ``val_select`` and only the heads train, on the cached features;
+5. **resume** (:func:`resume_history`): from ``RUN_DIR/checkpoints/last.pth`` when it belongs to
+   this run;
+6. **run epochs** (:func:`run_epochs`): bf16 autocast on GPU, gradient accumulation, validation on
+   ``val_select`` after each epoch, ``metrics.csv``, ``model_best.pth`` (plain merged weights) and
+   a checkpoint;
+7. **score the best** (:func:`score_best`): ``model_best.pth`` reloaded into a plain model writes
+   ``scores.npz`` for ``val_select``, ``val_calib`` and ``test``; then ``model.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import logging
 import math
-import os
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +39,8 @@ from stage1_pro import storage
 from stage1_pro.config import Stage1ProConfig, save_config
 from stage1_pro.errors import ConfigError, DataError, NotBuiltError
 from stage1_pro.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE, SPLITS_FILE, RunDir
-from stage1_pro.preprocessing import PixelSpec
 from stage1_pro.training import checkpoint as ckpt
+from stage1_pro.training.compilation import compile_for_training, eager
 from stage1_pro.training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -48,6 +50,7 @@ from stage1_pro.training.distributed import (
     init_distributed,
     per_rank_batch,
 )
+from stage1_pro.training.epoch_metrics import epoch_metrics, write_metrics_csv
 from stage1_pro.training.loaders import (
     EpochBatchSampler,
     ShardBatches,
@@ -57,15 +60,17 @@ from stage1_pro.training.loaders import (
 )
 from stage1_pro.training.phases import PhaseRecipe, check_finetune_mode, get_phase
 from stage1_pro.training.progress import Progress
-from stage1_pro.training.scoring import autocast, predict, score_splits, softmax
+from stage1_pro.training.scoring import SCORED_SPLITS, autocast, predict, score_splits
+from stage1_pro.training.split_rows import SplitRows, open_data
 
 _LOG = logging.getLogger("stage1_pro.training")
 
-PREPARED_DIR = "prepared"
+#: Splits the frozen-backbone path runs the backbone over once (the heads train and validate on them).
+CACHED_SPLITS: tuple[str, ...] = ("train", "val_select")
 
 
 # ------------------------------------------------------------------------------------------
-# setup helpers
+# settings derived before any work
 
 
 def resolve_amp(config: Stage1ProConfig, device: torch.device) -> torch.dtype | None:
@@ -86,12 +91,20 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str | None) -> PhaseRecipe:
-    """Every check that needs no data or model; raises before any work is done."""
+    """Every check that needs no data or model; raises before any work is done.
+
+    Returns:
+        The phase's recipe.
+
+    Raises:
+        ConfigError: an invalid setting or combination, naming the setting and the fix.
+        NotBuiltError: a phase or adapter method that is designed but not built.
+    """
     from stage1_pro.models import check_model_name
     from stage1_pro.transforms import AUGMENTATIONS
 
     config.validate()  # phase/policy matrix and ranges
-    recipe = get_phase(config.phase)  # NotBuiltError for a designed phase that is not built
+    recipe = get_phase(config.phase)
     check_finetune_mode(recipe, config.resolved_finetune_mode)
     if recipe.check_config is not None:
         recipe.check_config(config)
@@ -109,167 +122,98 @@ def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str |
     return recipe
 
 
-def _prepared_matches(uri: str, splits: dict[str, Any], spec: PixelSpec) -> bool:
-    from stage1_pro.errors import ArtifactError
-    from stage1_pro.prepare import INDEX_FILE, open_prepared, splits_sha256
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """One checked request to :func:`train` and the settings derived from it before any work.
 
-    if not storage.exists(storage.join(uri, INDEX_FILE)):
-        return False
-    try:
-        data = open_prepared(uri)
-        made_with = data.pixel_spec
-    except ArtifactError:
-        return False
-    return (
-        made_with == spec
-        and data.info["dataset"]["fingerprint"] == splits["dataset"]["fingerprint"]
-        and data.info["splits"]["sha256"] == splits_sha256(splits)
-    )
+    Attributes:
+        config: the resolved settings.
+        recipe: the phase's recipe.
+        splits: the loaded ``splits.json``; ``splits_uri`` where it came from.
+        data_uri, prepared_uri: exactly one is set (see :func:`train`).
+        out_dir: the run directory.
+        resume: continue from the run's checkpoint when there is one.
+        dist: data-parallel position and device.
+        amp_dtype: autocast dtype, or None.
+    """
 
+    config: Stage1ProConfig
+    recipe: PhaseRecipe
+    splits: dict[str, Any]
+    splits_uri: str
+    data_uri: str | None
+    prepared_uri: str | None
+    out_dir: str
+    resume: bool
+    dist: DistInfo
+    amp_dtype: torch.dtype | None
 
-def _local_prepared_dir(out_dir: str) -> str:
-    if not storage.is_gcs(out_dir):
-        return storage.join(out_dir, PREPARED_DIR)
-    import hashlib
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
 
-    key = hashlib.sha256(out_dir.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "stage1-pro-prepared", key)
+    @property
+    def frozen_backbone(self) -> bool:
+        """The backbone never trains: its features are computed once and the heads train alone."""
+        return self.config.resolved_finetune_mode == "frozen"
 
+    @property
+    def epochs(self) -> int:
+        return self.config.head_epochs if self.frozen_backbone else self.config.epochs
 
-@dataclass
-class SplitRows:
-    """The prepared rows of each split, their dataset indices and labels."""
+    @property
+    def eval_batch(self) -> int:
+        """Per-process batch of validation, feature caching and scoring (no gradients: twice the global)."""
+        return max(per_rank_batch(self.config.batch_size, self.dist), 2 * self.config.batch_size)
 
-    rows: dict[str, np.ndarray]
-    index: dict[str, np.ndarray]
-    label: dict[str, np.ndarray]
-    n_missing: dict[str, int] = field(default_factory=dict)
+    @property
+    def loader_workers(self) -> int:
+        """Loader processes: they feed a GPU; on CPU the cores are busy training, and reading
+        memory-mapped shards in the training process costs almost nothing."""
+        return self.config.num_workers if self.device.type == "cuda" else 0
 
-
-def open_data(
-    config: Stage1ProConfig,
-    splits: dict[str, Any],
-    splits_uri: str,
-    data_uri: str | None,
-    prepared_uri: str | None,
-    out_dir: str,
-    info: DistInfo,
-):
-    """Open (preparing first if needed) the shards for this run and map every split to its rows."""
-    from stage1_pro.prepare import open_prepared, prepare_dataset, splits_sha256
-    from stage1_pro.splits import SPLIT_NAMES
-
-    spec = PixelSpec.from_config(config)
-    if prepared_uri is None:
-        prepared_uri = _local_prepared_dir(out_dir)
-        if info.is_main and not _prepared_matches(prepared_uri, splits, spec):
-            prepare_dataset(data_uri, splits_uri, prepared_uri, spec, workers=max(1, config.num_workers))
-        barrier(info)
-    data = open_prepared(prepared_uri)
-    data.check_matches(splits, prepared_uri)
-    data.check_spec(spec, prepared_uri)  # the pixels trained and scored are the pixels served
-    if data.info["splits"]["sha256"] != splits_sha256(splits):
-        raise DataError(
-            f"{prepared_uri} was prepared for other splits than {splits_uri}; "
-            "re-run `stage1-pro prepare` with them"
-        )
-    rows, index, label, missing = {}, {}, {}, {}
-    for name in SPLIT_NAMES:
-        found, lost = data.rows_for(splits["indices"][name])
-        rows[name], index[name], label[name] = found, data.index[found], data.label[found].astype(np.int64)
-        missing[name] = int(lost.size)
-        if lost.size:
-            _LOG.warning(
-                "%s: %d image(s) of split %s failed to decode at prepare time and are left out",
-                prepared_uri,
-                lost.size,
-                name,
-            )
-        if not found.size:
-            raise DataError(
-                f"{prepared_uri}: split {name!r} has no images; check the splits and the prepare log"
-            )
-    return data, SplitRows(rows, index, label, missing)
+    @property
+    def run_dir(self) -> RunDir:
+        return RunDir(self.out_dir)
 
 
 # ------------------------------------------------------------------------------------------
-# metrics
+# network input
 
 
-def legacy_decisions(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Softmax exit at a fixed confidence (monitoring only): argmax class where max prob >= t."""
-    from stage1_pro.decisions import DEFER
+@dataclass(frozen=True, kw_only=True)
+class InputTransform:
+    """Device batch -> network input: ``uint8`` NHWC -> normalised float NCHW (channels-last on CUDA).
 
-    return np.where(probs.max(axis=1) >= threshold, probs.argmax(axis=1), DEFER).astype(np.int8)
+    The one input transform of training, validation, feature caching and scoring.
+    """
 
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels_last: bool
 
-def epoch_metrics(
-    outputs: dict[str, np.ndarray], labels: np.ndarray, loss_fn: nn.Module, config: Stage1ProConfig
-) -> dict[str, float | None]:
-    """Validation metrics of one epoch: loss on the whole split, accuracy, monitoring exits."""
-    from stage1_pro.decisions import DEFER
-    from stage1_pro.metrics import exit_metrics
+    @classmethod
+    def for_model(cls, info: dict[str, Any], device: torch.device) -> InputTransform:
+        """The transform for a model's ``model.json`` normalisation on ``device``."""
+        return cls(mean=tuple(info["mean"]), std=tuple(info["std"]), channels_last=device.type == "cuda")
 
-    tensors = {k: torch.from_numpy(v) for k, v in outputs.items() if k != "row"}
-    was_training = loss_fn.training
-    loss_fn.eval()
-    with torch.no_grad():
-        val = loss_fn(tensors, torch.from_numpy(labels))
-    loss_fn.train(was_training)
-    probs = softmax(outputs["logits"])
-    pred = probs.argmax(axis=1)
-    legacy = exit_metrics(
-        legacy_decisions(probs, config.legacy_exit_threshold_for_logging),
-        labels,
-        confidence=probs.max(axis=1),
-        predictions=pred,
-    )
-    row: dict[str, float | None] = {
-        "val_loss": float(val["loss"]),
-        "val_accuracy": float((pred == labels).mean()),
-        "val_aurc": legacy.get("aurc"),
-        "val_coverage_legacy": legacy["coverage"],
-        "val_fnr_exit_legacy": legacy["fnr_exit"],
-    }
-    if "gate_logit" in outputs:  # phase >= 3: the gate at its untrained-for threshold 0, monitoring only
-        gate = exit_metrics(np.where(outputs["gate_logit"] >= 0, pred, DEFER).astype(np.int8), labels)
-        row.update(
-            {
-                "val_gate_coverage": gate["coverage"],
-                "val_gate_fnr_exit": gate["fnr_exit"],
-                "val_soft_coverage": float(val["coverage"]),
-                "val_soft_fnr": float(val["fnr_soft"]),
-            }
-        )
-    return row
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from stage1_pro.transforms import normalize
+
+        x = normalize(x, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def write_metrics_csv(uri: str, rows: list[dict[str, Any]]) -> None:
-    """Rewrite metrics.csv (one row per finished epoch) atomically."""
-    fields: list[str] = []
-    for row in rows:
-        fields.extend(k for k in row if k not in fields)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(
-            {k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in row.items()}
-        )
-    storage.write_text(uri, buf.getvalue(), content_type="text/csv")
-
-
-def _save_state_dict(uri: str, state: dict[str, torch.Tensor]) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    storage.write_bytes(uri, buf.getvalue())
+def features_as_input(x: torch.Tensor) -> torch.Tensor:
+    """Cached backbone features are the heads' input as they are."""
+    return x
 
 
 # ------------------------------------------------------------------------------------------
-# the loop
+# what one epoch of training touches
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class PhaseContext:
     """What a phase's ``before_training`` hook gets: the model before supervised training and the data."""
 
@@ -282,42 +226,107 @@ class PhaseContext:
     out_dir: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainState:
-    """Everything one epoch of training touches (also what hooks of later phases receive)."""
+    """Everything one epoch of training touches (also what a recipe's ``train_step`` receives).
+
+    Attributes:
+        config, recipe, dist, amp_dtype, out_dir: as in :class:`TrainJob`.
+        model: the :class:`~stage1_pro.models.Stage1Model` (never wrapped).
+        module: what trains: the model, or its heads on cached features.
+        step_module: ``module`` as the step calls it (wrapped by DDP / ``torch.compile``).
+        loss_fn, optimizer, scheduler: the loss module, the optimiser, the per-update schedule.
+        to_input: device batch -> network input (:class:`InputTransform`, or
+            :func:`features_as_input` on cached features).
+        augment: training augmentation of the input (``none`` on cached features).
+        epochs: epochs of this run; ``epoch``: the one running (0-based).
+        recipe_state: scratch space of the recipe's hooks (e.g. F-SAM's pending micro-batches).
+    """
 
     config: Stage1ProConfig
     recipe: PhaseRecipe
     dist: DistInfo
-    device: torch.device
     amp_dtype: torch.dtype | None
-    model: nn.Module  # the Stage1Model (never wrapped)
-    module: nn.Module  # what trains: the model, or its heads on cached features
-    step_module: nn.Module  # ``module`` wrapped by DDP / torch.compile
+    model: nn.Module
+    module: nn.Module
+    step_module: nn.Module
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    normalize_input: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    to_input: Callable[[torch.Tensor], torch.Tensor]
+    augment: str
     out_dir: str
     epochs: int
     epoch: int = 0
+    recipe_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingData:
+    """What trains on what: the trained module, its train/validation rows and their input transform.
+
+    Attributes:
+        module: the model (images), or its heads (cached features).
+        train, train_rows: the training batches' dataset and its rows.
+        val, val_rows: the same for ``val_select``.
+        to_input: device batch -> the module's input.
+        augment: training augmentation (``none`` on cached features).
+        loader_workers: loader processes of the training and validation loaders.
+        pin_memory: pin host batches (images headed for a GPU).
+    """
+
+    module: nn.Module
+    train: torch.utils.data.Dataset
+    train_rows: np.ndarray
+    val: torch.utils.data.Dataset
+    val_rows: np.ndarray
+    to_input: Callable[[torch.Tensor], torch.Tensor]
+    augment: str
+    loader_workers: int
+    pin_memory: bool
+
+
+@dataclass(kw_only=True)
+class EpochHistory:
+    """Finished epochs: their metrics rows and the best monitored value so far (what a checkpoint resumes)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: float | None = None
+    best_epoch: int | None = None
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.rows)
+
+    def record(self, row: dict[str, Any], recipe: PhaseRecipe) -> bool:
+        """Append an epoch's row; return True when its ``recipe.monitor`` value is the best so far."""
+        self.rows.append(row)
+        value = row[recipe.monitor]
+        sign = 1.0 if recipe.monitor_mode == "max" else -1.0
+        finite = value is not None and math.isfinite(value)
+        improved = finite and (self.best is None or sign * value > sign * self.best)
+        if improved:
+            self.best, self.best_epoch = value, row["epoch"]
+        return improved
+
+
+# ------------------------------------------------------------------------------------------
+# one epoch
 
 
 def prepare_batch(
     state: TrainState, x: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Device batch -> network input: uint8 NHWC -> normalised NCHW (+ augmentation when training)."""
-    from stage1_pro.transforms import augment, normalize
+    """Device batch -> network input (+ augmentation when a training ``generator`` is given)."""
+    from stage1_pro.transforms import augment
 
-    if not state.normalize_input:
-        return x
-    x = normalize(x, state.mean, state.std)
-    if state.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    if generator is not None and state.config.augment != "none":
-        x = augment(x, state.config.augment, generator)
+    x = state.to_input(x)
+    if generator is not None and state.augment != "none":
+        x = augment(x, state.augment, generator)
     return x
 
 
@@ -415,305 +424,396 @@ def train(
     splits = load_splits(splits_uri)
     dist_info = init_distributed(config.device)
     try:
-        return _train(
-            config, recipe, splits, splits_uri, data_uri, prepared_uri, str(out_dir), resume, dist_info
+        per_rank_batch(config.batch_size, dist_info)  # ConfigError unless the batch splits evenly
+        job = TrainJob(
+            config=config,
+            recipe=recipe,
+            splits=splits,
+            splits_uri=splits_uri,
+            data_uri=data_uri,
+            prepared_uri=prepared_uri,
+            out_dir=str(out_dir),
+            resume=resume,
+            dist=dist_info,
+            amp_dtype=resolve_amp(config, dist_info.device),
         )
+        return run_job(job)
     finally:
         cleanup(dist_info)
 
 
-def _train(
-    config: Stage1ProConfig,
-    recipe: PhaseRecipe,
-    splits: dict[str, Any],
-    splits_uri: str,
-    data_uri: str | None,
-    prepared_uri: str | None,
-    out_dir: str,
-    resume: bool,
-    dist_info: DistInfo,
-) -> dict[str, Any]:
-    from stage1_pro.losses import create_loss
-    from stage1_pro.models import create_model, export_state_dict, save_model_info
-    from stage1_pro.optim import create_optimizer, create_scheduler
+def run_job(job: TrainJob) -> dict[str, Any]:
+    """The stages of :func:`train` for a checked job (see the module docstring)."""
+    started = time.perf_counter()
+    seed_everything(job.config.seed, deterministic=job.device.type == "cpu")
+    prepared, split_rows = open_data(
+        job.config,
+        splits=job.splits,
+        splits_uri=job.splits_uri,
+        data_uri=job.data_uri,
+        prepared_uri=job.prepared_uri,
+        out_dir=job.out_dir,
+        dist=job.dist,
+    )
+    if job.dist.is_main:
+        save_config(job.config, storage.join(job.out_dir, CONFIG_FILE))
+        storage.copy_file(job.splits_uri, storage.join(job.out_dir, SPLITS_FILE))
+    shards = ShardBatches(prepared.shard_paths, prepared.shard, prepared.offset, prepared.label)
 
-    t0 = time.perf_counter()
-    device = dist_info.device
-    local_batch = per_rank_batch(config.batch_size, dist_info)
-    amp_dtype = resolve_amp(config, device)
-    seed_everything(config.seed, deterministic=device.type == "cpu")
-
-    data, split_rows = open_data(config, splits, splits_uri, data_uri, prepared_uri, out_dir, dist_info)
-    if dist_info.is_main:
-        save_config(config, storage.join(out_dir, CONFIG_FILE))
-        storage.copy_file(splits_uri, storage.join(out_dir, SPLITS_FILE))
-
-    torch.manual_seed(config.seed)  # identical head initialisation on every rank and every resume
-    model = create_model(config).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    mean, std = tuple(model.info["mean"]), tuple(model.info["std"])
-    loss_fn = create_loss(recipe.loss, config).to(device)
-    cached = config.resolved_finetune_mode == "frozen"
-    epochs = config.head_epochs if cached else config.epochs
-    shards = ShardBatches(data.shard_paths, data.shard, data.offset, data.label)
-    # Loader worker processes feed a GPU; on CPU the cores are busy training and reading
-    # memory-mapped shards in the training process costs almost nothing.
-    workers = config.num_workers if device.type == "cuda" else 0
-    eval_batch = max(local_batch, 2 * config.batch_size)
-
-    if recipe.before_training is not None:  # e.g. phase 4's self-supervised extended pre-training
-        recipe.before_training(PhaseContext(config, model, shards, split_rows, device, dist_info, out_dir))
-
-    def to_input(x: torch.Tensor) -> torch.Tensor:
-        from stage1_pro.transforms import normalize
-
-        x = normalize(x, mean, std)
-        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-    if cached:
-        # Frozen backbone: run it once over train and val_select, then train the heads alone.
-        model.eval()
-        feats = {}
-        for name in ("train", "val_select"):
-            out = predict(
-                lambda x: {"f": model.forward_features(x)},
-                shards,
-                split_rows.rows[name],
-                batch_size=eval_batch,
-                device=device,
-                prepare_input=to_input,
-                amp_dtype=amp_dtype,
-                dist_info=dist_info,
-                num_workers=workers,
+    model, loss_fn = build_model_and_loss(job)
+    if job.recipe.before_training is not None:  # e.g. phase 4's self-supervised extended pre-training
+        job.recipe.before_training(
+            PhaseContext(
+                config=job.config,
+                model=model,
+                shards=shards,
+                split_rows=split_rows,
+                device=job.device,
+                dist=job.dist,
+                out_dir=job.out_dir,
             )
-            feats[name] = torch.from_numpy(out["f"])
-        _LOG.info(
-            "cached %d-dim features of %d train / %d val_select images",
-            feats["train"].shape[1],
-            len(feats["train"]),
-            len(feats["val_select"]),
         )
-        module: nn.Module = model.heads
-        train_ds = TensorBatches(feats["train"].to(device), split_rows.label["train"])
-        train_rows = np.arange(len(train_ds))
-        val_ds = TensorBatches(feats["val_select"], split_rows.label["val_select"])
-        val_rows = np.arange(len(val_ds))
-        loader_workers = 0
+    to_input = InputTransform.for_model(model.info, job.device)
+    if job.frozen_backbone:
+        data = cache_features(job, model, shards, split_rows, to_input)
     else:
-        module = model
-        train_ds, train_rows = shards, split_rows.rows["train"]
-        val_ds, val_rows = shards, split_rows.rows["val_select"]
-        loader_workers = workers
+        data = image_data(job, model, shards, split_rows, to_input)
+    state, loader = build_trainer(job, model, loss_fn, data, split_rows)
 
-    if recipe.create_sampler is not None:  # e.g. class-balanced batches (phase 6)
-        sampler = recipe.create_sampler(train_rows, split_rows.label["train"], config, dist_info)
+    history = resume_history(job, state)
+    run_epochs(job, state, loader, data, split_rows.label["val_select"], history)
+    if history.best_epoch is None:
+        raise DataError(
+            f"no epoch produced a finite {job.recipe.monitor} on val_select (training diverged?); "
+            "lower --lr or check the data"
+        )
+
+    summary = score_best(job, model.info, shards, split_rows)
+    if job.dist.is_main:
+        from stage1_pro.models import save_model_info
+
+        # Inference warns when it serves on another device type or precision than these scores'.
+        precision = "bf16" if job.amp_dtype == torch.bfloat16 else "fp32"
+        scored_with = {"device": job.device.type, "precision": precision}
+        info_uri = storage.join(job.out_dir, MODEL_INFO_FILE)
+        save_model_info({**model.info, "scored_with": scored_with}, info_uri)
+    barrier(job.dist)
+    return {
+        "out_dir": job.out_dir,
+        "phase": job.config.phase,
+        "exit_policy": job.config.exit_policy,
+        "epochs": job.epochs,
+        "best_epoch": history.best_epoch,
+        "monitor": job.recipe.monitor,
+        "best": history.best,
+        **summary,
+        "n_missing": split_rows.n_missing,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# build
+
+
+def build_model_and_loss(job: TrainJob) -> tuple[nn.Module, nn.Module]:
+    """The phase's model on the device (channels-last on CUDA) and its loss module."""
+    from stage1_pro.losses import create_loss
+    from stage1_pro.models import create_model
+
+    torch.manual_seed(job.config.seed)  # identical head initialisation on every rank and every resume
+    model = create_model(job.config).to(job.device)
+    if job.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, create_loss(job.recipe.loss, job.config).to(job.device)
+
+
+def image_data(
+    job: TrainJob, model: nn.Module, shards: ShardBatches, split_rows: SplitRows, to_input: InputTransform
+) -> TrainingData:
+    """The whole model trains on images read from the prepared shards."""
+    return TrainingData(
+        module=model,
+        train=shards,
+        train_rows=split_rows.rows["train"],
+        val=shards,
+        val_rows=split_rows.rows["val_select"],
+        to_input=to_input,
+        augment=job.config.augment,
+        loader_workers=job.loader_workers,
+        pin_memory=job.device.type == "cuda",
+    )
+
+
+def cache_features(
+    job: TrainJob, model: nn.Module, shards: ShardBatches, split_rows: SplitRows, to_input: InputTransform
+) -> TrainingData:
+    """Frozen backbone: run it once over ``train`` and ``val_select``; the heads train on the features."""
+    model.eval()
+    features = {}
+    for name in CACHED_SPLITS:
+        out = predict(
+            lambda x: {"features": model.forward_features(x)},
+            shards,
+            split_rows.rows[name],
+            batch_size=job.eval_batch,
+            device=job.device,
+            prepare_input=to_input,
+            amp_dtype=job.amp_dtype,
+            dist_info=job.dist,
+            num_workers=job.loader_workers,
+        )
+        features[name] = torch.from_numpy(out["features"])
+    _LOG.info(
+        "cached %d-dim features of %d train / %d val_select images",
+        features["train"].shape[1],
+        len(features["train"]),
+        len(features["val_select"]),
+    )
+    train_set = TensorBatches(features["train"].to(job.device), split_rows.label["train"])
+    val_set = TensorBatches(features["val_select"], split_rows.label["val_select"])
+    return TrainingData(
+        module=model.heads,
+        train=train_set,
+        train_rows=np.arange(len(train_set)),
+        val=val_set,
+        val_rows=np.arange(len(val_set)),
+        to_input=features_as_input,
+        augment="none",
+        loader_workers=0,
+        pin_memory=False,
+    )
+
+
+def build_sampler(job: TrainJob, data: TrainingData, train_labels: np.ndarray) -> torch.utils.data.Sampler:
+    """The recipe's batch sampler (e.g. class-balanced batches), else shuffled full batches."""
+    config, dist = job.config, job.dist
+    if job.recipe.create_sampler is not None:
+        sampler = job.recipe.create_sampler(data.train_rows, train_labels, config, dist)
     else:
         sampler = EpochBatchSampler(
-            train_rows,
+            data.train_rows,
             config.batch_size,
             shuffle=True,
             seed=config.seed,
             drop_last=True,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
     if len(sampler) == 0:
         raise DataError(
-            f"the train split has {len(train_rows)} images, fewer than one batch of {config.batch_size}; "
-            "lower --batch-size"
+            f"the train split has {len(data.train_rows)} images, fewer than one batch of "
+            f"{config.batch_size}; lower --batch-size"
         )
-    loader = make_loader(
-        train_ds, sampler, num_workers=loader_workers, pin_memory=device.type == "cuda" and not cached
-    )
-    updates_per_epoch = math.ceil(len(sampler) / config.grad_accum_steps)
-    optimizer = (recipe.create_optimizer or create_optimizer)(module, config, device=device)
-    scheduler = create_scheduler(optimizer, config, updates_per_epoch=updates_per_epoch, epochs=epochs)
+    return sampler
 
-    step_module: nn.Module = module
-    if dist_info.enabled:
+
+def wrap_for_step(module: nn.Module, job: TrainJob) -> nn.Module:
+    """``module`` as the training step calls it: DDP when data-parallel, then compiled if asked."""
+    step_module = module
+    if job.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        if device.type == "cuda":
+        if job.device.type == "cuda":
             step_module = nn.SyncBatchNorm.convert_sync_batchnorm(step_module)
         step_module = DistributedDataParallel(
-            step_module, device_ids=[device] if device.type == "cuda" else None
+            step_module, device_ids=[job.device] if job.device.type == "cuda" else None
         )
-    if config.compile:  # after DDP, so that dynamo's DDPOptimizer splits graphs at bucket boundaries
-        step_module = torch.compile(step_module)
+    if job.config.compile:  # block by block where the model repeats one (training/compilation.py)
+        step_module = compile_for_training(step_module)
+    return step_module
 
-    state = TrainState(
-        config,
-        recipe,
-        dist_info,
-        device,
-        amp_dtype,
-        model,
-        module,
-        step_module,
-        loss_fn,
+
+def build_trainer(
+    job: TrainJob, model: nn.Module, loss_fn: nn.Module, data: TrainingData, split_rows: SplitRows
+) -> tuple[TrainState, torch.utils.data.DataLoader]:
+    """Sampler and loader, the recipe's optimiser (AdamW by default) and the schedule, the step module."""
+    from stage1_pro.optim import create_optimizer, create_scheduler
+
+    config = job.config
+    sampler = build_sampler(job, data, split_rows.label["train"])
+    loader = make_loader(data.train, sampler, num_workers=data.loader_workers, pin_memory=data.pin_memory)
+    optimizer = (job.recipe.create_optimizer or create_optimizer)(data.module, config, device=job.device)
+    scheduler = create_scheduler(
         optimizer,
-        scheduler,
-        normalize_input=not cached,
-        mean=mean,
-        std=std,
-        out_dir=out_dir,
-        epochs=epochs,
+        config,
+        updates_per_epoch=math.ceil(len(sampler) / config.grad_accum_steps),
+        epochs=job.epochs,
+    )
+    state = TrainState(
+        config=config,
+        recipe=job.recipe,
+        dist=job.dist,
+        amp_dtype=job.amp_dtype,
+        model=model,
+        module=data.module,
+        step_module=wrap_for_step(data.module, job),
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        to_input=data.to_input,
+        augment=data.augment,
+        out_dir=job.out_dir,
+        epochs=job.epochs,
+    )
+    return state, loader
+
+
+# ------------------------------------------------------------------------------------------
+# resume
+
+
+def run_identity(job: TrainJob) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this job (config and data)."""
+    from stage1_pro.splits import splits_version
+
+    fingerprint = job.splits["dataset"]["fingerprint"]
+    version = job.splits.get("splits_version") or splits_version(fingerprint, job.splits["indices"])
+    return ckpt.run_identity(job.config.to_dict(), fingerprint, version)
+
+
+def resume_history(job: TrainJob, state: TrainState) -> EpochHistory:
+    """Load the run's checkpoint into ``state`` when resuming and there is one; return the epochs done."""
+    uri = job.run_dir.last_checkpoint
+    saved = ckpt.load_checkpoint(uri, run_identity(job)) if job.resume else None
+    if saved is None:
+        return EpochHistory()
+    state.module.load_state_dict(saved["module"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.loss_fn.load_state_dict(saved["loss"])
+    _LOG.info("resumed from %s after epoch %d of %d", uri, saved["epoch"], job.epochs)
+    return EpochHistory(rows=saved["rows"], best=saved["best"], best_epoch=saved["best_epoch"])
+
+
+def save_checkpoint(job: TrainJob, state: TrainState, history: EpochHistory) -> None:
+    """Write ``checkpoints/last.pth``: the trainable state after the last finished epoch."""
+    ckpt.save_checkpoint(
+        job.run_dir.last_checkpoint,
+        {
+            "identity": run_identity(job),
+            "epoch": history.epochs_done,
+            "best": history.best,
+            "best_epoch": history.best_epoch,
+            "rows": history.rows,
+            "module": state.module.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "loss": state.loss_fn.state_dict(),
+        },
     )
 
-    # ---- resume -----------------------------------------------------------------------
-    from stage1_pro.splits import splits_version as _splits_version
 
-    identity = ckpt.run_identity(
-        config.to_dict(),
-        splits["dataset"]["fingerprint"],
-        splits.get("splits_version") or _splits_version(splits["dataset"]["fingerprint"], splits["indices"]),
-    )
-    ckpt_uri = ckpt.checkpoint_uri(out_dir)
-    rows: list[dict[str, Any]] = []
-    start_epoch, best, best_epoch = 0, None, None
-    saved = ckpt.load_checkpoint(ckpt_uri, identity) if resume else None
-    if saved is not None:
-        module.load_state_dict(saved["module"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        loss_fn.load_state_dict(saved["loss"])
-        start_epoch, best, best_epoch, rows = (
-            saved["epoch"],
-            saved["best"],
-            saved["best_epoch"],
-            saved["rows"],
+# ------------------------------------------------------------------------------------------
+# run epochs
+
+
+def validate(job: TrainJob, state: TrainState, data: TrainingData, labels: np.ndarray) -> dict[str, Any]:
+    """Metrics of the trained module on ``val_select`` (see :func:`~.epoch_metrics.epoch_metrics`)."""
+    state.module.eval()
+    with eager():  # blocks compiled for the training step are not compiled again for validation
+        outputs = predict(
+            state.module,
+            data.val,
+            data.val_rows,
+            batch_size=job.eval_batch,
+            device=job.device,
+            prepare_input=data.to_input,
+            amp_dtype=job.amp_dtype,
+            dist_info=job.dist,
+            num_workers=data.loader_workers,
         )
-        _LOG.info("resumed from %s after epoch %d of %d", ckpt_uri, start_epoch, epochs)
+    return epoch_metrics(outputs, labels, state.loss_fn, job.config)
 
-    best_uri = storage.join(out_dir, MODEL_FILE)
-    sign = 1.0 if recipe.monitor_mode == "max" else -1.0
-    for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
+
+def _save_state_dict(uri: str, state: dict[str, torch.Tensor]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def log_epoch(row: dict[str, Any], epochs: int, improved: bool) -> None:
+    _LOG.info(
+        "epoch %d/%d: train_loss %.4f, val_loss %.4f, val_accuracy %.4f, legacy coverage %.3f%s (%.1f s)",
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["val_loss"],
+        row["val_accuracy"],
+        row["val_coverage_legacy"],
+        "  *best*" if improved else "",
+        row["train_seconds"],
+    )
+
+
+def run_epochs(
+    job: TrainJob,
+    state: TrainState,
+    loader: torch.utils.data.DataLoader,
+    data: TrainingData,
+    val_labels: np.ndarray,
+    history: EpochHistory,
+) -> None:
+    """Train the remaining epochs; after each, validate and (rank 0) write the best weights,
+    ``metrics.csv`` and the checkpoint."""
+    from stage1_pro.models import export_state_dict
+
+    for epoch in range(history.epochs_done, job.epochs):
+        loader.sampler.set_epoch(epoch)
         state.epoch = epoch
-        lr = optimizer.param_groups[0]["lr"]
+        lr = state.optimizer.param_groups[0]["lr"]
         train_row = train_one_epoch(state, loader, epoch)
-        module.eval()
-        forward = module if cached else model
-        val_out = predict(
-            forward,
-            val_ds,
-            val_rows,
-            batch_size=eval_batch,
-            device=device,
-            prepare_input=(lambda x: x) if cached else to_input,
-            amp_dtype=amp_dtype,
-            dist_info=dist_info,
-            num_workers=0 if cached else workers,
-        )
-        val_row = epoch_metrics(val_out, split_rows.label["val_select"], loss_fn, config)
-        row = {"epoch": epoch + 1, "lr": lr, **train_row, **val_row}
-        rows.append(row)
-        value = row[recipe.monitor]
-        improved = value is not None and math.isfinite(value) and (best is None or sign * value > sign * best)
-        if improved:
-            best, best_epoch = value, epoch + 1
-        if dist_info.is_main:
+        row = {"epoch": epoch + 1, "lr": lr, **train_row, **validate(job, state, data, val_labels)}
+        improved = history.record(row, job.recipe)
+        if job.dist.is_main:
             if improved:
-                _save_state_dict(best_uri, export_state_dict(model))
-            write_metrics_csv(storage.join(out_dir, METRICS_FILE), rows)
-            ckpt.save_checkpoint(
-                ckpt_uri,
-                {
-                    "identity": identity,
-                    "epoch": epoch + 1,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "rows": rows,
-                    "module": module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                },
-            )
-            _LOG.info(
-                "epoch %d/%d: train_loss %.4f, val_loss %.4f, val_accuracy %.4f, legacy coverage %.3f%s "
-                "(%.1f s)",
-                epoch + 1,
-                epochs,
-                row["train_loss"],
-                row["val_loss"],
-                row["val_accuracy"],
-                row["val_coverage_legacy"],
-                "  *best*" if improved else "",
-                row["train_seconds"],
-            )
-        barrier(dist_info)
-
-    # ---- final scoring with the exported (plain, merged) best weights ------------------
-    if best_epoch is None:
-        raise DataError(
-            f"no epoch produced a finite {recipe.monitor} on val_select (training diverged?); "
-            "lower --lr or check the data"
-        )
-    summary = _score_best(
-        config, model.info, shards, split_rows, out_dir, dist_info, eval_batch, amp_dtype, workers
-    )
-    if dist_info.is_main:
-        # Inference warns when it serves on another device type or precision than these scores'.
-        scored_with = {"device": device.type, "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32"}
-        save_model_info({**model.info, "scored_with": scored_with}, storage.join(out_dir, MODEL_INFO_FILE))
-    barrier(dist_info)
-    return {
-        "out_dir": out_dir,
-        "phase": config.phase,
-        "exit_policy": config.exit_policy,
-        "epochs": epochs,
-        "best_epoch": best_epoch,
-        "monitor": recipe.monitor,
-        "best": best,
-        **summary,
-        "n_missing": split_rows.n_missing,
-        "seconds": time.perf_counter() - t0,
-    }
+                _save_state_dict(storage.join(job.out_dir, MODEL_FILE), export_state_dict(state.model))
+            write_metrics_csv(storage.join(job.out_dir, METRICS_FILE), history.rows)
+            save_checkpoint(job, state, history)
+            log_epoch(row, job.epochs, improved)
+        barrier(job.dist)
 
 
-def _score_best(
-    config: Stage1ProConfig,
-    info: dict[str, Any],
-    shards: ShardBatches,
-    split_rows: SplitRows,
-    out_dir: str,
-    dist_info: DistInfo,
-    eval_batch: int,
-    amp_dtype: torch.dtype | None,
-    workers: int,
+# ------------------------------------------------------------------------------------------
+# score the best
+
+
+def score_best(
+    job: TrainJob, info: dict[str, Any], shards: ShardBatches, split_rows: SplitRows
 ) -> dict[str, Any]:
-    from stage1_pro.models import build_model, load_into, load_state_file
-    from stage1_pro.transforms import normalize
+    """Reload ``model_best.pth`` into a plain model and write ``scores.npz``.
 
-    device = dist_info.device
-    best_uri = storage.join(out_dir, MODEL_FILE)
+    Returns:
+        Per scored split, its size and accuracy (the same on every rank).
+    """
+    from stage1_pro.models import build_model, load_into, load_state_file
+
+    best_uri = storage.join(job.out_dir, MODEL_FILE)
     plain = build_model(info, pretrained=False)
     load_into(plain, load_state_file(best_uri), best_uri)  # proves the exported file is a plain model
-    plain = plain.to(device).eval()
-
-    def to_input(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, info["mean"], info["std"])
-
-    outputs = {}
-    for name in ("val_select", "val_calib", "test"):
-        outputs[name] = predict(
+    plain = plain.to(job.device).eval()
+    if job.device.type == "cuda":
+        plain = plain.to(memory_format=torch.channels_last)
+    to_input = InputTransform.for_model(info, job.device)
+    outputs = {
+        name: predict(
             plain,
             shards,
             split_rows.rows[name],
-            batch_size=eval_batch,
-            device=device,
+            batch_size=job.eval_batch,
+            device=job.device,
             prepare_input=to_input,
-            amp_dtype=amp_dtype,
-            dist_info=dist_info,
-            num_workers=workers,
+            amp_dtype=job.amp_dtype,
+            dist_info=job.dist,
+            num_workers=job.loader_workers,
         )
+        for name in SCORED_SPLITS
+    }
     summary = {}
-    if dist_info.is_main:
-        summary = score_splits(RunDir(out_dir).scores, outputs, split_rows.index, split_rows.label)
+    if job.dist.is_main:
+        summary = score_splits(job.run_dir.scores, outputs, split_rows.index, split_rows.label)
         _LOG.info(
             "scores.npz: %s",
             ", ".join(f"{k} accuracy {v['accuracy']:.4f} (n={v['n']})" for k, v in summary.items()),
         )
-    return broadcast_object(dist_info, summary)  # every rank returns the same summary
+    return broadcast_object(job.dist, summary)

@@ -1,8 +1,12 @@
 """Phase recipes: what ``train --phase N`` changes in the one training engine.
 
-Phases are cumulative capability levels (DESIGN.md). Each is a :class:`PhaseRecipe`: its heads,
-its loss (a name in :mod:`stage1_pro.losses`), the value monitored on ``val_select`` to keep the
-best epoch, and optional hooks for what later phases add:
+Phases are cumulative capability levels. Each is a :class:`PhaseRecipe`, registered where it is
+defined: phases 1-3 below, the research phases 4-6 in :mod:`stage1_pro.training.research`.
+Importing :mod:`stage1_pro.training` (which importing any of its modules does first) imports every
+module of :data:`PHASE_MODULES`, so the registry always holds all phases, each registered once.
+
+A recipe names its heads, its loss (a name in :mod:`stage1_pro.losses`), the value monitored on
+``val_select`` to keep the best epoch, and optional hooks for what later phases add:
 
 * ``check_config(config)``: extra checks run with the preflight, before any work;
 * ``before_training(ctx)``: runs once before supervised training (phase 4: ExPLoRA's
@@ -12,18 +16,15 @@ best epoch, and optional hooks for what later phases add:
   e.g. class-balanced batches (phase 6);
 * ``train_step(state, x, y, accum, *, last_micro)``: a custom forward/backward of one
   micro-batch (e.g. SAM's second pass once the last micro-batch of an update is in); the
-  engine then calls ``optimizer.step()``;
+  engine then calls ``optimizer.step()``; ``state.recipe_state`` is its scratch space;
 * ``loss``: another registered loss (phase 6: ConformalRiskLoss).
 
-Phases 4-6 are registered as *not built*: ``train --phase 4`` fails at once with a clear
-:class:`NotBuiltError` instead of silently running another phase. Filling one in is
-``register_phase(PhaseRecipe(4, ...))`` from the module that implements it (listed in
-:data:`PHASE_MODULES`, imported on demand).
+A recipe registered with ``built=False`` stands for a designed phase whose code has not landed:
+``train`` refuses it at once with :class:`NotBuiltError` instead of running another phase.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from stage1_pro.errors import ConfigError, NotBuiltError
 from stage1_pro.models.heads import CLASSIFIER_HEADS, SELECTIVE_HEADS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PhaseRecipe:
     """How one phase trains.
 
@@ -44,8 +45,11 @@ class PhaseRecipe:
         monitor: metrics.csv column chosen on ``val_select`` for ``model_best.pth``.
         monitor_mode: ``max`` or ``min``.
         finetune_modes: allowed resolved fine-tune modes.
-        built: False for a designed phase that is not implemented yet.
-        before_training, create_optimizer, train_step: optional hooks (see module docstring).
+        built: False for a designed phase that is not implemented yet (``not_built_hint``: what
+            it will add, shown in the error).
+        check_config, before_training, create_optimizer, create_sampler, train_step: optional
+            hooks (see the module docstring).
+        extra: free-form facts of the recipe.
     """
 
     phase: int
@@ -66,53 +70,43 @@ class PhaseRecipe:
 
 
 PHASES: dict[int, PhaseRecipe] = {}
-#: Module that registers the full recipe of a phase when imported (research phases).
-PHASE_MODULES: dict[int, str] = {
-    4: "stage1_pro.training.research",
-    5: "stage1_pro.training.research",
-    6: "stage1_pro.training.research",
-}
+#: Modules besides this one that register recipes (the package imports them all).
+PHASE_MODULES: tuple[str, ...] = ("stage1_pro.training.research",)
 
 
 def register_phase(recipe: PhaseRecipe) -> PhaseRecipe:
-    """Add or replace the recipe of ``recipe.phase``."""
+    """Add the recipe of ``recipe.phase`` to :data:`PHASES`.
+
+    Raises:
+        ValueError: the phase already has a recipe (one definition per phase).
+    """
+    if recipe.phase in PHASES:
+        raise ValueError(
+            f"phase {recipe.phase} is already registered ({PHASES[recipe.phase].name}); "
+            f"a phase has one recipe, defined where it is registered"
+        )
     PHASES[recipe.phase] = recipe
     return recipe
 
 
-register_phase(PhaseRecipe(1, "baseline", CLASSIFIER_HEADS, "ce", "val_accuracy", "max"))
+register_phase(PhaseRecipe(phase=1, name="baseline"))
+register_phase(PhaseRecipe(phase=2, name="peft", finetune_modes=("peft",)))
 register_phase(
-    PhaseRecipe(2, "peft", CLASSIFIER_HEADS, "ce", "val_accuracy", "max", finetune_modes=("peft",))
-)
-register_phase(PhaseRecipe(3, "selective", SELECTIVE_HEADS, "selective", "val_loss", "min"))
-for _phase, _name, _hint in (
-    (
-        4,
-        "ExPLoRA",
-        "self-supervised extended pre-training on unlabeled in-domain images, then phase-3 training",
-    ),
-    (5, "F-SAM", "the Friendly-SAM optimiser with SelectiveLoss"),
-    (6, "conformal risk training", "ConformalRiskLoss, a differentiable CRC threshold"),
-):
-    register_phase(
-        PhaseRecipe(
-            _phase, _name, SELECTIVE_HEADS, "selective", "val_loss", "min", built=False, not_built_hint=_hint
-        )
-    )
+    PhaseRecipe(phase=3, name="selective", heads=SELECTIVE_HEADS, loss="selective", monitor="val_loss",
+                monitor_mode="min")
+)  # fmt: skip
 
 
 def get_phase(phase: int) -> PhaseRecipe:
-    """The recipe of ``phase``; raises :class:`NotBuiltError` for a phase not implemented yet."""
+    """The recipe of ``phase``.
+
+    Raises:
+        ConfigError: no such phase.
+        NotBuiltError: the phase is registered as not built.
+    """
     if phase not in PHASES:
         raise ConfigError(f"phase={phase!r} is not a phase; phases are {', '.join(map(str, sorted(PHASES)))}")
     recipe = PHASES[phase]
-    if not recipe.built and phase in PHASE_MODULES:
-        try:
-            importlib.import_module(PHASE_MODULES[phase])  # registers the real recipe
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not PHASE_MODULES[phase].startswith(exc.name):
-                raise
-        recipe = PHASES[phase]
     if not recipe.built:
         raise NotBuiltError(
             f"phase {phase} ({recipe.name}) is not built yet: it adds {recipe.not_built_hint}. "

@@ -82,7 +82,7 @@ def _fsam_train_step(
     from stage1_pro.training.engine import default_train_step
 
     losses = default_train_step(state, x, y, accum)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = state.__dict__.setdefault("_fsam_pending", [])
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = state.recipe_state.setdefault("fsam_pending", [])
     pending.append((x, y))
     if not last_micro:
         return losses
@@ -167,14 +167,14 @@ def _crt_sampler(
 # ------------------------------------------------------------------------------------------
 
 register_phase(
-    PhaseRecipe(4, "ExPLoRA", SELECTIVE_HEADS, "selective", "val_loss", "min", check_config=_check_explora,
-                before_training=_explora_before_training)
+    PhaseRecipe(phase=4, name="ExPLoRA", heads=SELECTIVE_HEADS, loss="selective", monitor="val_loss",
+                monitor_mode="min", check_config=_check_explora, before_training=_explora_before_training)
 )  # fmt: skip
 register_phase(
-    PhaseRecipe(5, "F-SAM", SELECTIVE_HEADS, "selective", "val_loss", "min", create_optimizer=_fsam_optimizer,
-                train_step=_fsam_train_step)
+    PhaseRecipe(phase=5, name="F-SAM", heads=SELECTIVE_HEADS, loss="selective", monitor="val_loss",
+                monitor_mode="min", create_optimizer=_fsam_optimizer, train_step=_fsam_train_step)
 )  # fmt: skip
 register_phase(
-    PhaseRecipe(6, "conformal risk training", SELECTIVE_HEADS, "conformal_risk", "val_loss", "min",
-                check_config=_check_crt, create_sampler=_crt_sampler)
+    PhaseRecipe(phase=6, name="conformal risk training", heads=SELECTIVE_HEADS, loss="conformal_risk",
+                monitor="val_loss", monitor_mode="min", check_config=_check_crt, create_sampler=_crt_sampler)
 )  # fmt: skip
