@@ -18,6 +18,7 @@ from stage1_pro.cli import main
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.policies import load_policy
 from stage1_pro.scores import SCORE_SPLITS, save_scores
+from stage1_pro.certify import min_exited_positives
 from stage1_pro.simulation import GaussianScoreModel
 from stage1_pro.splits import splits_version
 
@@ -123,7 +124,8 @@ def test_cli_prints_summary_and_scripts_call_the_same_function(run_dir, tmp_path
                "--target-fnr-exit", "0.03", "--delta", "0.05", "--method", "holm"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "exit iff max p >=" in text and "certified bound=" in text and "n=" in text and "k=" in text
+    assert "exit iff max p >=" in text and "certified: FNR_exit <=" in text and "FPR_exit <=" in text
+    assert "n=" in text and "k=" in text
     written = json.loads(out.read_text())
     assert written["target_fnr_exit"] == 0.03 and written["delta"] == 0.05
     assert written["certificate"]["procedure"] == "holm"
@@ -160,14 +162,36 @@ def test_cli_run_dir_takes_policy_and_target_from_config(run_dir, tmp_path, caps
     assert "SCRC-T" in capsys.readouterr().out
 
 
-def test_infeasible_warns_with_positives_needed(tmp_path, caplog) -> None:
+def test_infeasible_warns_with_the_cause_and_positives_needed(tmp_path, caplog) -> None:
     a = _arrays(n=200)
     save_scores(str(tmp_path / "scores.npz"), **a)
     with caplog.at_level("WARNING"):
         written = calibrate_policy("softmax", str(tmp_path / "scores.npz"), str(tmp_path / "thresholds.json"))
-    assert not written["feasible"] and written["certificate"]["positives_needed"] == 114
-    assert "needs at least 114 exited positives" in caplog.text
+    cert = written["certificate"]
+    m = len(cert["grid"])
+    needed = min_exited_positives(0.02, 0.1 / m)  # the label-free fallback tests every point at delta/m
+    assert not written["feasible"] and cert["positives_needed"] == needed
+    n_select_pos = int(a["label"][a["split"] == "val_select"].sum())
+    n_calib_pos = int(a["label"][a["split"] == "val_calib"].sum())
+    # the message names the causes: val_select too small to learn the order, val_calib too small to certify
+    assert f"val_select holds {n_select_pos} positives, fewer than the 114" in caplog.text
+    assert f"val_calib holds {n_calib_pos} positives, fewer than the {needed} exited positives" in caplog.text
+    assert cert["order_learned_on"] is None and "cannot say where to start" in cert["order_note"]
     assert written["exit_threshold"] > 1 and written["coverage"] == 0.0
+
+
+def test_starved_val_select_falls_back_to_the_label_free_order(tmp_path) -> None:
+    """30 val_select images: the default still certifies on a large val_calib (the learned start alone did
+    not: the issue's 4 of 20 draws)."""
+    a = _arrays(n=5000)
+    keep = (a["split"] != "val_select") | (np.cumsum(a["split"] == "val_select") <= 30)
+    a = {k: v[keep] for k, v in a.items()}
+    save_scores(str(tmp_path / "scores.npz"), **a)
+    written = calibrate_policy("softmax", str(tmp_path / "scores.npz"), str(tmp_path / "thresholds.json"))
+    cert = written["certificate"]
+    assert written["feasible"] and cert["procedure"] == "split_fallback_sequence"
+    assert cert["order_learned_on"] is None and "val_select holds" in cert["order_note"]
+    assert cert["upper_bound"] <= 0.02 and cert["fpr_upper_bound"] <= 0.25
 
 
 # ----------------------------------------------------------------------------- bad input
