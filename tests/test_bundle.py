@@ -131,7 +131,7 @@ def test_export_refuses_a_stale_validation(run: Path, tmp_path: Path) -> None:
 
 
 def test_export_refuses_unblessed_unless_allowed(model_dir: Path, tmp_path: Path) -> None:
-    run = make_run(tmp_path / "run", model_dir, min_coverage=0.999)
+    run = make_run(tmp_path / "run", model_dir, calibrate_kwargs={"target_fnr_exit": 0.05})
     assert read_artifact(run / "validation.json", "validation")["blessed"] is False
     with pytest.raises(
         ArtifactError,
@@ -227,7 +227,7 @@ def test_unlisted_missing_and_symlinked_files(bundle: Path) -> None:
 
 
 def test_blessed_flag_must_agree_with_validation(model_dir: Path, tmp_path: Path) -> None:
-    run = make_run(tmp_path / "run", model_dir, min_coverage=0.999)
+    run = make_run(tmp_path / "run", model_dir, calibrate_kwargs={"target_fnr_exit": 0.05})
     bundle = export_bundle(run, tmp_path / "b", allow_unblessed=True)
     rewrite_bundle_json(bundle, blessed=True)
     with pytest.raises(ArtifactError, match=r"says blessed: true but validation.json says the run failed"):
