@@ -595,11 +595,17 @@ class Certification:
             return "; ".join(parts)
         if self.order is not None and self.order.informative and self.method in NEEDS_SELECT:
             s = self.order.start
+            predicted = float(self.order.pass_probability[s])
+            why = (
+                f"as val_select predicted (pass probability {predicted:.2g})"
+                if predicted < 0.5
+                else f"although val_select predicted it would pass (probability {predicted:.2f}): val_select "
+                "and val_calib disagree (too small a val_select, or a shift between them)"
+            )
             parts.append(
                 f"the start learned on val_select (grid point {s}, val_calib coverage {c.coverage[s]:.3f}) "
                 f"failed on val_calib: {int(c.misses[s])} misses among {int(c.exited_positives[s])} exited "
-                f"positives, joint p-value {self.p_values[s]:.3g}; val_select and val_calib disagree "
-                "(too small a val_select, or a shift between them)"
+                f"positives, joint p-value {self.p_values[s]:.3g}, {why}"
             )
         j = int(np.argmin(self.fnr_p_values))
         n, k = int(c.exited_positives[j]), int(c.misses[j])
