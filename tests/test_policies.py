@@ -403,3 +403,17 @@ def test_pareto_scrc_is_two_dimensional(scores: Scores) -> None:
         assert create_policy("scrc").fit(flipped).path_ == p.path_
     # a fixed path point's rule does not depend on the batch
     np.testing.assert_array_equal(p.point_rule()(test.probs, test.gate_logit), d)
+
+
+def test_no_silent_warnings(scores: Scores) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, params in CONFIGS:
+            create_policy(name, **params).fit(scores)
+
+
+def test_from_dict_rejects_incomplete_scrc_t(scores: Scores) -> None:
+    d = create_policy("scrc", variant="SCRC-T").fit(scores).to_dict()
+    del d["calib_selection_scores"]
+    with pytest.raises(ArtifactError, match="SCRC-T needs 'calib_selection_scores'"):
+        SCRCPolicy.from_dict(d)
