@@ -205,7 +205,7 @@ def test_gate_needs_gate_logits(scores: Scores) -> None:
     no_gate = Scores(scores.index, scores.split, scores.label, scores.probs, None, source="s.npz")
     with pytest.raises(DataError, match=r"s.npz: no 'gate_logit' array: the gate policy needs .* phase >= 3"):
         create_policy("gate").fit(no_gate)
-    with pytest.raises(DataError, match="s.npz: no 'gate_logit' array: SCRC selects on the gate"):
+    with pytest.raises(DataError, match=r"s\.npz: no 'gate_logit' array: SCRC selects on the gate"):
         create_policy("scrc").fit(no_gate)
     assert create_policy("scrc", selection_score="max_prob").fit(no_gate).feasible_
     fitted = create_policy("gate").fit(scores)

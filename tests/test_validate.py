@@ -112,7 +112,7 @@ def test_blessed_run_reports_the_metrics_of_the_policy_on_test(runs: dict[str, P
     assert {d["name"] for d in v["diagnostics"]} == {"min_coverage", "min_exit_accuracy", "max_fpr_exit"}
     # every policy of phase 6, the active one first; the others fitted in memory, never written
     comparison = v["policy_comparison"]
-    assert [r["policy"] for r in comparison][0] == policy and comparison[0]["active"]
+    assert comparison[0]["policy"] == policy and comparison[0]["active"]
     assert {r["policy"] for r in comparison} == set(POLICIES)
     for row in comparison[1:]:
         assert not row["active"] and row["feasible"] and row["certified_fnr_upper_bound"] <= 0.02
@@ -179,8 +179,9 @@ def test_exit_everything_as_positive_is_not_certified(tmp_path: Path, prevalence
     assert v["blessed"] is False and failed(v) == {"policy_feasible"}
     # without the guard (max_fpr_exit 1 in the config and the certificate) the trick certifies, the
     # audit cannot see it (FNR_exit 0) and only the exit-accuracy diagnostic says something is off
-    off = make_run(tmp_path / "off", scores=always_positive_scores(prevalence),
-                   config_overrides={"max_fpr_exit": 1.0}, calibrate_kwargs={"max_fpr_exit": 1.0})  # fmt: skip
+    no_guard = {"max_fpr_exit": 1.0}
+    off = make_run(tmp_path / "off", scores=always_positive_scores(prevalence), config_overrides=no_guard,
+                   calibrate_kwargs=no_guard)  # fmt: skip
     v = read_artifact(off / "validation.json", "validation")
     assert v["certificate"]["feasible"] and v["test_metrics"]["fpr_exit"] == 1.0 and v["blessed"]
     assert diagnostics(v)["max_fpr_exit"]["passed"]  # limit 1: the guard is off
