@@ -110,12 +110,18 @@ def calibrate(
     metrics: Any,
     target_fnr_exit: float,
     delta: float,
+    max_fpr_exit: float,
 ) -> dict[str, Any]:
     """Certify ``policy`` on the scores' val_calib split, write the policy file, log its certificate."""
     from stage1_pro.calibrate import calibrate_policy
 
     result = calibrate_policy(
-        policy, scores_path, policy_artifact.path, target_fnr_exit=target_fnr_exit, delta=delta
+        policy,
+        scores_path,
+        policy_artifact.path,
+        target_fnr_exit=target_fnr_exit,
+        delta=delta,
+        max_fpr_exit=max_fpr_exit,
     )
     certificate = result["certificate"]
     calib = result.get("val_calib_metrics", {})
@@ -124,10 +130,12 @@ def calibrate(
         metrics,
         {
             "certified_fnr_exit_upper_bound": certificate.get("upper_bound"),
+            "certified_fpr_exit_upper_bound": certificate.get("fpr_upper_bound"),
             "certified_feasible": certificate.get("feasible"),
             "certified_n_exited_positives": certificate.get("n"),
             "certified_false_negatives": certificate.get("k"),
             "target_fnr_exit": target_fnr_exit,
+            "max_fpr_exit": max_fpr_exit,
             "delta": delta,
         },
     )
