@@ -23,7 +23,8 @@ exit label is the argmax) has closed-form rates for ``x = -inf`` (normal CDFs) a
 one-dimensional integral over ``z`` otherwise, evaluated by Simpson's rule between the exact
 ends of the exit intervals (absolute error < 1e-9).
 
-Named models: :data:`REFERENCE_MODEL` (prevalence 0.4, logits N(+-2.2, 1.5^2)) and
+Named models: :data:`REFERENCE_MODEL` (prevalence 0.4, logits N(+-2.2, 1.5^2)),
+:data:`INFORMATIVE_GATE_MODEL` (the same with a gate that sees part of the error signal) and
 :data:`TIES_MODEL` (prevalence 0.1, the same logits, probabilities rounded to 0.05 and gate
 logits to 0.25).
 """
@@ -360,6 +361,9 @@ def _best(rates: RuleRates, target: float, max_fpr: float) -> float:
 #: The reference model of the validity tests and benchmarks: prevalence 0.4, positive-class logits
 #: N(+2.2, 1.5^2) for positives and N(-2.2, 1.5^2) for negatives (oracle coverage 0.80 at FNR_exit 0.02).
 REFERENCE_MODEL = GaussianScoreModel.from_logits(2.2, 1.5, prevalence=0.4)
+#: The reference model with a gate that also sees part of the error signal (its mean moves 0.3 towards
+#: correct predictions): the gate and two-threshold rules can then beat the softmax threshold.
+INFORMATIVE_GATE_MODEL = GaussianScoreModel.from_logits(2.2, 1.5, prevalence=0.4, gate_correct_shift=0.3)
 #: A rare-positive model with heavy ties: prevalence 0.1, the same logits, probabilities rounded to
 #: multiples of 0.05 (11 distinct max-probability values) and gate logits to multiples of 0.25.
 TIES_MODEL = GaussianScoreModel.from_logits(2.2, 1.5, prevalence=0.1, prob_levels=20, gate_step=0.25)
