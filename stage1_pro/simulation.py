@@ -582,8 +582,9 @@ def audit_run(
 ) -> dict[str, Any]:
     """Calibrate, deploy and audit on a fresh test split, ``draws`` times; among the draws whose
     deployed rule is truly valid (both true rates within their bounds), how often the audit
-    refuses (``false_refusal_rate``, to compare with ``audit_level``) and how often the old
-    point-estimate rule "test FNR_exit <= target" would have (``point_estimate_refusal_rate``).
+    refuses (``false_refusal_rate``, to compare with ``audit_level``) and how often the old rules
+    would have: "test FNR_exit <= target" (``point_estimate_refusal_rate``) and "its
+    Clopper-Pearson upper bound at delta <= target" (``upper_bound_refusal_rate``).
     """
     from stage1_pro import audit
     from stage1_pro.decisions import argmax_class
@@ -593,7 +594,7 @@ def audit_run(
     level = DEFAULT_AUDIT_LEVEL if audit_level is None else audit_level
     rng = np.random.default_rng(seed)
     settings = {"target_fnr_exit": target_fnr_exit, "delta": delta, "max_fpr_exit": max_fpr_exit, **params}
-    refusals, point_refusals, powers = [], [], []
+    refusals, point_refusals, bound_refusals, powers = [], [], [], []
     with _one_blas_thread():
         for _ in range(draws):
             scores = make_scores(model, n_calib, n_calib, rng, n_test=n_test)
@@ -602,11 +603,12 @@ def audit_run(
                 continue
             test = scores.subset("test")
             m = exit_metrics(est.decide(test.probs, test.gate_logit), test.label,
-                             predictions=argmax_class(test.probs))  # fmt: skip
+                             predictions=argmax_class(test.probs), delta=delta)  # fmt: skip
             a = audit.audit(m, target=target_fnr_exit, max_fpr=max_fpr_exit, level=level)
             refusals.append(a["refused"])
             powers.append(a["power"])
             point_refusals.append(m["fnr_exit"] is not None and m["fnr_exit"] > target_fnr_exit)
+            bound_refusals.append(m["n_exited_positives"] == 0 or m["fnr_exit_upper_bound"] > target_fnr_exit)
     n_valid = len(refusals)
     return {
         "draws": draws,
@@ -614,5 +616,6 @@ def audit_run(
         "false_refusal_rate": float(np.mean(refusals)) if n_valid else float("nan"),
         "mc_se": float(np.sqrt(level * (1 - level) / max(n_valid, 1))),
         "point_estimate_refusal_rate": float(np.mean(point_refusals)) if n_valid else float("nan"),
+        "upper_bound_refusal_rate": float(np.mean(bound_refusals)) if n_valid else float("nan"),
         "mean_power": float(np.mean(powers)) if n_valid else float("nan"),
     }
