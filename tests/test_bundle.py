@@ -135,7 +135,7 @@ def test_export_refuses_unblessed_unless_allowed(model_dir: Path, tmp_path: Path
     assert read_artifact(run / "validation.json", "validation")["blessed"] is False
     with pytest.raises(
         ArtifactError,
-        match=r"not blessed by validation \(1 failed check\(s\): test coverage .* vs floor 0.999",
+        match=r"not blessed by validation \(\d failed check\(s\): certified for target 0.05",
     ):
         export_bundle(run, tmp_path / "b")
     assert not (tmp_path / "b").exists()
