@@ -347,12 +347,13 @@ def policy_comparison(
     """What each policy of ``policies`` certifies on val_calib and achieves on test, the active one first.
 
     The others are fitted in memory with the active policy's target, guard, delta and procedure
-    (and their default options); a policy that cannot be fitted on these scores (no gate logits,
-    a degenerate val_select) gets a ``note`` instead of numbers.
+    (those their constructor takes) and their default options; a policy that cannot be fitted on
+    these scores (no gate logits, a degenerate val_select) gets a ``note`` instead of numbers.
     """
+    import inspect
     import warnings
 
-    from stage1_pro.policies import InfeasibleCertificateWarning, create_policy
+    from stage1_pro.policies import InfeasibleCertificateWarning, create_policy, get_policy_class
 
     test = scores.subset("test")
     settings = {
@@ -365,8 +366,9 @@ def policy_comparison(
     for name in policies:
         if name == policy.name:
             continue
+        accepted = inspect.signature(get_policy_class(name).__init__).parameters
         try:
-            other = create_policy(name, **settings)
+            other = create_policy(name, **{k: v for k, v in settings.items() if k in accepted})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", InfeasibleCertificateWarning)
                 other.fit(scores)
