@@ -87,6 +87,8 @@ def test_export_contents_lineage_and_checksums(base_run: Path, base_bundle: Path
     assert meta["version"] == "v1" and meta["blessed"] is True
     readme = (base_bundle / "README.md").read_text()
     assert "Inference contract" in readme and "legacy_exit_threshold_for_logging" in readme
+    assert "certified for FNR_exit <= 0.02 and FPR_exit <=\n0.25" in readme
+    assert "the audit did not reject the certified bounds at level 0.05 (power" in readme
     assert not [p for p in base_bundle.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
