@@ -256,11 +256,11 @@ def test_certify_deploys_max_coverage_and_reports_bound() -> None:
     assert ub == pytest.approx(clopper_pearson_upper(2, 400, 0.02)) and ub <= 0.02
     assert cert.fpr_upper_bound() == pytest.approx(clopper_pearson_upper(0, 1000, 0.02))
     # same grid, the default procedure with val_select counts: learned start at 1 (most likely to
-    # pass: 200 positives, no miss), 0.9 of delta there
+    # pass: 200 positives, no miss), LEARNED_START_SHARE of delta there
     cert = C.certify(counts(n, k, cov=cov), target=0.02, delta=0.1, select=counts(n, k, cov=cov))
     assert cert.method == C.DEFAULT_PROCEDURE == "split_fallback_sequence"
     assert cert.order.informative and cert.order.start == 1
-    # 0 fails at 0.002; 1 at 0.092 passes (0.0176), 2 and 3 carry it (0.0131, 0.0443), 4 fails (0.55)
+    # 0 fails at 0.0004; 1 at 0.0984 passes (0.0176), 2 and 3 carry it (0.0131, 0.0443), 4 fails (0.55)
     assert cert.certified.tolist() == [False, True, True, True, False]
     assert cert.deployed == 3 and cert.upper_bound() <= 0.02
 
