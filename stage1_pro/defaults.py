@@ -31,6 +31,8 @@ PHASES: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 DEFAULT_MAX_FPR_EXIT = 0.25
 #: Valid max_fpr_exit: (low, high], open below, closed above; 1 disables the guard.
 MAX_FPR_EXIT_RANGE = (0.0, 1.0)
+#: The guard a policy file written before the guard existed was certified for: none.
+NO_GUARD = MAX_FPR_EXIT_RANGE[1]
 
 #: Level of the test split's audit: a run is refused when the test split rejects "FNR_exit <= target"
 #: (or the guard) at this level (exact one-sided binomial tests, Bonferroni over the two).

@@ -63,6 +63,7 @@ from stage1_pro.defaults import (
     DEFAULT_AUDIT_EFFECT,
     DEFAULT_AUDIT_LEVEL,
     DEFAULT_MAX_FPR_EXIT,
+    NO_GUARD,
     check_audit_level,
 )
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
@@ -269,16 +270,22 @@ def blessing_checks(
             else "the policy is infeasible (always defers): nothing was certified on val_calib",
         )
     ]
-    p_target, p_fpr, p_delta = policy_obj["target_fnr_exit"], policy_obj["max_fpr_exit"], policy_obj["delta"]
+    p_target, p_delta = policy_obj["target_fnr_exit"], policy_obj["delta"]
+    p_fpr = policy_obj.get("max_fpr_exit", NO_GUARD)
     ok = p_target <= target + 1e-12 and p_fpr <= max_fpr + 1e-12 and p_delta <= delta + 1e-12
+    legacy = (
+        ""
+        if "max_fpr_exit" in policy_obj
+        else " (a policy file written before the guard existed: recalibrate it)"
+    )
     checks.append(
         _check(
             "certified_target",
             ok,
             p_target,
             target,
-            f"certified for target {p_target}, max_fpr_exit {p_fpr} at delta {p_delta}; the run's contract "
-            f"is target {target}, max_fpr_exit {max_fpr}, delta {delta}",
+            f"certified for target {p_target}, max_fpr_exit {p_fpr} at delta {p_delta}{legacy}; the run's "
+            f"contract is target {target}, max_fpr_exit {max_fpr}, delta {delta}",
         )
     )
     a = audit_result

@@ -417,3 +417,25 @@ def test_from_dict_rejects_incomplete_scrc_t(scores: Scores) -> None:
     del d["calib_selection_scores"]
     with pytest.raises(ArtifactError, match="SCRC-T needs 'calib_selection_scores'"):
         SCRCPolicy.from_dict(d)
+
+
+def test_a_policy_file_from_before_the_guard_reads_as_no_guard(scores: Scores, tmp_path) -> None:
+    """Files published before the guard existed (a champion's) stay readable: they certified FNR_exit
+    only, so they read as max_fpr_exit 1; re-certifying them (stage1_pro.champion) applies the guard."""
+    import json
+
+    from stage1_pro.champion import recertify
+
+    policy = create_policy("softmax").fit(scores)
+    old = policy.to_dict()
+    del old["max_fpr_exit"]
+    for key in ("max_fpr_exit", "n_exited_negatives", "n_false_positives", "fpr_p_value", "fpr_upper_bound"):
+        del old["certificate"][key]
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps({"artifact": "thresholds", "schema_version": "1.0", **old}))
+    loaded = load_policy(str(path))  # schema-valid without the guard's fields
+    assert loaded.max_fpr_exit == 1.0
+    test = scores.subset("test")
+    np.testing.assert_array_equal(loaded.decide(test.probs), policy.decide(test.probs))
+    again = recertify(read_artifact(str(path)), scores, target_fnr_exit=0.02, delta=0.1, max_fpr_exit=0.25)
+    assert again.max_fpr_exit == 0.25 and again.certificate_["fpr_upper_bound"] <= 0.25

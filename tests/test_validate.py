@@ -18,7 +18,7 @@ from PIL import Image
 from scipy import stats
 
 from stage1_pro import metrics, validate
-from stage1_pro.artifacts import read_artifact
+from stage1_pro.artifacts import read_artifact, write_artifact
 from stage1_pro.bundle import POLICY_FILES
 from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
 from stage1_pro.cli import main
@@ -405,3 +405,19 @@ def test_script_40_validate(run: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert read_artifact(run / "validation.json", "validation")["report_file"] == "report.md"
+
+
+def test_a_policy_file_from_before_the_guard_is_not_certified_for_it(run: Path) -> None:
+    policy = read_artifact(run / "thresholds.json")
+    policy.pop("max_fpr_exit")
+    for key in ("max_fpr_exit", "n_exited_negatives", "n_false_positives", "fpr_p_value", "fpr_upper_bound"):
+        policy["certificate"].pop(key)
+    write_artifact(
+        run / "thresholds.json", "thresholds", {k: v for k, v in policy.items() if k != "artifact"}
+    )
+    v = validate_run(run)
+    assert failed(v) == {"certified_target"}
+    assert (
+        "max_fpr_exit 1.0 at delta 0.1 (a policy file written before the guard existed: recalibrate it)"
+        in (checks(v)["certified_target"]["message"])
+    )

@@ -365,11 +365,17 @@ class ExitPolicy(ABC):
 
     @classmethod
     def _params_from_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """The constructor parameters a policy file records (shared by every ``from_dict``)."""
+        """The constructor parameters a policy file records (shared by every ``from_dict``).
+
+        A file written before the guard existed has no ``max_fpr_exit``: it certified FNR_exit
+        only, which reads as :data:`~stage1_pro.defaults.NO_GUARD`.
+        """
+        from stage1_pro.defaults import NO_GUARD
+
         return {
             "target_fnr_exit": d["target_fnr_exit"],
             "delta": d["delta"],
-            "max_fpr_exit": d["max_fpr_exit"],
+            "max_fpr_exit": d.get("max_fpr_exit", NO_GUARD),
             "method": d["certificate"]["procedure"],
         }
 
