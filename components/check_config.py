@@ -14,6 +14,7 @@ def check_config(
     exit_policy: str,
     target_fnr_exit: float,
     delta: float,
+    max_fpr_exit: float,
     model_name: str,
     weights_uri: str,
     img_size: int,
@@ -50,6 +51,7 @@ def check_config(
         exit_policy: softmax, gate or scrc (allowed set depends on phase).
         target_fnr_exit: Certified FNR_exit bound, in (0, 0.1].
         delta: Certificate failure probability, in (0, 0.5].
+        max_fpr_exit: Guard certified with the target (FPR_exit bound), in (0, 1].
         model_name: timm backbone name.
         weights_uri: Starting weights file; empty for the timm hub's.
         img_size: Resolution in pixels.
@@ -86,6 +88,7 @@ def check_config(
             "exit_policy": exit_policy,
             "target_fnr_exit": target_fnr_exit,
             "delta": delta,
+            "max_fpr_exit": max_fpr_exit,
             "model_name": model_name,
             "weights_uri": weights_uri,
             "img_size": img_size,
@@ -104,7 +107,8 @@ def check_config(
     config.metadata.update({"phase": phase, "exit_policy": exit_policy, "model_name": model_name})
     print(
         f"[stage1-pro] check-config: phase {phase}, exit_policy {exit_policy}, target_fnr_exit "
-        f"{target_fnr_exit}, delta {delta}, {model_name} @ {img_size}px; train on {gpu_count} x {gpu_type} "
+        f"{target_fnr_exit}, max_fpr_exit {max_fpr_exit}, delta {delta}, {model_name} @ {img_size}px; "
+        f"train on {gpu_count} x {gpu_type} "
         f"(cpu {checked.train_cpu_request}, memory {checked.train_memory_request})"
     )
     return (

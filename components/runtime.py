@@ -110,12 +110,18 @@ def calibrate(
     metrics: Any,
     target_fnr_exit: float,
     delta: float,
+    max_fpr_exit: float,
 ) -> dict[str, Any]:
     """Certify ``policy`` on the scores' val_calib split, write the policy file, log its certificate."""
     from stage1_pro.calibrate import calibrate_policy
 
     result = calibrate_policy(
-        policy, scores_path, policy_artifact.path, target_fnr_exit=target_fnr_exit, delta=delta
+        policy,
+        scores_path,
+        policy_artifact.path,
+        target_fnr_exit=target_fnr_exit,
+        delta=delta,
+        max_fpr_exit=max_fpr_exit,
     )
     certificate = result["certificate"]
     calib = result.get("val_calib_metrics", {})
@@ -124,10 +130,12 @@ def calibrate(
         metrics,
         {
             "certified_fnr_exit_upper_bound": certificate.get("upper_bound"),
+            "certified_fpr_exit_upper_bound": certificate.get("fpr_upper_bound"),
             "certified_feasible": certificate.get("feasible"),
             "certified_n_exited_positives": certificate.get("n"),
             "certified_false_negatives": certificate.get("k"),
             "target_fnr_exit": target_fnr_exit,
+            "max_fpr_exit": max_fpr_exit,
             "delta": delta,
         },
     )
@@ -152,6 +160,9 @@ def calibrate(
 def log_validation(validation: Mapping[str, Any], scores_path: str, metrics: Any, exits: Any) -> None:
     """Send a validation result to the KFP UI: scalars, the confusion matrix on exits, the test ROC.
 
+    The scalars include the audit's p-values and power, and ``compare_<policy>_*`` for every other
+    policy the phase allows (what it would certify on the same val_calib and achieve on test).
+
     The confusion matrix covers exited test images only (true class x exit decision); deferred
     images are counted in the ``Metrics`` (``test_n_deferred``). The ROC is that of the positive-class
     probability on the whole test split, the score every policy starts from.
@@ -164,15 +175,38 @@ def log_validation(validation: Mapping[str, Any], scores_path: str, metrics: Any
     test = validation["test_metrics"]
     log_metrics(metrics, test, prefix="test_")
     certificate = validation.get("certificate") or {}
+    audit = validation["audit"]
     log_metrics(
         metrics,
         {
             "certified_fnr_exit_upper_bound": certificate.get("upper_bound"),
+            "certified_fpr_exit_upper_bound": certificate.get("fpr_upper_bound"),
             "target_fnr_exit": validation["target_fnr_exit"],
+            "max_fpr_exit": validation["max_fpr_exit"],
             "delta": validation["delta"],
             "blessed": bool(validation["blessed"]),
+            "audit_fnr_p_value": audit["fnr_p_value"],
+            "audit_fpr_p_value": audit["fpr_p_value"],
+            "audit_power": audit["power"],
         },
     )
+    # the policies the phase allows besides the active one: what they would certify and achieve
+    for row in validation.get("policy_comparison", []):
+        if row["active"] or row["feasible"] is None:
+            continue
+        log_metrics(
+            metrics,
+            {
+                "feasible": row["feasible"],
+                "val_calib_coverage": row.get("val_calib_coverage"),
+                "certified_fnr_exit_upper_bound": row.get("certified_fnr_upper_bound"),
+                "certified_fpr_exit_upper_bound": row.get("certified_fpr_upper_bound"),
+                "test_coverage": row.get("test_coverage"),
+                "test_fnr_exit": row.get("test_fnr_exit"),
+                "test_fpr_exit": row.get("test_fpr_exit"),
+            },
+            prefix=f"compare_{row['policy']}_",
+        )
     confusion = validation["confusion"]
     matrix = confusion["matrix"]  # rows: true 0/1; columns: exit-negative, exit-positive, defer
     exits.log_confusion_matrix(

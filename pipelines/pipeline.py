@@ -46,8 +46,8 @@ from stage1_pro.run_parameters import PARAMETERS, check_gpu_type, pipeline_docst
 
 PIPELINE_NAME = "stage1-pro"
 PIPELINE_DESCRIPTION = (
-    "Train, certify (FNR_exit <= target with probability >= 1 - delta) and ship the stage-1 exit "
-    "classifier of a cascade."
+    "Train, certify (FNR_exit <= target and FPR_exit <= max_fpr_exit with probability >= 1 - delta) "
+    "and ship the stage-1 exit classifier of a cascade."
 )
 TRAIN_RETRIES = 3
 TRAIN_RETRY_BACKOFF = "120s"
@@ -129,6 +129,7 @@ def build_pipeline(
         exit_policy: str = _D["exit_policy"],
         target_fnr_exit: float = _D["target_fnr_exit"],
         delta: float = _D["delta"],
+        max_fpr_exit: float = _D["max_fpr_exit"],
         model_name: str = _D["model_name"],
         weights_uri: str = _D["weights_uri"],
         img_size: int = _D["img_size"],
@@ -149,6 +150,7 @@ def build_pipeline(
                 exit_policy=exit_policy,
                 target_fnr_exit=target_fnr_exit,
                 delta=delta,
+                max_fpr_exit=max_fpr_exit,
                 model_name=model_name,
                 weights_uri=weights_uri,
                 img_size=img_size,
@@ -211,6 +213,7 @@ def build_pipeline(
                     exit_policy=policy,
                     target_fnr_exit=target_fnr_exit,
                     delta=delta,
+                    max_fpr_exit=max_fpr_exit,
                 ),
                 "calibrate",
                 f"calibrate-{policy}",

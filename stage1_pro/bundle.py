@@ -124,6 +124,17 @@ def default_version(model_sha256: str, now: _dt.datetime | None = None) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{model_sha256[:8]}"
 
 
+def _audit_line(audit: dict[str, Any] | None) -> str:
+    """The test audit's verdict and power in one sentence (validation.json ``audit``)."""
+    if not audit:
+        return "no audit recorded."
+    verdict = "rejected" if audit["refused"] else "did not reject"
+    return (
+        f"the audit {verdict} the certified bounds at level {audit['level']:g} (power "
+        f"{audit['power']:.2f} against a true FNR_exit of {audit['alternative_fnr_exit']:g})."
+    )
+
+
 def _readme(meta: dict[str, Any], model_info: dict[str, Any], validation: dict[str, Any]) -> str:
     m = validation["test_metrics"]
     ub = m.get("fnr_exit_upper_bound")
@@ -132,11 +143,12 @@ def _readme(meta: dict[str, Any], model_info: dict[str, Any], validation: dict[s
 
 Stage-1 exit classifier of a cascade. For each image it answers **exit-positive**,
 **exit-negative** or **defer** (send to stage 2). Active exit policy: `{meta["active_exit_policy"]}`
-(`{meta["policy_file"]}`), certified for FNR_exit <= {validation["target_fnr_exit"]} with probability
->= {1 - validation["delta"]:.2f}. Blessed: {blessed}.
+(`{meta["policy_file"]}`), certified for FNR_exit <= {validation["target_fnr_exit"]} and FPR_exit <=
+{validation.get("max_fpr_exit", "n/a")} with probability >= {1 - validation["delta"]:.2f}. Blessed: {blessed}.
 
 Test audit: coverage {m["coverage"]:.4f}, FNR_exit {_fmt(m.get("fnr_exit"))}
-(Clopper-Pearson upper bound {_fmt(ub)}), exit accuracy {_fmt(m.get("exit_accuracy"))}.
+(Clopper-Pearson upper bound {_fmt(ub)}), FPR_exit {_fmt(m.get("fpr_exit"))}, exit accuracy
+{_fmt(m.get("exit_accuracy"))}; {_audit_line(validation.get("audit"))}
 Full report: `{validation.get("report_file", "report.html")}`;
 model card: `{validation.get("model_card_file", "model_card.md")}`.
 The certificate assumes images exchangeable with val_calib; `{SCORE_REFERENCE_FILE}` holds the

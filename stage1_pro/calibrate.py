@@ -15,7 +15,14 @@ from typing import Any
 
 from stage1_pro import storage
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT, check_delta, check_target
+from stage1_pro.defaults import (
+    DEFAULT_DELTA,
+    DEFAULT_MAX_FPR_EXIT,
+    DEFAULT_TARGET_FNR_EXIT,
+    check_delta,
+    check_max_fpr_exit,
+    check_target,
+)
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.layout import MODEL_FILE, SPLITS_FILE
 from stage1_pro.provenance import sha256_uri
@@ -73,6 +80,7 @@ def calibrate_policy(
     *,
     target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
     delta: float = DEFAULT_DELTA,
+    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
     method: str | None = None,
     splits_uri: str | None = None,
     model_version: str | None = None,
@@ -90,9 +98,11 @@ def calibrate_policy(
     out_uri : str
         The policy file to write, named as the policy's (``thresholds.json`` for softmax...).
     target_fnr_exit, delta : float
-        Certified ``P(FNR_exit > target_fnr_exit) <= delta``.
+        Certified ``P(FNR_exit > target_fnr_exit or FPR_exit > max_fpr_exit) <= delta``.
+    max_fpr_exit : float
+        The guard certified with the target (default 0.25; 1 disables it).
     method : str, optional
-        Family-wise procedure (:data:`stage1_pro.certify.PROCEDURES`), default split fixed sequence.
+        Family-wise procedure (:data:`stage1_pro.certify.PROCEDURES`), default split fallback sequence.
     splits_uri : str, optional
         ``splits.json``: the scores' rows must be exactly its val_select/val_calib/test indices.
         Default: the ``splits.json`` next to the scores file, if there is one.
@@ -121,6 +131,7 @@ def calibrate_policy(
     get_policy_class(policy)
     target_fnr_exit = check_target(target_fnr_exit)
     delta = check_delta(delta)
+    max_fpr_exit = check_max_fpr_exit(max_fpr_exit)
     scores_uri, out_uri = str(scores_uri), str(out_uri)
     _check_out_name(policy, out_uri)
     others = _other_policy_files(policy, out_uri)
@@ -129,7 +140,14 @@ def calibrate_policy(
             f"{others[0]} already exists next to {out_uri}: a run directory holds exactly one policy "
             "file; pass --replace (replace=True) to delete it, or write elsewhere"
         )
-    estimator = create_policy(policy, target_fnr_exit=target_fnr_exit, delta=delta, method=method, **options)
+    estimator = create_policy(
+        policy,
+        target_fnr_exit=target_fnr_exit,
+        delta=delta,
+        max_fpr_exit=max_fpr_exit,
+        method=method,
+        **options,
+    )
 
     scores = load_scores(scores_uri)
     lineage: dict[str, Any] = {"scores_sha256": sha256_uri(scores_uri)}

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from stage1_pro import storage
+from stage1_pro.defaults import DEFAULT_MAX_FPR_EXIT
 from stage1_pro.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def rescore_champion(
     splits: dict[str, Any],
     target_fnr_exit: float,
     delta: float,
+    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
     batch_size: int = 64,
     device: str = "cpu",
 ) -> Champion:
@@ -102,6 +104,7 @@ def rescore_champion(
         splits: this run's ``splits.json``.
         target_fnr_exit: this run's target (the champion is certified for the same contract).
         delta: this run's delta.
+        max_fpr_exit: this run's guard (the champion is certified for it too).
         batch_size: images per forward pass.
         device: torch device.
 
@@ -221,16 +224,26 @@ def score_splits(
     )
 
 
-def recertify(policy_file: dict[str, Any], scores: Any, *, target_fnr_exit: float, delta: float) -> Any:
+def recertify(
+    policy_file: dict[str, Any],
+    scores: Any,
+    *,
+    target_fnr_exit: float,
+    delta: float,
+    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
+) -> Any:
     """The champion's policy (kind and settings from its file) fitted and certified on ``scores``.
 
     The grid and anything learned come from ``scores``' val_select, the certificate from its
-    val_calib, at ``target_fnr_exit`` and ``delta``: exactly what calibrating the challenger did.
+    val_calib, at ``target_fnr_exit``, ``max_fpr_exit`` and ``delta``: exactly what calibrating
+    the challenger did (a champion whose file predates the guard is certified with it here).
     """
     from stage1_pro.policies import InfeasibleCertificateWarning, create_policy, policy_from_dict
 
     params = policy_from_dict(policy_file).get_params()
     params.update(target_fnr_exit=target_fnr_exit, delta=delta)
+    if "max_fpr_exit" in params:  # a plugin policy may not take the guard
+        params["max_fpr_exit"] = max_fpr_exit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InfeasibleCertificateWarning)
         policy = create_policy(policy_file["policy"], **params).fit(scores)

@@ -25,6 +25,7 @@ from stage1_pro.defaults import (
     DEFAULT_DECODE_MODE,
     DEFAULT_DELTA,
     DEFAULT_INTERPOLATION,
+    DEFAULT_MAX_FPR_EXIT,
     DEFAULT_RESIZE_MODE,
     DEFAULT_TARGET_FNR_EXIT,
     INTERPOLATIONS,
@@ -32,6 +33,7 @@ from stage1_pro.defaults import (
     RESIZE_MODES,
     check_choice,
     check_delta,
+    check_max_fpr_exit,
     check_target,
 )
 from stage1_pro.errors import ArtifactError, ConfigError
@@ -63,6 +65,8 @@ class Stage1ProConfig:
     """Certified bound on FNR_exit = FN_exit / (TP_exit + FN_exit); valid range (0, 0.1]."""
     delta: float = DEFAULT_DELTA
     """Certificate failure probability: P(true FNR_exit > target) <= delta; valid range (0, 0.5]."""
+    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT
+    """Guard certified with the target: FPR_exit (exited negatives called positive) <= this; (0, 1]."""
     legacy_exit_threshold_for_logging: float = 0.88
     """Softmax threshold used for monitoring metrics in metrics.csv only; never for inference."""
 
@@ -158,6 +162,7 @@ class Stage1ProConfig:
         check_phase_policy(self.phase, self.exit_policy)
         check_target(self.target_fnr_exit)
         check_delta(self.delta)
+        check_max_fpr_exit(self.max_fpr_exit)
         if not 0.0 <= self.legacy_exit_threshold_for_logging <= 1.0:
             raise ConfigError("legacy_exit_threshold_for_logging must be in [0, 1]")
         if self.finetune_mode not in ("auto", "full", "frozen", "peft"):

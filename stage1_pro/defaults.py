@@ -25,6 +25,23 @@ DELTA_RANGE = (0.0, 0.5)
 #: The capability levels (training phases) a run can have; an exit policy names the first it needs.
 PHASES: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 
+#: The guard certified with the target: FPR_exit = FP_exit / (FP_exit + TN_exit), the fraction of
+#: exited negatives called positive, is certified <= this bound in the same family-wise test (an
+#: FNR-only constraint is met by calling everything positive: FPR_exit 1).
+DEFAULT_MAX_FPR_EXIT = 0.25
+#: Valid max_fpr_exit: (low, high], open below, closed above; 1 disables the guard.
+MAX_FPR_EXIT_RANGE = (0.0, 1.0)
+#: The guard a policy file written before the guard existed was certified for: none.
+NO_GUARD = MAX_FPR_EXIT_RANGE[1]
+
+#: Level of the test split's audit: a run is refused when the test split rejects "FNR_exit <= target"
+#: (or the guard) at this level (exact one-sided binomial tests, Bonferroni over the two).
+DEFAULT_AUDIT_LEVEL = 0.05
+#: Valid audit level: (low, high], open below, closed above.
+AUDIT_LEVEL_RANGE = (0.0, 0.5)
+#: The audit's power is reported against a true FNR_exit of this multiple of the target.
+DEFAULT_AUDIT_EFFECT = 1.5
+
 
 def _interval(bounds: tuple[float, float]) -> str:
     return f"({bounds[0]:g}, {bounds[1]:g}]"
@@ -46,6 +63,29 @@ def check_delta(delta: float, source: str = "delta") -> float:
         ConfigError: naming ``source``, the valid range and a usual value.
     """
     return _check_in(delta, DELTA_RANGE, source, f"use e.g. {DEFAULT_DELTA:g} (90% confidence) or 0.05")
+
+
+def check_max_fpr_exit(max_fpr_exit: float, source: str = "max_fpr_exit") -> float:
+    """Return ``max_fpr_exit`` as a float if it lies in :data:`MAX_FPR_EXIT_RANGE`.
+
+    Raises:
+        ConfigError: naming ``source``, the valid range and the default.
+    """
+    return _check_in(
+        max_fpr_exit,
+        MAX_FPR_EXIT_RANGE,
+        source,
+        f"the default is {DEFAULT_MAX_FPR_EXIT:g}; 1 disables the guard",
+    )
+
+
+def check_audit_level(level: float, source: str = "audit_level") -> float:
+    """Return ``level`` as a float if it lies in :data:`AUDIT_LEVEL_RANGE`.
+
+    Raises:
+        ConfigError: naming ``source``, the valid range and the default.
+    """
+    return _check_in(level, AUDIT_LEVEL_RANGE, source, f"the default is {DEFAULT_AUDIT_LEVEL:g}")
 
 
 def _check_in(value: float, bounds: tuple[float, float], source: str, hint: str) -> float:

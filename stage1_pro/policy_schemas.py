@@ -4,7 +4,8 @@ the policy registry (:mod:`stage1_pro.policy_registry`).
 * ``config``: the ``exit_policy`` enum and the phase/policy matrix (``allOf`` rules, one per run of
   phases that does not allow every policy, each with the message a user sees);
 * ``bundle``: the ``active_exit_policy`` enum and which ``policy_file`` each policy has;
-* ``validation``: the ``exit_policy`` enum (the run's, and the champion's);
+* ``validation``: the ``exit_policy`` enum (the run's, and the champion's) and that of the
+  ``policy_comparison`` rows;
 * ``score_reference`` and ``drift``: the ``exit_policy`` enum.
 
 :func:`apply_policy_facts` writes them into a schema document. :mod:`stage1_pro.schemas` applies it
@@ -120,6 +121,9 @@ def _bundle(doc: dict[str, Any], specs: tuple[PolicySpec, ...]) -> None:
 def _validation(doc: dict[str, Any], specs: tuple[PolicySpec, ...]) -> None:
     _policy_enum(doc["properties"]["exit_policy"], specs)
     _policy_enum(doc["properties"]["champion"]["properties"]["exit_policy"], specs)
+    comparison = doc["properties"].get("policy_comparison")
+    if comparison is not None:
+        _policy_enum(comparison["items"]["properties"]["policy"], specs)
 
 
 def _exit_policy(doc: dict[str, Any], specs: tuple[PolicySpec, ...]) -> None:

@@ -97,17 +97,66 @@ def confusion_png(validation: dict[str, Any]) -> bytes:
     return png_bytes(fig)
 
 
-def _checks_rows(validation: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+def _checks_rows(validation: dict[str, Any], key: str = "checks") -> list[tuple[str, str, str, str, str]]:
+    passed, failed = ("PASS", "FAIL") if key == "checks" else ("ok", "low")
     return [
         (
             c["name"],
-            "PASS" if c["passed"] else "FAIL",
+            passed if c["passed"] else failed,
             _fmt(c.get("value")),
             _fmt(c.get("limit")),
             c["message"],
         )
-        for c in validation["checks"]
+        for c in validation.get(key, [])
     ]
+
+
+def _audit_text(validation: dict[str, Any]) -> str:
+    """The audit's verdict and what the test split can see, in one paragraph."""
+    a = validation["audit"]
+    verdict = "refused the run" if a["refused"] else "did not reject the certified bounds"
+    return (
+        f"The test audit {verdict} at level {a['level']:g} (exact one-sided binomial tests of FNR_exit "
+        f"<= {validation['target_fnr_exit']} and FPR_exit <= {validation['max_fpr_exit']}, each at "
+        f"{a['test_level']:g}; p-values {a['fnr_p_value']:.3g} and {a['fpr_p_value']:.3g}). With "
+        f"{a['n_exited_positives']} exited test positives its power against a true FNR_exit of "
+        f"{a['alternative_fnr_exit']:g} is {a['power']:.2f}; {a['positives_for_power']} exited positives "
+        f"would give {a['power_goal']:g}."
+    )
+
+
+def _comparison_rows(validation: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in validation.get("policy_comparison", []):
+        name = r["policy"] + (" (active)" if r["active"] else "")
+        if r["feasible"] is None:
+            rows.append((name, "not fitted", "", "", "", "", "", r.get("note", "")))
+            continue
+        rows.append(
+            (
+                name,
+                _fmt(r["feasible"]),
+                _fmt(r.get("val_calib_coverage")),
+                _fmt(r.get("certified_fnr_upper_bound")),
+                _fmt(r.get("certified_fpr_upper_bound")),
+                _fmt(r.get("test_coverage")),
+                _fmt(r.get("test_fnr_exit")),
+                _fmt(r.get("test_fpr_exit")),
+            )
+        )
+    return rows
+
+
+_COMPARISON_HEADER = (
+    "policy",
+    "certified",
+    "val_calib coverage",
+    "FNR_exit bound",
+    "FPR_exit bound",
+    "test coverage",
+    "test FNR_exit",
+    "test FPR_exit",
+)
 
 
 _METRIC_ROWS = (
@@ -196,7 +245,19 @@ def render_html(validation: dict[str, Any], figures: dict[str, bytes]) -> str:
     )
     cert = validation.get("certificate") or {}
     cert_rows = [
-        (k, _fmt(cert.get(k))) for k in ("procedure", "n", "k", "upper_bound", "feasible", "n_calib")
+        (k, _fmt(cert.get(k)))
+        for k in (
+            "procedure",
+            "n",
+            "k",
+            "upper_bound",
+            "n_exited_negatives",
+            "n_false_positives",
+            "fpr_upper_bound",
+            "feasible",
+            "n_calib",
+            "order_note",
+        )
     ]
     policy = esc(validation["exit_policy"])
     colour = "#1a7f37" if validation["blessed"] else "#cf222e"
@@ -211,11 +272,16 @@ def render_html(validation: dict[str, Any], figures: dict[str, bytes]) -> str:
 <style>{style}</style>
 </head><body>
 <h1>Validation of the {policy} exit policy: <span style="color:{colour}">{_verdict(validation)}</span></h1>
-<p>Target FNR_exit &le; {validation["target_fnr_exit"]} (certified on val_calib with confidence
-{1 - validation["delta"]:.2f}); audit on the held-out test split.
+<p>Target FNR_exit &le; {validation["target_fnr_exit"]} with FPR_exit &le; {validation["max_fpr_exit"]}
+(certified on val_calib with confidence {1 - validation["delta"]:.2f}); audit on the held-out test split.
 Rule: {esc(validation["rule"].get("description", ""))}</p>
 <h2>Checks</h2>
 {table(("check", "result", "value", "limit", "detail"), _checks_rows(validation))}
+<p>{esc(_audit_text(validation))}</p>
+<h2>Diagnostics (reported, not deciding)</h2>
+{table(("diagnostic", "result", "value", "level", "detail"), _checks_rows(validation, "diagnostics"))}
+<h2>Policies compared on the same val_calib and test</h2>
+{table(_COMPARISON_HEADER, _comparison_rows(validation))}
 <h2>Metrics</h2>
 {table(("metric", "test", "val_calib"), _metric_rows(validation))}
 {_champion_html(validation, table)}
@@ -248,13 +314,23 @@ def render_markdown(validation: dict[str, Any], figure_names: list[str]) -> str:
     figs = "\n".join(f"![{name}]({name})" for name in figure_names)
     return f"""# Validation of the {validation["exit_policy"]} exit policy: {_verdict(validation)}
 
-Target FNR_exit <= {validation["target_fnr_exit"]} (certified on val_calib with confidence
-{1 - validation["delta"]:.2f}); audit on the held-out test split.
+Target FNR_exit <= {validation["target_fnr_exit"]} with FPR_exit <= {validation["max_fpr_exit"]}
+(certified on val_calib with confidence {1 - validation["delta"]:.2f}); audit on the held-out test split.
 Rule: {validation["rule"].get("description", "")}
 
 ## Checks
 
 {table(("check", "result", "value", "limit", "detail"), _checks_rows(validation))}
+
+{_audit_text(validation)}
+
+## Diagnostics (reported, not deciding)
+
+{table(("diagnostic", "result", "value", "level", "detail"), _checks_rows(validation, "diagnostics"))}
+
+## Policies compared on the same val_calib and test
+
+{table(_COMPARISON_HEADER, _comparison_rows(validation))}
 
 ## Metrics
 
@@ -320,10 +396,13 @@ exit-positive, exit-negative, or defers to stage 2. Use it only through
 Not intended as a stand-alone classifier: deferred images must reach stage 2.
 
 ## Guarantee
-With probability at least {1 - validation["delta"]:.2f} over the calibration draw, the miss rate
-among exited positives is at most {validation["target_fnr_exit"]} (FNR_exit = FN_exit / (TP_exit + FN_exit)),
-certified on `val_calib` by `{cert.get("procedure", "?")}` (n = {cert.get("n", "?")} exited positives,
-k = {cert.get("k", "?")} misses, Clopper-Pearson upper bound {_fmt(cert.get("upper_bound"))}).
+With probability at least {1 - validation["delta"]:.2f} over the calibration draw, both hold: the
+miss rate among exited positives is at most {validation["target_fnr_exit"]}
+(FNR_exit = FN_exit / (TP_exit + FN_exit)) and the false-alarm rate among exited negatives is at
+most {validation["max_fpr_exit"]} (FPR_exit = FP_exit / (FP_exit + TN_exit)), certified on
+`val_calib` by `{cert.get("procedure", "?")}` (n = {cert.get("n", "?")} exited positives,
+k = {cert.get("k", "?")} misses, Clopper-Pearson upper bound {_fmt(cert.get("upper_bound"))};
+FPR_exit upper bound {_fmt(cert.get("fpr_upper_bound"))}).
 The guarantee holds for images exchangeable with the calibration images: a new camera,
 region, season or label definition voids it until the policy is recalibrated.
 
@@ -331,6 +410,7 @@ region, season or label definition voids it until the policy is recalibrated.
 Coverage {_fmt(test.get("coverage"))}, FNR_exit {_fmt(test.get("fnr_exit"))}
 (upper bound {_fmt(test.get("fnr_exit_upper_bound"))}), FPR_exit {_fmt(test.get("fpr_exit"))},
 exit accuracy {_fmt(test.get("exit_accuracy"))}, AURC {_fmt(test.get("aurc"))} on {test.get("n")} images.
+{_audit_text(validation)}
 
 ## Training and evaluation data
 Dataset fingerprint `{lineage.get("data_fingerprint", "n/a")}`,
@@ -342,7 +422,9 @@ splits version `{lineage.get("splits_version", "n/a")}`
 {split_rows}
 
 ## Limitations and risks
-- FNR_exit is controlled; the false-positive side is only audited (FPR_exit, exit accuracy).
+- FNR_exit and FPR_exit are controlled; exit accuracy (which depends on the class balance) is only
+  reported.
+- The test audit sees only large violations on small test splits: its power is stated above.
 - Near-duplicate images split across val_calib and test (e.g. frames of one sequence without a
   `group` column) make both the certificate and the audit optimistic.
 - Few exited positives in val_calib mean little coverage: the certificate needs at least

@@ -96,6 +96,14 @@ PARAMETERS: tuple[PipelineParameter, ...] = (
         "delta",
     ),
     PipelineParameter(
+        "max_fpr_exit",
+        float,
+        _CONFIG_DEFAULTS.max_fpr_exit,
+        "Guard certified with the target: FPR_exit = FP_exit / (FP_exit + TN_exit), the exited negatives "
+        "called positive, <= max_fpr_exit; in (0, 1], 1 disables it.",
+        "max_fpr_exit",
+    ),
+    PipelineParameter(
         "model_name",
         str,
         "vit_small_patch14_dinov2",

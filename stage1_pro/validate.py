@@ -15,41 +15,36 @@ A run is **blessed** iff every check passes:
     the policy file says ``feasible: true`` (something was certified; an always-defer
     policy is never shipped).
 ``certified_target``
-    the policy was certified for ``target_fnr_exit <= config.target_fnr_exit`` and
-    ``delta <= config.delta`` (a certificate for a looser contract does not count).
-``test_fnr_exit``
-    default rule ``point_estimate``: the test FNR_exit point estimate is at most
-    ``config.target_fnr_exit``; its Clopper–Pearson (1 - delta) upper bound is reported
-    beside it. Why not require the upper bound? The certificate already comes from
-    ``val_calib``; ``test`` is an independent *audit* that must catch a broken certificate
-    (shift between calibration and test, leakage, a bug), not re-certify. The deployed point
-    is the loosest certified one, so its true FNR_exit sits just below the target and a test
-    upper bound <= target would need several hundred exited test positives with almost no
-    misses (>= 114 with zero misses at target 0.02, delta 0.1): it would reject most valid
-    runs on test sets of realistic size. A point estimate above the target is itself evidence
-    against the certificate. With a large test set, ``fnr_rule="upper_bound"`` (the bound
-    <= target) is available. With no exited positives on test the FNR_exit cannot be audited
-    and the check fails.
-``min_coverage``
-    test coverage >= ``min_coverage`` (default :data:`DEFAULT_MIN_COVERAGE`).
-``min_exit_accuracy`` and ``max_fpr_exit``
-    exit accuracy >= ``min_exit_accuracy`` (default :data:`DEFAULT_MIN_EXIT_ACCURACY`) and
-    FPR_exit <= ``max_fpr_exit`` (default :data:`DEFAULT_MAX_FPR_EXIT`). An FNR-only constraint
-    is gamed by exiting everything as positive (FNR_exit 0, coverage 1); that policy has
-    FPR_exit = 1 whatever the class balance, and exit accuracy = the positive rate.
+    the policy was certified for ``target_fnr_exit <= config.target_fnr_exit``,
+    ``max_fpr_exit <= config.max_fpr_exit`` and ``delta <= config.delta`` (a certificate for a
+    looser contract does not count).
+``test_audit``
+    the test split does not reject "FNR_exit <= target and FPR_exit <= max_fpr_exit" at
+    ``audit_level`` (default 0.05; exact one-sided binomial tests, :mod:`stage1_pro.audit`). A
+    valid run is refused with probability at most ``audit_level``; the audit's power against a
+    true FNR_exit of ``audit_effect`` x target is reported beside the verdict, so a user knows
+    what the test split can see.
 ``champion_coverage`` (only with ``champion``)
     test coverage >= the champion's test coverage *on this run's test split* - ``champion_tolerance``
     (default :data:`~stage1_pro.champion.DEFAULT_CHAMPION_TOLERANCE`). The champion bundle
     re-scores this run's images with its own preprocessing and its policy is re-certified on this
-    run's val_calib at this run's target and delta (:mod:`stage1_pro.champion`); both are
-    reported side by side under ``champion`` in validation.json. A champion that is a registry
-    prefix with nothing published yet (a first run) is recorded as such and not compared.
+    run's val_calib for this run's contract (target, guard, delta; :mod:`stage1_pro.champion`);
+    both are reported side by side under ``champion`` in validation.json. A champion that is a
+    registry prefix with nothing published yet (a first run) is recorded as such and not compared.
 
 The former ``baseline`` comparison (coverage recorded by another bundle on *its* test set) was
 removed: coverages measured on different test sets do not say which model is better.
 
-These floors are sanity gates reported beside the certified constraint, not calibration
-targets: calibration never sees them.
+The guard against exiting everything as positive (FNR_exit 0, FPR_exit 1) is certified with the
+target (``max_fpr_exit``), not a floor checked afterwards. The point-estimate floors of earlier
+releases (test coverage >= :data:`DEFAULT_MIN_COVERAGE`, exit accuracy >=
+:data:`DEFAULT_MIN_EXIT_ACCURACY`, FPR_exit <= ``max_fpr_exit``) are reported as
+``diagnostics``: they carry no guarantee (exit accuracy depends on the class balance) and never
+decide the blessing.
+
+Beside the active policy, ``policy_comparison`` reports what every other policy the run's phase
+allows certifies on the same ``val_calib`` (same target, guard, delta and procedure) and achieves
+on the same ``test``: fitted in memory, never written as policy files.
 """
 
 from __future__ import annotations
@@ -64,19 +59,23 @@ from stage1_pro import storage
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact, write_artifact
 from stage1_pro.bundle import find_policy_file
 from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
+from stage1_pro.defaults import (
+    DEFAULT_AUDIT_EFFECT,
+    DEFAULT_AUDIT_LEVEL,
+    DEFAULT_MAX_FPR_EXIT,
+    NO_GUARD,
+    check_audit_level,
+)
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.layout import CONFIG_FILE, MODEL_FILE, MODEL_INFO_FILE, SCORES_FILE, SPLITS_FILE
 from stage1_pro.provenance import sha256_uri, utc_now
 
 log = logging.getLogger(__name__)
 
-#: Test coverage below this is not worth deploying as a stage 1 (and catches near-always-defer).
+#: Diagnostic: test coverage below this is hardly worth deploying as a stage 1 (reported only).
 DEFAULT_MIN_COVERAGE = 0.10
-#: Exited images must be labelled correctly at least this often.
+#: Diagnostic: exited images labelled correctly at least this often (reported only).
 DEFAULT_MIN_EXIT_ACCURACY = 0.90
-#: At most this fraction of exited negatives may be labelled positive (exit-all-positive has 1.0).
-DEFAULT_MAX_FPR_EXIT = 0.25
-FNR_RULES = ("point_estimate", "upper_bound")
 #: Points kept from the risk-coverage curve in validation.json (enough to plot it).
 CURVE_POINTS = 101
 
@@ -166,6 +165,7 @@ def champion_comparison(
     challenger_test: Any,
     target: float,
     delta: float,
+    max_fpr: float,
     tolerance: float,
     batch_size: int = 64,
     device: str = "cpu",
@@ -178,7 +178,7 @@ def champion_comparison(
         splits: this run's splits.json.
         challenger: this run's fitted policy.
         challenger_test: this run's test :class:`~stage1_pro.scores.Scores`.
-        target, delta: this run's contract.
+        target, delta, max_fpr: this run's contract.
         tolerance: allowed test-coverage drop.
         batch_size, device: how the champion scores.
 
@@ -194,8 +194,8 @@ def champion_comparison(
         log.warning("champion %s: nothing published there yet (a first run?); not compared", champion)
         return None, {"uri": str(champion), "note": "nothing published under this prefix yet: not compared"}
     found = rescore_champion(
-        champion, data=data, splits=splits, target_fnr_exit=target, delta=delta, batch_size=batch_size,
-        device=device,
+        champion, data=data, splits=splits, target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr,
+        batch_size=batch_size, device=device,
     )  # fmt: skip
     test_scores = found.scores.subset("test")
     test, decisions = _split_metrics(found.policy, test_scores, delta)
@@ -252,14 +252,11 @@ def champion_comparison(
 
 def blessing_checks(
     policy_obj: dict[str, Any],
-    test: dict[str, Any],
+    audit_result: dict[str, Any],
     *,
     target: float,
+    max_fpr: float,
     delta: float,
-    fnr_rule: str,
-    min_coverage: float,
-    min_exit_accuracy: float,
-    max_fpr_exit: float,
 ) -> list[dict[str, Any]]:
     """The checks of the blessing rule (see the module docstring), in report order."""
     checks = [
@@ -274,81 +271,139 @@ def blessing_checks(
         )
     ]
     p_target, p_delta = policy_obj["target_fnr_exit"], policy_obj["delta"]
-    ok = p_target <= target + 1e-12 and p_delta <= delta + 1e-12
+    p_fpr = policy_obj.get("max_fpr_exit", NO_GUARD)
+    ok = p_target <= target + 1e-12 and p_fpr <= max_fpr + 1e-12 and p_delta <= delta + 1e-12
+    legacy = (
+        ""
+        if "max_fpr_exit" in policy_obj
+        else " (a policy file written before the guard existed: recalibrate it)"
+    )
     checks.append(
         _check(
             "certified_target",
             ok,
             p_target,
             target,
-            f"certified for target {p_target} at delta {p_delta}; "
-            f"the run's contract is target {target}, delta {delta}",
+            f"certified for target {p_target}, max_fpr_exit {p_fpr} at delta {p_delta}{legacy}; the run's "
+            f"contract is target {target}, max_fpr_exit {max_fpr}, delta {delta}",
         )
     )
-    fnr, ub = test.get("fnr_exit"), test.get("fnr_exit_upper_bound")
-    value = fnr if fnr_rule == "point_estimate" else ub
-    if value is None:
-        checks.append(
-            _check(
-                "test_fnr_exit",
-                False,
-                None,
-                target,
-                "no exited positives on test: FNR_exit cannot be audited",
-            )
-        )
+    a = audit_result
+    if a["n_exited_positives"] == 0:
+        what = "no exited positives on test: the audit cannot see FNR_exit (power 0)"
     else:
         what = (
-            "point estimate"
-            if fnr_rule == "point_estimate"
-            else f"Clopper-Pearson {1 - delta:.2f} upper bound"
+            f"test FNR_exit {a['n_false_negatives']}/{a['n_exited_positives']} "
+            f"(p-value {a['fnr_p_value']:.3g}), FPR_exit {a['n_false_positives']}/{a['n_exited_negatives']} "
+            f"(p-value {a['fpr_p_value']:.3g}), each tested at {a['test_level']:g}"
         )
-        checks.append(
-            _check(
-                "test_fnr_exit",
-                value <= target,
-                value,
-                target,
-                f"test FNR_exit {what} {value:.4f} vs target {target} (estimate {fnr:.4f}, upper bound "
-                f"{'n/a' if ub is None else f'{ub:.4f}'}, {test.get('n_false_negatives')} misses among "
-                f"{test.get('n_exited_positives')} exited positives)",
-            )
-        )
-    cov = test["coverage"]
+    verdict = f"rejected ({', '.join(a['refused_by'])} above its bound)" if a["refused"] else "not rejected"
     checks.append(
+        _check(
+            "test_audit",
+            not a["refused"],
+            min(a["fnr_p_value"], a["fpr_p_value"]),
+            a["test_level"],
+            f"H0 'FNR_exit <= {target} and FPR_exit <= {max_fpr}' {verdict} at level {a['level']:g}: {what}; "
+            f"power {a['power']:.2f} against a true FNR_exit of {a['alternative_fnr_exit']:g} "
+            f"({a['positives_for_power']} exited test positives give power {a['power_goal']:g})",
+        )
+    )
+    return checks
+
+
+def diagnostics(
+    test: dict[str, Any], *, min_coverage: float, min_exit_accuracy: float, max_fpr: float
+) -> list:
+    """Point-estimate floors reported beside the blessing (never deciding it; module docstring)."""
+    cov, acc, fpr = test["coverage"], test.get("exit_accuracy"), test.get("fpr_exit")
+    return [
         _check(
             "min_coverage",
             cov >= min_coverage,
             cov,
             min_coverage,
-            f"test coverage {cov:.4f} vs floor {min_coverage}",
-        )
-    )
-    acc = test.get("exit_accuracy")
-    checks.append(
+            f"test coverage {cov:.4f} vs {min_coverage}",
+        ),
         _check(
             "min_exit_accuracy",
             acc is not None and acc >= min_exit_accuracy,
             acc,
             min_exit_accuracy,
-            "no exits on test"
-            if acc is None
-            else f"test exit accuracy {acc:.4f} vs floor {min_exit_accuracy}",
-        )
-    )
-    fpr = test.get("fpr_exit")
-    checks.append(
+            "no exits on test" if acc is None else f"test exit accuracy {acc:.4f} vs {min_exit_accuracy}",
+        ),
         _check(
             "max_fpr_exit",
-            fpr is None or fpr <= max_fpr_exit,
+            fpr is None or fpr <= max_fpr,
             fpr,
-            max_fpr_exit,
+            max_fpr,
             "no exited negatives on test"
             if fpr is None
-            else f"test FPR_exit {fpr:.4f} vs ceiling {max_fpr_exit}",
-        )
+            else f"test FPR_exit point estimate {fpr:.4f} vs {max_fpr}",
+        ),
+    ]
+
+
+def policy_comparison(
+    scores: Any,
+    policy: Any,
+    *,
+    policies: tuple[str, ...],
+    delta: float,
+) -> list[dict[str, Any]]:
+    """What each policy of ``policies`` certifies on val_calib and achieves on test, the active one first.
+
+    The others are fitted in memory with the active policy's target, guard, delta and procedure
+    (those their constructor takes) and their default options; a policy that cannot be fitted on
+    these scores (no gate logits, a degenerate val_select) gets a ``note`` instead of numbers.
+    """
+    import inspect
+    import warnings
+
+    from stage1_pro.policies import InfeasibleCertificateWarning, create_policy, get_policy_class
+
+    test = scores.subset("test")
+    settings = {
+        "target_fnr_exit": policy.target_fnr_exit,
+        "max_fpr_exit": policy.max_fpr_exit,
+        "delta": policy.delta,
+        "method": policy.certificate_["procedure"],
+    }
+    rows = [_comparison_row(policy, test, delta, active=True)]
+    for name in policies:
+        if name == policy.name:
+            continue
+        accepted = inspect.signature(get_policy_class(name).__init__).parameters
+        try:
+            other = create_policy(name, **{k: v for k, v in settings.items() if k in accepted})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InfeasibleCertificateWarning)
+                other.fit(scores)
+        except DataError as exc:
+            rows.append({"policy": name, "active": False, "feasible": None, "note": str(exc)})
+            continue
+        rows.append(_comparison_row(other, test, delta, active=False))
+    return rows
+
+
+def _comparison_row(policy: Any, test_scores: Any, delta: float, *, active: bool) -> dict[str, Any]:
+    test, _ = _split_metrics(policy, test_scores, delta)
+    cert = policy.certificate_
+    return _clean(
+        {
+            "policy": policy.name,
+            "active": active,
+            "feasible": bool(policy.feasible_),
+            "procedure": cert["procedure"],
+            "val_calib_coverage": policy.val_calib_metrics_["coverage"],
+            "certified_fnr_upper_bound": cert["upper_bound"],
+            "certified_fpr_upper_bound": cert.get("fpr_upper_bound"),
+            "test_coverage": test["coverage"],
+            "test_fnr_exit": test["fnr_exit"],
+            "test_fpr_exit": test["fpr_exit"],
+            "test_exit_accuracy": test["exit_accuracy"],
+        }
     )
-    return checks
 
 
 def _check_fraction(name: str, value: float) -> float:
@@ -362,11 +417,11 @@ def validate_run(
     *,
     policy_file: str | os.PathLike[str] | None = None,
     champion: str | os.PathLike[str] | None = None,
+    audit_level: float = DEFAULT_AUDIT_LEVEL,
+    audit_effect: float = DEFAULT_AUDIT_EFFECT,
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     min_exit_accuracy: float = DEFAULT_MIN_EXIT_ACCURACY,
-    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
     champion_tolerance: float = DEFAULT_CHAMPION_TOLERANCE,
-    fnr_rule: str = "point_estimate",
     report_format: str = "html",
     data: str | os.PathLike[str] | None = None,
     batch_size: int = 64,
@@ -381,9 +436,11 @@ def validate_run(
             match ``config.exit_policy``).
         champion: the model in production to compare with on this run's data: a bundle folder or a
             registry URI (``PREFIX`` follows ``latest``; ``PREFIX/VERSION``); see the module docstring.
-        min_coverage, min_exit_accuracy, max_fpr_exit, champion_tolerance: the blessing floors
-            (module docstring); fractions in [0, 1].
-        fnr_rule: ``point_estimate`` (default) or ``upper_bound``; see the module docstring.
+        audit_level: level of the test audit, in (0, 0.5].
+        audit_effect: the audit's power is reported against a true FNR_exit of this multiple of
+            the target (> 1).
+        min_coverage, min_exit_accuracy: levels of the reported diagnostics (module docstring).
+        champion_tolerance: allowed test-coverage drop against the champion; a fraction in [0, 1].
         report_format: ``html`` or ``md``.
         data: this run's dataset, for the champion to score (default: the ``dataset.source``
             recorded in splits.json).
@@ -396,13 +453,13 @@ def validate_run(
     Raises:
         ArtifactError, DataError, ConfigError: missing or invalid inputs, naming the file.
     """
+    from stage1_pro import audit
     from stage1_pro.calibrate import check_scores_match_splits
+    from stage1_pro.config import PHASE_POLICIES
     from stage1_pro.policies import load_policy
     from stage1_pro.report import REPORT_FORMATS, write_reports
     from stage1_pro.scores import load_scores
 
-    if fnr_rule not in FNR_RULES:
-        raise ConfigError(f"fnr_rule={fnr_rule!r} is unknown; allowed: {', '.join(FNR_RULES)}")
     if report_format not in REPORT_FORMATS:
         raise ConfigError(f"report_format={report_format!r} is unknown; allowed: {', '.join(REPORT_FORMATS)}")
     if baseline is not None:
@@ -410,9 +467,11 @@ def validate_run(
             "baseline was removed: it compared coverages recorded on two different test sets; pass "
             "champion=BUNDLE_OR_REGISTRY_URI (--champion), which re-scores that bundle on this run's data"
         )
+    audit_level = check_audit_level(audit_level)
+    if not (isinstance(audit_effect, int | float) and audit_effect > 1.0):
+        raise ConfigError(f"audit_effect={audit_effect!r} must be a number > 1 (e.g. 1.5: a 50% violation)")
     min_coverage = _check_fraction("min_coverage", min_coverage)
     min_exit_accuracy = _check_fraction("min_exit_accuracy", min_exit_accuracy)
-    max_fpr_exit = _check_fraction("max_fpr_exit", max_fpr_exit)
     champion_tolerance = _check_fraction("champion_tolerance", champion_tolerance)
 
     run = str(run_dir)
@@ -421,6 +480,7 @@ def validate_run(
     splits = read_artifact(uri[SPLITS_FILE], "splits")
     exit_policy = config["exit_policy"]
     target, delta = float(config["target_fnr_exit"]), float(config["delta"])
+    max_fpr = float(config.get("max_fpr_exit", DEFAULT_MAX_FPR_EXIT))
     policy_uri = str(find_policy_file(run, exit_policy) if policy_file is None else policy_file)
     policy_name = os.path.basename(policy_uri)
     policy_obj = read_artifact(policy_uri)
@@ -441,25 +501,20 @@ def validate_run(
     test_scores = scores.subset("test")
     test, decisions = _split_metrics(policy, test_scores, delta)
     calib, _ = _split_metrics(policy, scores.subset("val_calib"), delta)
-    checks = blessing_checks(
-        policy_obj,
-        test,
-        target=target,
-        delta=delta,
-        fnr_rule=fnr_rule,
-        min_coverage=min_coverage,
-        min_exit_accuracy=min_exit_accuracy,
-        max_fpr_exit=max_fpr_exit,
-    )
+    audit_result = audit.audit(test, target=target, max_fpr=max_fpr, level=audit_level, effect=audit_effect)
+    checks = blessing_checks(policy_obj, audit_result, target=target, max_fpr=max_fpr, delta=delta)
     champion_info = None
     if champion is not None:
         check, champion_info = champion_comparison(
             champion, data=data or splits["dataset"]["source"], splits=splits, challenger=policy,
-            challenger_test=test_scores, target=target, delta=delta, tolerance=champion_tolerance,
-            batch_size=batch_size, device=device,
+            challenger_test=test_scores, target=target, delta=delta, max_fpr=max_fpr,
+            tolerance=champion_tolerance, batch_size=batch_size, device=device,
         )  # fmt: skip
         if check is not None:
             checks.append(check)
+    comparison = policy_comparison(
+        scores, policy, policies=PHASE_POLICIES.get(int(config.get("phase", 1)), (exit_policy,)), delta=delta
+    )
 
     inputs = {name: sha256_uri(u) for name, u in uri.items()}
     inputs[policy_name] = sha256_uri(policy_uri)
@@ -473,9 +528,9 @@ def validate_run(
     if MODEL_FILE in inputs:
         lineage["model_version"] = inputs[MODEL_FILE]
     rule_text = (
-        f"feasible policy certified for target <= {target} at delta <= {delta}; test FNR_exit "
-        f"{'point estimate' if fnr_rule == 'point_estimate' else 'upper bound'} <= {target}; coverage >= "
-        f"{min_coverage}; exit accuracy >= {min_exit_accuracy}; FPR_exit <= {max_fpr_exit}"
+        f"feasible policy certified for target <= {target}, max_fpr_exit <= {max_fpr} at delta <= {delta}; "
+        f"the test split does not reject 'FNR_exit <= {target} and FPR_exit <= {max_fpr}' at level "
+        f"{audit_level:g} (exact binomial)"
         + (f"; coverage >= champion's on this test split - {champion_tolerance}" if champion_info else "")
     )
     validation: dict[str, Any] = {
@@ -483,20 +538,26 @@ def validate_run(
         "exit_policy": exit_policy,
         "policy_file": policy_name,
         "target_fnr_exit": target,
+        "max_fpr_exit": max_fpr,
         "delta": delta,
         "blessed": all(c["passed"] for c in checks),
         "rule": {
-            "fnr_rule": fnr_rule,
+            "audit_level": audit_level,
+            "audit_effect": float(audit_effect),
             "min_coverage": min_coverage,
             "min_exit_accuracy": min_exit_accuracy,
-            "max_fpr_exit": max_fpr_exit,
             "champion_tolerance": champion_tolerance,
             "description": rule_text,
         },
         "checks": _clean(checks),
+        "audit": _clean(audit_result),
+        "diagnostics": _clean(
+            diagnostics(test, min_coverage=min_coverage, min_exit_accuracy=min_exit_accuracy, max_fpr=max_fpr)
+        ),
         "test_metrics": test,
         "val_calib_metrics": calib,
         "certificate": policy_obj["certificate"],
+        "policy_comparison": comparison,
         "confusion": confusion(decisions, test_scores.label),
         "risk_coverage": risk_coverage(policy, test_scores, test),
         "champion": champion_info,

@@ -87,6 +87,8 @@ def test_export_contents_lineage_and_checksums(base_run: Path, base_bundle: Path
     assert meta["version"] == "v1" and meta["blessed"] is True
     readme = (base_bundle / "README.md").read_text()
     assert "Inference contract" in readme and "legacy_exit_threshold_for_logging" in readme
+    assert "certified for FNR_exit <= 0.02 and FPR_exit <=\n0.25" in readme
+    assert "the audit did not reject the certified bounds at level 0.05 (power" in readme
     assert not [p for p in base_bundle.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
@@ -131,11 +133,11 @@ def test_export_refuses_a_stale_validation(run: Path, tmp_path: Path) -> None:
 
 
 def test_export_refuses_unblessed_unless_allowed(model_dir: Path, tmp_path: Path) -> None:
-    run = make_run(tmp_path / "run", model_dir, min_coverage=0.999)
+    run = make_run(tmp_path / "run", model_dir, calibrate_kwargs={"target_fnr_exit": 0.05})
     assert read_artifact(run / "validation.json", "validation")["blessed"] is False
     with pytest.raises(
         ArtifactError,
-        match=r"not blessed by validation \(1 failed check\(s\): test coverage .* vs floor 0.999",
+        match=r"not blessed by validation \(\d failed check\(s\): certified for target 0.05",
     ):
         export_bundle(run, tmp_path / "b")
     assert not (tmp_path / "b").exists()
@@ -227,7 +229,7 @@ def test_unlisted_missing_and_symlinked_files(bundle: Path) -> None:
 
 
 def test_blessed_flag_must_agree_with_validation(model_dir: Path, tmp_path: Path) -> None:
-    run = make_run(tmp_path / "run", model_dir, min_coverage=0.999)
+    run = make_run(tmp_path / "run", model_dir, calibrate_kwargs={"target_fnr_exit": 0.05})
     bundle = export_bundle(run, tmp_path / "b", allow_unblessed=True)
     rewrite_bundle_json(bundle, blessed=True)
     with pytest.raises(ArtifactError, match=r"says blessed: true but validation.json says the run failed"):

@@ -14,6 +14,7 @@ import pytest
 
 from stage1_pro.artifacts import read_artifact, write_artifact
 from stage1_pro.calibrate import calibrate_policy
+from stage1_pro.certify import min_exited_positives
 from stage1_pro.cli import main
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.policies import load_policy
@@ -123,7 +124,8 @@ def test_cli_prints_summary_and_scripts_call_the_same_function(run_dir, tmp_path
                "--target-fnr-exit", "0.03", "--delta", "0.05", "--method", "holm"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "exit iff max p >=" in text and "certified bound=" in text and "n=" in text and "k=" in text
+    assert "exit iff max p >=" in text and "certified: FNR_exit <=" in text and "FPR_exit <=" in text
+    assert "n=" in text and "k=" in text
     written = json.loads(out.read_text())
     assert written["target_fnr_exit"] == 0.03 and written["delta"] == 0.05
     assert written["certificate"]["procedure"] == "holm"
@@ -160,14 +162,36 @@ def test_cli_run_dir_takes_policy_and_target_from_config(run_dir, tmp_path, caps
     assert "SCRC-T" in capsys.readouterr().out
 
 
-def test_infeasible_warns_with_positives_needed(tmp_path, caplog) -> None:
+def test_infeasible_warns_with_the_cause_and_positives_needed(tmp_path, caplog) -> None:
     a = _arrays(n=200)
     save_scores(str(tmp_path / "scores.npz"), **a)
     with caplog.at_level("WARNING"):
         written = calibrate_policy("softmax", str(tmp_path / "scores.npz"), str(tmp_path / "thresholds.json"))
-    assert not written["feasible"] and written["certificate"]["positives_needed"] == 114
-    assert "needs at least 114 exited positives" in caplog.text
+    cert = written["certificate"]
+    m = len(cert["grid"])
+    needed = min_exited_positives(0.02, 0.1 / m)  # the label-free fallback tests every point at delta/m
+    assert not written["feasible"] and cert["positives_needed"] == needed
+    n_select_pos = int(a["label"][a["split"] == "val_select"].sum())
+    n_calib_pos = int(a["label"][a["split"] == "val_calib"].sum())
+    # the message names the causes: val_select too small to learn the order, val_calib too small to certify
+    assert f"val_select holds {n_select_pos} positives, fewer than the 114" in caplog.text
+    assert f"val_calib holds {n_calib_pos} positives, fewer than the {needed} exited positives" in caplog.text
+    assert cert["order_learned_on"] is None and "cannot say where to start" in cert["order_note"]
     assert written["exit_threshold"] > 1 and written["coverage"] == 0.0
+
+
+def test_starved_val_select_falls_back_to_the_label_free_order(tmp_path) -> None:
+    """30 val_select images: the default still certifies on a large val_calib (the learned start alone did
+    not: the issue's 4 of 20 draws)."""
+    a = _arrays(n=5000)
+    keep = (a["split"] != "val_select") | (np.cumsum(a["split"] == "val_select") <= 30)
+    a = {k: v[keep] for k, v in a.items()}
+    save_scores(str(tmp_path / "scores.npz"), **a)
+    written = calibrate_policy("softmax", str(tmp_path / "scores.npz"), str(tmp_path / "thresholds.json"))
+    cert = written["certificate"]
+    assert written["feasible"] and cert["procedure"] == "split_fallback_sequence"
+    assert cert["order_learned_on"] is None and "val_select holds" in cert["order_note"]
+    assert cert["upper_bound"] <= 0.02 and cert["fpr_upper_bound"] <= 0.25
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -243,6 +267,78 @@ def test_delta_outside_range(run_dir, tmp_path, capsys, delta) -> None:
     assert f"delta={float(delta)} is outside the valid range (0, 0.5]" in err
     with pytest.raises(ConfigError, match=r"outside the valid range \(0, 0.5\]"):
         calibrate_policy("softmax", str(run_dir / "scores.npz"), str(tmp_path / "t.json"), delta=float(delta))
+
+
+@pytest.mark.parametrize("value", ["0", "1.2", "-0.1"])
+def test_max_fpr_exit_outside_range(run_dir, tmp_path, capsys, value) -> None:
+    err = _cli_error(capsys, "--policy", "softmax", "--scores", str(run_dir / "scores.npz"),
+                     "--out", str(tmp_path / "t.json"), "--max-fpr-exit", value)  # fmt: skip
+    assert f"max_fpr_exit={float(value)} is outside the valid range (0, 1]; the default is 0.25" in err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_max_fpr_exit_from_the_flag_or_the_config(run_dir, tmp_path) -> None:
+    from stage1_pro.config import Stage1ProConfig, save_config
+
+    out = tmp_path / "t.json"
+    args = ["--policy", "softmax", "--scores", str(run_dir / "scores.npz"), "--out", str(out)]
+    assert main(["calibrate", *args, "--max-fpr-exit", "0.1"]) == 0
+    written = json.loads(out.read_text())
+    assert written["max_fpr_exit"] == written["certificate"]["max_fpr_exit"] == 0.1
+    assert written["certificate"]["fpr_upper_bound"] <= 0.1
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("scores.npz", "splits.json"):
+        (run / name).write_bytes((run_dir / name).read_bytes())
+    save_config(Stage1ProConfig(max_fpr_exit=0.05), run / "config.json")
+    assert main(["calibrate", "--run", str(run)]) == 0
+    assert json.loads((run / "thresholds.json").read_text())["max_fpr_exit"] == 0.05
+
+
+def gamed_scores(n: int = 4000, seed: int = 3) -> dict[str, np.ndarray]:
+    """The issue's gamed score file: 70 % of the negatives are confidently called positive."""
+    a = _arrays(n=n, seed=seed)
+    rng = np.random.default_rng(seed)
+    gamed = (a["label"] == 0) & (rng.random(a["label"].size) < 0.7)
+    p1 = np.where(gamed, 0.97 + 0.029 * rng.random(a["label"].size), a["probs"][:, 1])
+    a["probs"] = np.stack([1 - p1, p1], axis=1)
+    return a
+
+
+@pytest.mark.parametrize("policy", ["softmax", "gate", "scrc"])
+def test_gamed_scores_certify_nothing_or_only_rules_that_meet_the_guard(tmp_path, capsys, policy) -> None:
+    """An FNR-only certificate deploys 'exit everything' here (FPR_exit ~0.7); the joint one refuses
+    every rule that exits the gamed negatives, on val_calib and on the test split."""
+    from stage1_pro.audit import upper_tail_p_value
+    from stage1_pro.metrics import exit_metrics
+
+    a = gamed_scores()
+    save_scores(str(tmp_path / "scores.npz"), **a)
+    out = tmp_path / "policy.json"
+    assert (
+        main(["calibrate", "--policy", policy, "--scores", str(tmp_path / "scores.npz"), "--out", str(out)])
+        == 0
+    )
+    capsys.readouterr()
+    written = json.loads(out.read_text())
+    cert = written["certificate"]
+    test = a["split"] == "test"
+    decisions = load_policy(str(out)).point_rule()(a["probs"][test], a["gate_logit"][test])
+    m = exit_metrics(decisions, a["label"][test])
+    if written["feasible"]:
+        assert cert["fpr_upper_bound"] <= 0.25 and written["val_calib_metrics"]["fpr_exit"] <= 0.25
+        # on test the guard is not rejected either (exact binomial test at 0.025)
+        n_neg = m["n_exited"] - m["n_exited_positives"]
+        false_pos = m["n_exit_positive"] - (m["n_exited_positives"] - m["n_false_negatives"])
+        assert upper_tail_p_value(false_pos, n_neg, 0.25) > 0.025
+    else:
+        assert "no grid point certifies" in cert["notes"]
+    # without the guard the softmax policy deploys the gamed rule, as the issue measured
+    if policy == "softmax":
+        unguarded = calibrate_policy("softmax", str(tmp_path / "scores.npz"), str(tmp_path / "off.json"),
+                                     max_fpr_exit=1.0)  # fmt: skip
+        off = load_policy(str(tmp_path / "off.json")).decide(a["probs"][test])
+        assert unguarded["feasible"] and exit_metrics(off, a["label"][test])["fpr_exit"] > 0.5
 
 
 def test_splits_scores_mismatch(run_dir, tmp_path, capsys) -> None:

@@ -13,6 +13,21 @@ from stage1_pro.errors import ConfigError
 from stage1_pro.metrics import clopper_pearson_upper
 
 
+def counts(n, k, *, neg=None, fp=None, cov=None, n_images=None, n_positives=None) -> C.GridCounts:
+    """GridCounts for hand cases: by default every point also exits 1,000 negatives, none called positive."""
+    n = np.asarray(n)
+    neg = np.full(n.shape, 1000) if neg is None else np.asarray(neg)
+    return C.GridCounts(
+        exited_positives=n,
+        misses=k,
+        exited_negatives=neg,
+        false_alarms=np.zeros(n.shape, int) if fp is None else fp,
+        coverage=np.arange(n.size) / n.size if cov is None else cov,
+        n_images=10_000 if n_images is None else n_images,
+        n_positives=int(n.max()) if n_positives is None else n_positives,
+    )
+
+
 def test_binomial_p_values_by_hand_and_scipy() -> None:
     # no miss among n: P(Bin(n, a) <= 0) = (1 - a)^n
     assert C.binomial_p_values(0, 114, 0.02) == pytest.approx(0.98**114)
@@ -34,6 +49,8 @@ def test_binomial_p_values_by_hand_and_scipy() -> None:
     assert np.isfinite(deep).all() and deep[0] < deep[1]
     exact = special.logsumexp(stats.binom.logpmf(np.arange(6), 10**6, 0.02))
     assert deep[0] == pytest.approx(exact, rel=1e-9)
+    # a bound of 1 (the guard disabled) makes the null empty: p = 0
+    assert C.binomial_p_values(np.array([3, 0]), np.array([3, 0]), 1.0).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -83,17 +100,97 @@ def test_fixed_sequence_stops_at_once_when_the_strictest_point_fails() -> None:
     np.testing.assert_array_equal(~np.isnan(lv), [1, 1, 1, 1, 0, 0])
 
 
-def test_split_fixed_sequence_starts_at_the_best_learned_start() -> None:
-    start_scores = np.array([0.1, 0.3, 0.99, 0.9, 0.2, 0.5, 0.6])
-    lv = C.split_fixed_sequence(P, 0.1, start_scores=start_scores)
+def order(start: int, m: int, informative: bool = True) -> C.LearnedOrder:
+    return C.LearnedOrder(start, informative, np.zeros(m), "hand-made")
+
+
+def test_split_fixed_sequence_starts_at_the_learned_start() -> None:
+    lv = C.split_fixed_sequence(P, 0.1, order=order(2, P.size))
     # starts at index 2, passes 2, 3, 4, stops at 5 (0.2 > 0.1); index 6 is never reached
     np.testing.assert_array_equal(~np.isnan(lv), [0, 0, 1, 1, 1, 0, 0])
     assert np.nanmax(lv) == 0.1
-    # ties: the loosest of equal maxima
-    lv = C.split_fixed_sequence(P, 0.1, start_scores=np.array([0, 0, 0.9, 0.9, 0, 0, 0]))
-    np.testing.assert_array_equal(~np.isnan(lv), [0, 0, 0, 1, 1, 0, 0])
     with pytest.raises(ValueError, match="val_select"):
         C.split_fixed_sequence(P, 0.1)
+
+
+def test_fallback_sequence_carries_the_level_of_a_certified_point() -> None:
+    """Wiens' fallback procedure by hand: point j at delta*w_j plus the level of a certified j - 1."""
+    p = np.array([0.5, 0.015, 0.03, 0.045, 0.2, 0.005, 0.04])
+    lv = C.fallback_sequence(p, 0.1)  # even weights: 0.1/7 = 0.0143 each
+    # 0: fails; 1: 0.015 > 0.0143 fails; 2: 0.03 > 0.0143 fails; ...; 5: 0.005 passes at 0.0143;
+    # 6: 0.04 > 0.0143 + 0.0143 fails
+    np.testing.assert_array_equal(~np.isnan(lv), [0, 0, 0, 0, 0, 1, 0])
+    w = np.array([0.0, 0.5, 0.0, 0.2, 0.1, 0.1, 0.1])
+    lv = C.fallback_sequence(p, 0.1, weights=w)
+    # 1 at 0.05 (passes), 2 at 0.05 + 0 (passes), 3 at 0.05 + 0.02 (passes), 4 at 0.07 + 0.01: 0.2 fails,
+    # 5 at 0.01 (passes), 6 at 0.01 + 0.01 = 0.02: 0.04 fails
+    np.testing.assert_array_equal(~np.isnan(lv), [0, 1, 1, 1, 0, 1, 0])
+    np.testing.assert_allclose(lv[[1, 2, 3, 5]], [0.05, 0.05, 0.07, 0.01])
+
+
+def test_fallback_sequence_certifies_whenever_holm_does() -> None:
+    """Every point is tested at >= delta/m, Holm's first level: the starved default cannot do worse."""
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        p = rng.beta(0.3, 3.0, size=int(rng.integers(1, 60)))
+        if (~np.isnan(C.holm(p, 0.1))).any():
+            assert (~np.isnan(C.fallback_sequence(p, 0.1))).any()
+
+
+@pytest.mark.parametrize("weights", ["even", "start"])
+def test_fallback_sequence_controls_the_family_wise_error(weights: str) -> None:
+    """Strong FWER control: some true nulls (uniform p-values), some false; P(any true null certified)
+    <= delta + 3 Monte-Carlo s.e. over 4,000 draws."""
+    rng = np.random.default_rng(5)
+    m, delta, draws = 30, 0.1, 4000
+    null = np.zeros(m, bool)
+    null[[0, 1, 2, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]] = True  # strict and loose ends are null
+    w = C.fallback_weights(m, order(20, m, informative=weights == "start"))
+    errors = 0
+    for _ in range(draws):
+        p = np.where(null, rng.random(m), rng.beta(0.05, 5.0, m))
+        errors += bool((~np.isnan(C.fallback_sequence(p, delta, weights=w)) & null).any())
+    assert errors / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+    assert errors > 0  # not vacuous: the null at the learned start is reached
+
+
+def test_fallback_weights() -> None:
+    even = C.fallback_weights(10, None)
+    np.testing.assert_allclose(even, 0.1)
+    np.testing.assert_allclose(C.fallback_weights(10, order(4, 10, informative=False)), even)
+    w = C.fallback_weights(10, order(4, 10))
+    assert w.sum() == pytest.approx(1.0)
+    assert w[4] == pytest.approx(C.LEARNED_START_SHARE + (1 - C.LEARNED_START_SHARE) / 10)
+    np.testing.assert_allclose(np.delete(w, 4), (1 - C.LEARNED_START_SHARE) / 10)
+
+
+def test_learn_order_informative_only_with_enough_positives() -> None:
+    n = np.array([100, 600, 1200, 1800])
+    k = np.array([0, 2, 10, 60])
+    needed = C.min_exited_positives(0.02, 0.1)
+    rich = C.learn_order(
+        counts(n, k, n_positives=2000), target=0.02, delta=0.1, max_fpr=0.25, calib_size=10_000
+    )
+    assert rich.informative and rich.start == int(np.argmax(rich.pass_probability)) == 1
+    starved = C.learn_order(
+        counts(n // 20, k // 20, n_positives=needed - 1),
+        target=0.02,
+        delta=0.1,
+        max_fpr=0.25,
+        calib_size=10_000,
+    )
+    assert not starved.informative
+    assert f"val_select holds {needed - 1} positives, fewer than the {needed}" in starved.reason
+    # no positive at all: nothing predicted to pass, and too few positives
+    empty = C.learn_order(counts([0, 0], [0, 0], n_positives=0), target=0.02, delta=0.1, max_fpr=0.25,
+                          calib_size=10_000)  # fmt: skip
+    assert not empty.informative and (empty.pass_probability == 0).all()
+    # the guard enters the prediction: a point whose val_select negatives are all false alarms cannot pass
+    guarded = C.learn_order(
+        counts(n, k, fp=np.array([0, 1000, 0, 0]), n_positives=2000),
+        target=0.02, delta=0.1, max_fpr=0.25, calib_size=10_000,
+    )  # fmt: skip
+    assert guarded.pass_probability[1] == 0.0 and guarded.start == 2
 
 
 def test_predicted_pass_probability() -> None:
@@ -148,28 +245,75 @@ def test_certify_deploys_max_coverage_and_reports_bound() -> None:
     n = np.array([50, 200, 400, 600, 800])
     k = np.array([0, 0, 2, 6, 16])
     cov = np.array([0.1, 0.3, 0.5, 0.7, 0.9])
-    cert = C.certify(n, k, target=0.02, delta=0.1, method="holm", coverage=cov)
+    cert = C.certify(counts(n, k, cov=cov), target=0.02, delta=0.1, method="holm")
     p = C.binomial_p_values(k, n, 0.02)
-    assert cert.p_values == pytest.approx(p)
+    assert cert.p_values == pytest.approx(p) and cert.fnr_p_values == pytest.approx(p)
     # Holm: 0.0131 <= 0.1/5, 0.0176 <= 0.1/4, then 0.0443 > 0.1/3 stops
     assert cert.certified.tolist() == [False, True, True, False, False]
     assert cert.deployed == 2 and cert.feasible and cert.n_certified == 2
     assert cert.levels[2] == pytest.approx(0.02)
     ub = cert.upper_bound()
     assert ub == pytest.approx(clopper_pearson_upper(2, 400, 0.02)) and ub <= 0.02
-    # same grid, default procedure with val_select counts
-    cert = C.certify(n, k, target=0.02, delta=0.1, coverage=cov, n_select=n, k_select=k)
-    # starts at index 2 (smallest p), passes 3 (0.0443 <= 0.1), stops at 4
-    assert cert.method == C.DEFAULT_PROCEDURE == "split_fixed_sequence"
+    assert cert.fpr_upper_bound() == pytest.approx(clopper_pearson_upper(0, 1000, 0.02))
+    # same grid, the default procedure with val_select counts: learned start at 1 (most likely to
+    # pass: 200 positives, no miss), LEARNED_START_SHARE of delta there
+    cert = C.certify(counts(n, k, cov=cov), target=0.02, delta=0.1, select=counts(n, k, cov=cov))
+    assert cert.method == C.DEFAULT_PROCEDURE == "split_fallback_sequence"
+    assert cert.order.informative and cert.order.start == 1
+    # 0 fails at 0.0004; 1 at 0.0984 passes (0.0176), 2 and 3 carry it (0.0131, 0.0443), 4 fails (0.55)
+    assert cert.certified.tolist() == [False, True, True, True, False]
     assert cert.deployed == 3 and cert.upper_bound() <= 0.02
 
 
+def test_joint_certificate_is_an_intersection_union_test() -> None:
+    """A point is certified only when both its FNR_exit and its FPR_exit p-values pass."""
+    n = np.array([300, 600, 900])
+    k = np.zeros(3, int)
+    neg = np.array([500, 1000, 1500])
+    fp = np.array([50, 200, 600])  # FPR_exit 0.1, 0.2, 0.4
+    cert = C.certify(counts(n, k, neg=neg, fp=fp), target=0.02, delta=0.1, method="bonferroni")
+    q = C.binomial_p_values(fp, neg, 0.25)
+    np.testing.assert_allclose(cert.fpr_p_values, q)
+    np.testing.assert_allclose(cert.p_values, np.maximum(cert.fnr_p_values, q))
+    # FNR passes everywhere; the guard fails at the loosest point (0.4 > 0.25), which is not deployed
+    assert (cert.fnr_p_values <= 0.1 / 3).all() and cert.certified.tolist() == [True, True, False]
+    assert cert.deployed == 1 and cert.fpr_upper_bound() <= 0.25
+    # max_fpr 1 disables the guard: the loosest point certifies
+    assert C.certify(counts(n, k, neg=neg, fp=fp), target=0.02, delta=0.1, max_fpr=1.0,
+                     method="bonferroni").deployed == 2  # fmt: skip
+    with pytest.raises(ConfigError, match=r"max_fpr_exit=1.5 is outside the valid range \(0, 1\]"):
+        C.certify(counts(n, k), target=0.02, delta=0.1, max_fpr=1.5)
+
+
 def test_infeasible_certification_and_positives_needed() -> None:
-    cert = C.certify([10, 20], [0, 0], target=0.02, delta=0.1, method="fixed_sequence")
+    cert = C.certify(counts([10, 20], [0, 0]), target=0.02, delta=0.1, method="fixed_sequence")
     assert not cert.feasible and cert.deployed is None and cert.upper_bound() is None
+    assert cert.fpr_upper_bound() is None
     assert cert.positives_needed() == 114
-    cert = C.certify([10] * 100, [0] * 100, target=0.02, delta=0.1, method="bonferroni")
+    cert = C.certify(counts([10] * 100, [0] * 100), target=0.02, delta=0.1, method="bonferroni")
     assert cert.positives_needed() == C.min_exited_positives(0.02, 0.001)
+
+
+def test_infeasible_cause_names_the_binding_cause() -> None:
+    # too few positives in val_calib
+    cert = C.certify(counts([10, 20], [0, 0], n_positives=20), target=0.02, delta=0.1, method="holm")
+    assert "val_calib holds 20 positives, fewer than the" in cert.infeasible_cause()
+    # the guard: FNR would pass everywhere, every such point calls too many negatives positive
+    cert = C.certify(counts([500, 900], [0, 0], neg=[100, 200], fp=[90, 190]), target=0.02, delta=0.1,
+                     method="holm")  # fmt: skip
+    assert "the FPR_exit guard failed" in cert.infeasible_cause() and "90 of 100" in cert.infeasible_cause()
+    # a starved val_select: the label-free fallback, and why
+    n, k = np.array([300, 400]), np.array([3, 4])
+    cert = C.certify(counts(n, k), target=0.02, delta=0.1, select=counts([3, 4], [0, 0], n_positives=5))
+    assert not cert.order.informative and not cert.feasible
+    cause = cert.infeasible_cause()
+    assert "val_select holds 5 positives, fewer than the 114" in cause and "label-free fallback" in cause
+    # an informative val_select whose start fails on val_calib
+    cert = C.certify(counts(n, np.array([30, 40])), target=0.02, delta=0.1, select=counts(n, [0, 0]))
+    assert (
+        cert.order.informative and "the start learned on val_select (grid point 1" in cert.infeasible_cause()
+    )
+    assert "the model misses too many positives" in cert.infeasible_cause()
 
 
 @pytest.mark.parametrize("delta", [0, -0.1, 0.6, float("nan"), "x"])
@@ -177,7 +321,7 @@ def test_bad_delta(delta) -> None:
     with pytest.raises(
         ConfigError, match=r"delta=.* (is outside the valid range \(0, 0.5\]|is not a number)"
     ):
-        C.certify([100], [0], target=0.02, delta=delta)
+        C.certify(counts([100], [0]), target=0.02, delta=delta)
 
 
 @pytest.mark.parametrize("target", [0, 0.2, -1])
@@ -188,9 +332,9 @@ def test_bad_target(target) -> None:
 
 def test_unknown_method() -> None:
     with pytest.raises(
-        ConfigError, match="unknown certification method 'magic'; allowed: split_fixed_sequence"
+        ConfigError, match="unknown certification method 'magic'; allowed: split_fallback_sequence"
     ):
-        C.certify([100], [0], target=0.02, delta=0.1, method="magic")
+        C.certify(counts([100], [0]), target=0.02, delta=0.1, method="magic")
 
 
 def test_matches_mapie_binary_classification_controller() -> None:
@@ -222,11 +366,8 @@ def test_matches_mapie_binary_classification_controller() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bcc.calibrate(probs, y)
-    conf, pos = probs.max(axis=1), y == 1
-    n = C.count_at_least(conf[pos], grid)
-    k = C.count_at_least(conf[pos & (probs[:, 1] < probs[:, 0])], grid)
-    cert = C.certify(
-        n, k, target=0.02, delta=0.1, method="holm", coverage=C.count_at_least(conf, grid) / conf.size
-    )
+    grid_counts = C.threshold_counts(probs.max(axis=1), y, (probs[:, 1] >= probs[:, 0]).astype(int), grid)
+    # MAPIE controls FNR_exit only: the guard is off (max_fpr 1)
+    cert = C.certify(grid_counts, target=0.02, delta=0.1, max_fpr=1.0, method="holm")
     np.testing.assert_allclose(np.ravel(bcc.p_values), cert.p_values, rtol=1e-9)
     assert cert.feasible and float(np.ravel(bcc.best_predict_param)[0]) == grid[cert.deployed]

@@ -115,6 +115,7 @@ def test_defaults_of_the_contract() -> None:
     assert (config.phase, config.exit_policy, config.target_fnr_exit) == (1, "softmax", 0.02)
     assert config.legacy_exit_threshold_for_logging == 0.88
     assert config.delta == 0.1
+    assert config.max_fpr_exit == 0.25
 
 
 def test_target_coverage_does_not_exist() -> None:
@@ -217,7 +218,10 @@ def test_config_holds_no_thresholds_indices_or_calibration_parameters() -> None:
     config_fields = set(load_schema("config")["properties"])
     for kind in ("thresholds", "gateparams", "scrcparams", "splits"):
         shared = config_fields & set(load_schema(kind)["properties"])
-        assert shared <= {"artifact", "schema_version", "target_fnr_exit", "delta", "seed"}, (kind, shared)
+        assert shared <= {"artifact", "schema_version", "target_fnr_exit", "max_fpr_exit", "delta", "seed"}, (
+            kind,
+            shared,
+        )
 
 
 def test_config_json_is_plain_json(tmp_path) -> None:
@@ -237,10 +241,13 @@ def test_schema_ranges_and_defaults_are_the_constants() -> None:
     for name, bounds in (
         ("target_fnr_exit", defaults.TARGET_FNR_EXIT_RANGE),
         ("delta", defaults.DELTA_RANGE),
+        ("max_fpr_exit", defaults.MAX_FPR_EXIT_RANGE),
+        ("audit_level", defaults.AUDIT_LEVEL_RANGE),
     ):
         assert (common[name]["exclusiveMinimum"], common[name]["maximum"]) == bounds, name
     config = Stage1ProConfig()
-    assert (config.target_fnr_exit, config.delta) == (
+    assert (config.target_fnr_exit, config.delta, config.max_fpr_exit) == (
         defaults.DEFAULT_TARGET_FNR_EXIT,
         defaults.DEFAULT_DELTA,
+        defaults.DEFAULT_MAX_FPR_EXIT,
     )

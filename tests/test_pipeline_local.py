@@ -294,10 +294,27 @@ def test_log_validation_sends_confusion_on_exits_and_a_finite_roc(tmp_path: Path
     )
     validation: dict[str, Any] = {
         "test_metrics": {"n": n, "coverage": 0.5, "fnr_exit": 0.01, "fnr_exit_upper_bound": 0.03},
-        "certificate": {"upper_bound": 0.019},
+        "certificate": {"upper_bound": 0.019, "fpr_upper_bound": 0.05},
         "target_fnr_exit": 0.02,
+        "max_fpr_exit": 0.25,
         "delta": 0.1,
         "blessed": True,
+        "audit": {"fnr_p_value": 0.4, "fpr_p_value": 1.0, "power": 0.3},
+        "policy_comparison": [
+            {"policy": "softmax", "active": True, "feasible": True, "test_coverage": 0.5},
+            {
+                "policy": "gate",
+                "active": False,
+                "feasible": True,
+                "val_calib_coverage": 0.45,
+                "certified_fnr_upper_bound": 0.018,
+                "certified_fpr_upper_bound": 0.04,
+                "test_coverage": 0.44,
+                "test_fnr_exit": 0.012,
+                "test_fpr_exit": None,
+            },
+            {"policy": "scrc", "active": False, "feasible": None, "note": "no gate logits"},
+        ],
         "confusion": {
             "rows": ["0", "1"],
             "columns": ["exit-negative", "exit-positive", "defer"],
@@ -310,6 +327,11 @@ def test_log_validation_sends_confusion_on_exits_and_a_finite_roc(tmp_path: Path
     assert metrics.values["test_n_deferred"] == 200
     assert metrics.values["certified_fnr_exit_upper_bound"] == 0.019 and metrics.values["blessed"] == 1.0
     assert metrics.values["test_fnr_exit"] == 0.01
+    assert metrics.values["certified_fpr_exit_upper_bound"] == 0.05 and metrics.values["audit_power"] == 0.3
+    # the other policies the phase allows: what they would certify and achieve (an unfitted one is skipped)
+    assert metrics.values["compare_gate_test_coverage"] == 0.44
+    assert metrics.values["compare_gate_certified_fnr_exit_upper_bound"] == 0.018
+    assert "compare_gate_test_fpr_exit" not in metrics.values and not any("scrc" in k for k in metrics.values)
     fpr, tpr, thresholds = exits.roc
     assert len(fpr) == len(tpr) == len(thresholds) <= 200
     assert all(np.isfinite(thresholds)) and fpr[0] == 0.0 and tpr[-1] == 1.0

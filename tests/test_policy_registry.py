@@ -27,7 +27,7 @@ from stage1_pro.certify import quantile_grid
 from stage1_pro.cli import main
 from stage1_pro.config import EXIT_POLICIES, PHASE_POLICIES, Stage1ProConfig
 from stage1_pro.decisions import DEFER, argmax_class
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT, PHASES
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT, PHASES
 from stage1_pro.errors import ArtifactError, ConfigError
 from stage1_pro.policies import POLICIES, create_policy, get_policy_class, load_policy
 from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
@@ -63,9 +63,16 @@ class MarginPolicy(ConfidenceThresholdPolicy):
         delta: float = DEFAULT_DELTA,
         method: str | None = None,
         grid_size: int = 200,
+        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
         score: str = "margin",
     ) -> None:
-        super().__init__(target_fnr_exit=target_fnr_exit, delta=delta, method=method, grid_size=grid_size)
+        super().__init__(
+            target_fnr_exit=target_fnr_exit,
+            delta=delta,
+            method=method,
+            grid_size=grid_size,
+            max_fpr_exit=max_fpr_exit,
+        )
         self.score = score
 
     def confidence(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
@@ -100,7 +107,7 @@ class MarginPolicy(ConfidenceThresholdPolicy):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MarginPolicy:
         c = d["certificate"]
-        policy = cls(d["target_fnr_exit"], d["delta"], method=c["procedure"], score=d["score"])
+        policy = cls(**cls._params_from_dict(d), score=d["score"])
         policy._restore_common(d)
         policy.grid_ = np.asarray(c["grid"], dtype=np.float64)
         policy.exit_threshold_ = float(d["exit_threshold"])
@@ -116,7 +123,7 @@ MARGIN_SCHEMA: dict[str, Any] = {
     "title": "marginparams.json: certified probability-margin exit policy (test-only)",
     "type": "object",
     "required": ["artifact", "schema_version", "policy", "exit_threshold", "score", "feasible",
-                 "certificate", "val_calib_metrics", "target_fnr_exit", "delta"],
+                 "certificate", "val_calib_metrics", "target_fnr_exit", "max_fpr_exit", "delta"],
     "properties": {
         "artifact": {"const": "marginparams"},
         "schema_version": _ref("schema_version"),
@@ -125,6 +132,7 @@ MARGIN_SCHEMA: dict[str, Any] = {
         "score": {"enum": ["margin", "squared"]},
         "feasible": {"type": "boolean"},
         "target_fnr_exit": _ref("target_fnr_exit"),
+        "max_fpr_exit": _ref("max_fpr_exit"),
         "delta": _ref("delta"),
         "certificate": _ref("certificate"),
         "val_calib_metrics": _ref("exit_metrics"),
@@ -204,8 +212,8 @@ def test_unknown_policy_lists_the_registered_ones() -> None:
 
 
 def test_scrc_selecting_on_the_gate_reads_the_gate_logit() -> None:
-    assert create_policy("scrc").score_names == ("probs",)
-    assert create_policy("scrc", selection_score="gate").score_names == ("probs", "gate_logit")
+    assert create_policy("scrc").score_names == ("probs", "gate_logit")  # the default selects on the gate
+    assert create_policy("scrc", selection_score="max_prob").score_names == ("probs",)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -123,7 +123,12 @@ INVALID = [
         "beta",
         "$.calibrator_type: 'beta' is not one of ['platt', 'isotonic']",
     ),
-    ("scrcparams", "scrc_variant", "SCRC-X", "$.scrc_variant: 'SCRC-X' is not one of ['SCRC-I', 'SCRC-T']"),
+    (
+        "scrcparams",
+        "scrc_variant",
+        "SCRC-X",
+        "$.scrc_variant: 'SCRC-X' is not one of ['pareto', 'SCRC-I', 'SCRC-T']",
+    ),
     (
         "bundle",
         "active_exit_policy",

@@ -1,10 +1,12 @@
-"""Certify an exit policy on a scores file: FNR_exit <= target with probability >= 1 - delta.
+"""Certify an exit policy on a scores file: FNR_exit <= target and FPR_exit <= max_fpr_exit, both
+with probability >= 1 - delta.
 
 Works from scores.npz alone (no model, no GPU). The grid and anything fitted (gate calibrator,
-SCRC path, testing order) come from val_select; each grid point is tested on val_calib with an
-exact binomial p-value on its exited positives, a family-wise procedure at delta keeps the
-certificate, and the certified point with the largest coverage is written to the policy's file
-(the exit policies are listed below).
+SCRC path, testing order) come from val_select; each grid point is tested on val_calib with exact
+binomial p-values on its exited positives (FNR_exit) and exited negatives (FPR_exit, the guard
+against calling everything positive), a family-wise procedure at delta keeps the certificate, and
+the certified point with the largest coverage is written to the policy's file (the exit policies
+are listed below).
 
 When nothing certifies, the file says feasible: false, the policy defers every image, and a
 warning says how many exited positives certifying would need.
@@ -79,6 +81,7 @@ def _grid_size_defaults() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stage1_pro.certify import DEFAULT_PROCEDURE, PROCEDURES
+    from stage1_pro.defaults import DEFAULT_MAX_FPR_EXIT
     from stage1_pro.policy_registry import list_policies
 
     a = parser.add_argument
@@ -98,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--config",
         metavar="CONFIG.json",
-        help="take target_fnr_exit and delta from this config (default RUN/config.json)",
+        help="take target_fnr_exit, max_fpr_exit and delta from this config (default RUN/config.json)",
     )
     a("--target-fnr-exit", "--target_fnr_exit", type=float, metavar="X",
       help="certified FNR_exit bound in (0, 0.1] (default: the config's, else 0.02)")  # fmt: skip
@@ -108,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="D",
         help="failure probability in (0, 0.5] (default: the config's, else 0.1)",
     )
+    a("--max-fpr-exit", "--max_fpr_exit", type=float, metavar="F",
+      help=f"guard certified with the target: FPR_exit <= F, in (0, 1] (default: the config's, else "
+      f"{DEFAULT_MAX_FPR_EXIT}; 1 disables it)")  # fmt: skip
     a("--method", choices=tuple(PROCEDURES), help=f"family-wise procedure (default {DEFAULT_PROCEDURE})")
     a(
         "--grid-size",
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from stage1_pro import storage
     from stage1_pro.calibrate import calibrate_policy, default_out
     from stage1_pro.config import load_config
-    from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
+    from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
     from stage1_pro.errors import ConfigError
     from stage1_pro.layout import RunDir
     from stage1_pro.policies import load_policy
@@ -183,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
         else (config.target_fnr_exit if config else DEFAULT_TARGET_FNR_EXIT)
     )
     delta = args.delta if args.delta is not None else (config.delta if config else DEFAULT_DELTA)
+    max_fpr_exit = (
+        args.max_fpr_exit
+        if args.max_fpr_exit is not None
+        else (config.max_fpr_exit if config else DEFAULT_MAX_FPR_EXIT)
+    )
     splits = args.splits or (run.splits if run else None)
     if splits and not args.splits and not storage.exists(splits):
         splits = None
@@ -191,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
         options["grid_size"] = args.grid_size
     out = args.out or default_out(policy, scores)
     calibrate_policy(
-        policy, scores, out, target_fnr_exit=target, delta=delta, method=args.method, splits_uri=splits,
+        policy, scores, out, target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr_exit,
+        method=args.method, splits_uri=splits,
         model_version=args.model_version, replace=args.replace, **options,
     )  # fmt: skip
     print(load_policy(out).summary())

@@ -6,18 +6,21 @@ FPR_exit, exit accuracy, selective risk, AURC and the risk-coverage curve; write
 validation.json, report.html (or report.md) with the risk-coverage and confusion-matrix figures,
 and model_card.md into the run directory.
 
-Blessed iff: the policy is feasible and certified for the run's target/delta; the test FNR_exit
-point estimate is <= target_fnr_exit (or its upper bound, with --fnr-rule upper_bound);
-coverage >= --min-coverage; exit accuracy >= --min-exit-accuracy; FPR_exit <= --max-fpr-exit
-(so exit-everything-as-positive cannot pass); and, with --champion, coverage >= the champion's
-coverage on this run's test split - --champion-tolerance. The champion (a bundle folder, or a
-registry prefix: its latest, or PREFIX/VERSION) scores this run's val_select/val_calib/test images
-with its own preprocessing (the dataset from --data, default the source recorded in
-splits.json), its policy is re-certified on this val_calib at this run's target and delta, and
-both are reported side by side. A registry prefix with nothing published yet (a first run) is
-recorded and not compared. (--baseline, which compared coverages recorded on different test
-sets, was removed.) Exit status 0 when blessed, 1 when not (validation.json is written either
-way), 2 on bad input.
+Blessed iff: the policy is feasible and certified for the run's target_fnr_exit, max_fpr_exit and
+delta; the test split does not reject "FNR_exit <= target and FPR_exit <= max_fpr_exit" at
+--audit-level (exact one-sided binomial tests; a valid run is refused with probability at most
+that level); and, with --champion, coverage >= the champion's coverage on this run's test split -
+--champion-tolerance. The audit's power against a true FNR_exit of --audit-effect x target is
+printed with the verdict. Test coverage, exit accuracy and the FPR_exit point estimate are
+reported against --min-coverage, --min-exit-accuracy and max_fpr_exit as diagnostics; they do not
+decide the blessing. Every other policy the run's phase allows is certified on the same val_calib
+and reported beside the active one. The champion (a bundle folder, or a registry prefix: its
+latest, or PREFIX/VERSION) scores this run's val_select/val_calib/test images with its own
+preprocessing (the dataset from --data, default the source recorded in splits.json), its policy is
+re-certified on this val_calib for this run's contract, and both are reported side by side. A
+registry prefix with nothing published yet (a first run) is recorded and not compared.
+(--baseline, which compared coverages recorded on different test sets, was removed.) Exit status 0
+when blessed, 1 when not (validation.json is written either way), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -25,12 +28,8 @@ from __future__ import annotations
 import argparse
 
 from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
-from stage1_pro.validate import (
-    DEFAULT_MAX_FPR_EXIT,
-    DEFAULT_MIN_COVERAGE,
-    DEFAULT_MIN_EXIT_ACCURACY,
-    FNR_RULES,
-)
+from stage1_pro.defaults import DEFAULT_AUDIT_EFFECT, DEFAULT_AUDIT_LEVEL
+from stage1_pro.validate import DEFAULT_MIN_COVERAGE, DEFAULT_MIN_EXIT_ACCURACY
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,25 +48,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", help=argparse.SUPPRESS)  # removed: a clear error, not 'unrecognized'
 
     parser.add_argument(
+        "--audit-level", "--audit_level", type=float, default=DEFAULT_AUDIT_LEVEL, metavar="A",
+        help=f"level of the test audit: the run is refused when test rejects the certified bounds at A "
+        f"(default {DEFAULT_AUDIT_LEVEL})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--audit-effect", "--audit_effect", type=float, default=DEFAULT_AUDIT_EFFECT, metavar="E",
+        help=f"report the audit's power against a true FNR_exit of E x target "
+        f"(default {DEFAULT_AUDIT_EFFECT})",
+    )  # fmt: skip
+    parser.add_argument(
         "--min-coverage", "--min_coverage", type=float, default=DEFAULT_MIN_COVERAGE, metavar="X",
-        help=f"test coverage floor (default {DEFAULT_MIN_COVERAGE})",
+        help=f"diagnostic (reported, not blessing): test coverage floor (default {DEFAULT_MIN_COVERAGE})",
     )  # fmt: skip
     parser.add_argument(
         "--min-exit-accuracy", "--min_exit_accuracy", type=float, metavar="Y",
         default=DEFAULT_MIN_EXIT_ACCURACY,
-        help=f"test exit-accuracy floor (default {DEFAULT_MIN_EXIT_ACCURACY})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-fpr-exit", "--max_fpr_exit", type=float, default=DEFAULT_MAX_FPR_EXIT, metavar="Z",
-        help=f"test FPR_exit ceiling (default {DEFAULT_MAX_FPR_EXIT})",
+        help=f"diagnostic (reported, not blessing): test exit-accuracy floor "
+        f"(default {DEFAULT_MIN_EXIT_ACCURACY})",
     )  # fmt: skip
     parser.add_argument(
         "--champion-tolerance", "--champion_tolerance", type=float, default=DEFAULT_CHAMPION_TOLERANCE,
         metavar="T", help=f"allowed test-coverage drop vs --champion (default {DEFAULT_CHAMPION_TOLERANCE})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--fnr-rule", "--fnr_rule", choices=FNR_RULES, default="point_estimate",
-        help="test FNR_exit must be <= target as a point estimate (default) or as its upper bound",
     )  # fmt: skip
     parser.add_argument(
         "--report-format",
@@ -90,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
         args.run,
         policy_file=args.policy_file,
         champion=args.champion,
+        audit_level=args.audit_level,
+        audit_effect=args.audit_effect,
         min_coverage=args.min_coverage,
         min_exit_accuracy=args.min_exit_accuracy,
-        max_fpr_exit=args.max_fpr_exit,
         champion_tolerance=args.champion_tolerance,
-        fnr_rule=args.fnr_rule,
         report_format=args.report_format,
         data=args.data,
         batch_size=args.batch_size,
@@ -103,8 +105,26 @@ def run(args: argparse.Namespace) -> int:
     )
     for c in v["checks"]:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']:<18} {c['message']}")
+    for c in v["diagnostics"]:
+        print(
+            f"{'ok' if c['passed'] else 'LOW':<4}  {c['name']:<18} {c['message']} (diagnostic, not blessing)"
+        )
+    for row in v["policy_comparison"]:
+        if not row["active"]:
+            print(f"      compare {row['policy']:<10} {_comparison_text(row)}")
     champion = v.get("champion") or {}
     if champion and "version" not in champion:
         print(f"NOTE  champion {champion['uri']}: {champion['note']}")
     print(f"{'BLESSED' if v['blessed'] else 'NOT BLESSED'}: {args.run}/validation.json, {v['report_file']}")
     return 0 if v["blessed"] else 1
+
+
+def _comparison_text(row: dict) -> str:
+    if row["feasible"] is None:
+        return f"not fitted: {row.get('note', '')}"
+    if not row["feasible"]:
+        return "infeasible on the same val_calib"
+    return (
+        f"would certify coverage {row['val_calib_coverage']:.4f} on val_calib (FNR_exit bound "
+        f"{row['certified_fnr_upper_bound']:.4f}), test coverage {row['test_coverage']:.4f}"
+    )

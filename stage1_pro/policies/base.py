@@ -7,8 +7,10 @@ family of exit rules ordered from strictest to loosest and certified by
 
 * the family (the grid) and anything fitted (Platt/isotonic calibrator, SCRC's path, the
   testing order) come from ``val_select`` only;
-* each rule is tested on ``val_calib`` with an exact binomial p-value, a family-wise procedure
-  at ``delta`` keeps ``P(true FNR_exit of the deployed rule > target_fnr_exit) <= delta``;
+* each rule is tested on ``val_calib`` with exact binomial p-values for FNR_exit and for the
+  guard FPR_exit (their maximum: an intersection-union test), and a family-wise procedure at
+  ``delta`` keeps ``P(true FNR_exit > target_fnr_exit or true FPR_exit > max_fpr_exit) <= delta``
+  for the deployed rule;
 * the certified rule with the largest coverage is deployed; when nothing certifies the policy
   is *infeasible* and defers every image (never an uncertified fallback).
 
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from stage1_pro.decisions import argmax_class
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.provenance import utc_now
 
 if TYPE_CHECKING:
@@ -81,6 +83,9 @@ class ExitPolicy(ABC):
         Certified bound on ``FNR_exit = FN_exit / (TP_exit + FN_exit)``, in (0, 0.1].
     delta : float, default 0.1
         Failure probability of the certificate, in (0, 0.5].
+    max_fpr_exit : float, default 0.25
+        The guard certified with the target: FPR_exit = FP_exit / (FP_exit + TN_exit) among
+        exited negatives, in (0, 1] (1 disables it).
     method : str, optional
         Family-wise procedure, one of :data:`stage1_pro.certify.PROCEDURES`
         (default :data:`stage1_pro.certify.DEFAULT_PROCEDURE`).
@@ -102,9 +107,11 @@ class ExitPolicy(ABC):
         delta: float = DEFAULT_DELTA,
         method: str | None = None,
         grid_size: int = 200,
+        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
     ) -> None:
         self.target_fnr_exit = target_fnr_exit
         self.delta = delta
+        self.max_fpr_exit = max_fpr_exit
         self.method = method
         self.grid_size = grid_size
 
@@ -127,11 +134,12 @@ class ExitPolicy(ABC):
 
     def _check_params(self) -> None:
         from stage1_pro.certify import resolve_procedure
-        from stage1_pro.defaults import check_delta, check_target
+        from stage1_pro.defaults import check_delta, check_max_fpr_exit, check_target
         from stage1_pro.errors import ConfigError
 
         self.target_fnr_exit = check_target(self.target_fnr_exit)
         self.delta = check_delta(self.delta)
+        self.max_fpr_exit = check_max_fpr_exit(self.max_fpr_exit)
         self.method = resolve_procedure(self.method)
         if not isinstance(self.grid_size, int | np.integer) or self.grid_size < 2:
             raise ConfigError(f"grid_size={self.grid_size!r} must be an integer >= 2 (default 200)")
@@ -146,14 +154,15 @@ class ExitPolicy(ABC):
     def fit(self, scores: Any) -> ExitPolicy:
         """Fit on ``val_select``, certify on ``val_calib`` and keep the deployed rule.
 
-        Parameters
-        ----------
-        scores : stage1_pro.scores.Scores
-            Must hold ``val_select`` and ``val_calib`` rows; ``val_calib`` needs positives.
+        Args:
+            scores: a :class:`stage1_pro.scores.Scores` holding ``val_select`` and
+                ``val_calib`` rows; ``val_calib`` needs positives.
 
-        Returns
-        -------
-        self
+        Returns:
+            self
+
+        Raises:
+            DataError: no val_select or val_calib rows, or a val_calib without positives.
         """
         from stage1_pro.certify import certify
         from stage1_pro.errors import DataError
@@ -168,28 +177,22 @@ class ExitPolicy(ABC):
                 "re-split with more positives in val_calib (see the sample-size table in the README)"
             )
         self._fit_select(select)
-        sel_n, sel_k, _ = self._grid_counts(select)
-        cal_n, cal_k, cal_cov = self._grid_counts(calib)
+        self.select_counts_ = self._grid_counts(select)
+        self.calib_counts_ = self._grid_counts(calib)
         cert = certify(
-            cal_n,
-            cal_k,
+            self.calib_counts_,
             target=self.target_fnr_exit,
             delta=self.delta,
+            max_fpr=self.max_fpr_exit,
             method=self.method,
-            coverage=cal_cov,
-            n_select=sel_n,
-            k_select=sel_k,
-            calib_scale=len(calib) / len(select),
+            select=self.select_counts_,
         )
         self.certification_ = cert
-        # per grid point: (exited positives, misses[, coverage]); kept for diagnostics and benchmarks
-        self.select_counts_ = (sel_n, sel_k)
-        self.calib_counts_ = (cal_n, cal_k, cal_cov)
         self.feasible_ = cert.feasible
         self.n_calib_ = len(calib)
         self.n_calib_positives_ = n_pos
         self._set_deployed(cert.deployed)
-        self.sweep_results_ = self._sweep_rows(cert, cal_cov)
+        self.sweep_results_ = self._sweep_rows(cert)
         self.certificate_ = self._certificate(cert)
         self.val_calib_metrics_ = self.evaluate(calib)
         self.val_select_metrics_ = self.evaluate(select)
@@ -199,35 +202,34 @@ class ExitPolicy(ABC):
         return self
 
     def infeasible_message(self) -> str:
-        """Why nothing certified and how many exited positives it would take."""
+        """Why nothing certified (the binding cause) and what would help."""
         c = self.certificate_
         msg = (
-            f"{self.name}: no grid point certifies FNR_exit <= {self.target_fnr_exit} at delta={self.delta} "
-            f"with {c['procedure']}: val_calib has {c['n_calib_positives']} positives; certifying needs at "
-            f"least {c['positives_needed']} exited positives with no miss."
+            f"{self.name}: no grid point certifies FNR_exit <= {self.target_fnr_exit} with FPR_exit <= "
+            f"{self.max_fpr_exit} at delta={self.delta} with {c['procedure']}"
         )
         cert = getattr(self, "certification_", None)
-        if cert is not None and cert.n.max() > 0:
-            j = int(np.argmin(cert.p_values))
-            n, k = int(cert.n[j]), int(cert.k[j])
-            msg += (
-                f" The most promising grid point exited {n} positives with {k} misses (FNR_exit {k / n:.4f}, "
-                f"p-value {cert.p_values[j]:.3g})"
-            )
-            if k / n < self.target_fnr_exit:
-                msg += f"; with {k} misses it would need {cert.positives_needed(k)}."
-            else:
-                msg += "; the model misses too many positives even at its strictest thresholds."
+        cause = cert.infeasible_cause() if cert is not None else ""
+        if cause:
+            msg += f": {cause}"
         return (
-            msg + " The policy defers every image (feasible: false). Add labelled positives to val_calib, "
-            "improve the model or relax the target."
+            msg + ". The policy defers every image (feasible: false). Depending on the cause: add labelled "
+            "positives to val_calib, give val_select more data, improve the model, or relax the target."
         )
 
+    def point_rule(self, point: dict[str, Any] | None = None) -> Any:
+        """The deployed rule as a function ``(probs, gate_logit) -> decisions`` that decides each image
+        alone (``point``: one path point of a policy with a path, SCRC). Every policy but SCRC-T
+        decides each image alone, so this is :meth:`decide`."""
+        if point is not None:
+            raise ValueError(f"the {self.name} policy has no path points")
+        return self.decide
+
     def evaluate(self, scores: Any) -> dict[str, Any]:
-        """:func:`stage1_pro.metrics.exit_metrics` of this policy on a :class:`Scores` split."""
+        """:func:`stage1_pro.metrics.exit_metrics` of the deployed rule (:meth:`point_rule`) on a split."""
         from stage1_pro.metrics import exit_metrics
 
-        decisions = self.decide(scores.probs, scores.gate_logit)
+        decisions = self.point_rule()(scores.probs, scores.gate_logit)
         return exit_metrics(
             decisions,
             scores.label,
@@ -240,8 +242,14 @@ class ExitPolicy(ABC):
         from stage1_pro.certify import NEEDS_SELECT, P_VALUE_METHOD
 
         j = cert.deployed
+        counts = cert.counts
+
+        def at_deployed(values: np.ndarray) -> int:
+            return int(values[j]) if j is not None else 0
+
         out: dict[str, Any] = {
             "target_fnr_exit": self.target_fnr_exit,
+            "max_fpr_exit": self.max_fpr_exit,
             "delta": self.delta,
             "procedure": cert.method,
             "p_value_method": P_VALUE_METHOD,
@@ -249,35 +257,48 @@ class ExitPolicy(ABC):
             "grid_rule": self._grid_rule(),
             "n_calib": self.n_calib_,
             "n_calib_positives": self.n_calib_positives_,
-            "n": int(cert.n[j]) if j is not None else 0,
-            "k": int(cert.k[j]) if j is not None else 0,
-            "p_value": float(cert.p_values[j]) if j is not None else None,
+            "n": at_deployed(counts.exited_positives),
+            "k": at_deployed(counts.misses),
+            "n_exited_negatives": at_deployed(counts.exited_negatives),
+            "n_false_positives": at_deployed(counts.false_alarms),
+            "p_value": float(cert.fnr_p_values[j]) if j is not None else None,
+            "fpr_p_value": float(cert.fpr_p_values[j]) if j is not None else None,
             "test_level": float(cert.levels[j]) if j is not None else None,
             "upper_bound": cert.upper_bound(),
+            "fpr_upper_bound": cert.fpr_upper_bound(),
             "feasible": cert.feasible,
             "n_certified": cert.n_certified,
             "positives_needed": None if cert.feasible else cert.positives_needed(),
-            "order_learned_on": "val_select" if cert.method in NEEDS_SELECT else None,
+            "order_learned_on": (
+                "val_select" if cert.method in NEEDS_SELECT and cert.order.informative else None
+            ),
+            "order_note": cert.order.reason if cert.order is not None else "label-free procedure",
             "guarantee": (
-                f"P(true FNR_exit > {self.target_fnr_exit}) <= {self.delta} over the draw of val_calib, "
-                "for images exchangeable with val_calib"
+                f"P(true FNR_exit > {self.target_fnr_exit} or true FPR_exit > {self.max_fpr_exit}) <= "
+                f"{self.delta} over the draw of val_calib, for images exchangeable with val_calib"
             ),
         }
         return out
 
-    def _sweep_rows(self, cert: Any, coverage: np.ndarray) -> list[dict[str, Any]]:
+    def _sweep_rows(self, cert: Any) -> list[dict[str, Any]]:
+        c = cert.counts
         rows = []
         for j, value in enumerate(self._grid_values()):
-            n, k = int(cert.n[j]), int(cert.k[j])
+            n, k = int(c.exited_positives[j]), int(c.misses[j])
+            n_neg, fp = int(c.exited_negatives[j]), int(c.false_alarms[j])
             rows.append(
                 {
                     **self._grid_point(j),
                     self.grid_key: float(value),
-                    "coverage": float(coverage[j]),
+                    "coverage": float(c.coverage[j]),
                     "n_exited_positives": n,
                     "n_false_negatives": k,
                     "fnr_exit": k / n if n else None,
-                    "p_value": float(cert.p_values[j]),
+                    "n_exited_negatives": n_neg,
+                    "n_false_positives": fp,
+                    "fpr_exit": fp / n_neg if n_neg else None,
+                    "p_value": float(cert.fnr_p_values[j]),
+                    "fpr_p_value": float(cert.fpr_p_values[j]),
                     "certified": bool(cert.certified[j]),
                 }
             )
@@ -289,8 +310,8 @@ class ExitPolicy(ABC):
         """Fit calibrators and build the grid from ``val_select`` only."""
 
     @abstractmethod
-    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per grid point: exited positives, misses among them, coverage (vectorised)."""
+    def _grid_counts(self, scores: Any) -> Any:
+        """:class:`~stage1_pro.certify.GridCounts` of every grid point on one split (vectorised)."""
 
     @abstractmethod
     def _set_deployed(self, j: int | None) -> None:
@@ -323,6 +344,7 @@ class ExitPolicy(ABC):
             "policy": self.name,
             "feasible": bool(self.feasible_),
             "target_fnr_exit": float(self.target_fnr_exit),
+            "max_fpr_exit": float(self.max_fpr_exit),
             "delta": float(self.delta),
             "certificate": self.certificate_,
             "val_calib_metrics": self.val_calib_metrics_,
@@ -340,6 +362,22 @@ class ExitPolicy(ABC):
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
         """The policy file's content (without ``artifact``/``schema_version``)."""
+
+    @classmethod
+    def _params_from_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The constructor parameters a policy file records (shared by every ``from_dict``).
+
+        A file written before the guard existed has no ``max_fpr_exit``: it certified FNR_exit
+        only, which reads as :data:`~stage1_pro.defaults.NO_GUARD`.
+        """
+        from stage1_pro.defaults import NO_GUARD
+
+        return {
+            "target_fnr_exit": d["target_fnr_exit"],
+            "delta": d["delta"],
+            "max_fpr_exit": d.get("max_fpr_exit", NO_GUARD),
+            "method": d["certificate"]["procedure"],
+        }
 
     def _restore_common(self, d: dict[str, Any]) -> None:
         self.feasible_ = bool(d["feasible"])
@@ -363,17 +401,21 @@ class ExitPolicy(ABC):
         return write_artifact(uri, self.artifact_kind, self.to_dict())
 
     def summary(self) -> str:
-        """One line: threshold, coverage, FNR_exit, certified bound, n, k."""
+        """One line: the rule, coverage, FNR_exit and FPR_exit with their certified bounds, n, k."""
         self._check_fitted()
         c = self.certificate_
         m = self.val_calib_metrics_
-        fnr = "n/a" if m["fnr_exit"] is None else f"{m['fnr_exit']:.4f}"
-        bound = "n/a" if c["upper_bound"] is None else f"{c['upper_bound']:.4f}"
+
+        def num(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.4f}"
+
         state = "certified" if self.feasible_ else "INFEASIBLE (defers everything)"
         return (
             f"{self.name} [{state}] {self._rule_text()}  coverage(val_calib)={m['coverage']:.4f}  "
-            f"FNR_exit(val_calib)={fnr}  certified bound={bound} (target {self.target_fnr_exit}, "
-            f"delta {self.delta}, {c['procedure']})  n={c['n']} k={c['k']}"
+            f"FNR_exit(val_calib)={num(m['fnr_exit'])}  FPR_exit(val_calib)={num(m.get('fpr_exit'))}  "
+            f"certified: FNR_exit <= {num(c['upper_bound'])} (target {self.target_fnr_exit}), FPR_exit <= "
+            f"{num(c.get('fpr_upper_bound'))} (guard {self.max_fpr_exit}) at delta {self.delta}, "
+            f"{c['procedure']}, n={c['n']} k={c['k']}"
         )
 
     @abstractmethod
@@ -389,18 +431,12 @@ class ConfidenceThresholdPolicy(ExitPolicy):
     calibrated gate probability).
     """
 
-    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _grid_counts(self, scores: Any) -> Any:
         # Imported here: stage1_pro.metrics (imported by certify) imports this module's constants.
-        from stage1_pro.certify import count_at_least
+        from stage1_pro.certify import threshold_counts
 
         conf = self.confidence(scores.probs, scores.gate_logit)
-        pos = scores.label == 1
-        miss = pos & (argmax_class(scores.probs) == 0)
-        return (
-            count_at_least(conf[pos], self.grid_),
-            count_at_least(conf[miss], self.grid_),
-            count_at_least(conf, self.grid_) / conf.size,
-        )
+        return threshold_counts(conf, scores.label, argmax_class(scores.probs), self.grid_)
 
     def _grid_values(self) -> np.ndarray:
         return self.grid_

@@ -23,7 +23,7 @@ import numpy as np
 
 from stage1_pro.certify import quantile_grid
 from stage1_pro.decisions import DEFER, argmax_class
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ConfigError, DataError
 from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
 from stage1_pro.policy_registry import PolicyOption, register_policy
@@ -131,7 +131,7 @@ class GatePolicy(ConfidenceThresholdPolicy):
 
     Parameters
     ----------
-    target_fnr_exit, delta, method, grid_size
+    target_fnr_exit, delta, method, grid_size, max_fpr_exit
         See :class:`~stage1_pro.policies.base.ExitPolicy`.
     calibrator : {"platt", "isotonic"}, default "platt"
         Gate calibrator, fitted on ``val_select``.
@@ -153,9 +153,16 @@ class GatePolicy(ConfidenceThresholdPolicy):
         delta: float = DEFAULT_DELTA,
         method: str | None = None,
         grid_size: int = 200,
+        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
         calibrator: str = "platt",
     ) -> None:
-        super().__init__(target_fnr_exit=target_fnr_exit, delta=delta, method=method, grid_size=grid_size)
+        super().__init__(
+            target_fnr_exit=target_fnr_exit,
+            delta=delta,
+            method=method,
+            grid_size=grid_size,
+            max_fpr_exit=max_fpr_exit,
+        )
         self.calibrator = calibrator
 
     def _check_params(self) -> None:
@@ -221,12 +228,7 @@ class GatePolicy(ConfidenceThresholdPolicy):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GatePolicy:
         c = d["certificate"]
-        policy = cls(
-            target_fnr_exit=d["target_fnr_exit"],
-            delta=d["delta"],
-            method=c["procedure"],
-            calibrator=d["calibrator_type"],
-        )
+        policy = cls(**cls._params_from_dict(d), calibrator=d["calibrator_type"])
         policy._restore_common(d)
         policy.grid_ = np.asarray(c["grid"], dtype=np.float64)
         policy.calibrator_params_ = d["calibrator_params"]

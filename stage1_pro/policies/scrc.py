@@ -1,62 +1,68 @@
-"""Selective Conformal Risk Control exit policy (``scrcparams.json``).
+"""Selective Conformal Risk Control exit policy (``scrcparams.json``): a two-threshold rule.
 
 SCRC (Xu, Guo, Wei, "Selective Conformal Risk Control", arXiv 2512.12844) has two thresholds:
 
-* ``lambda1`` selects on a label-free confidence score ``g`` in [0, 1]: an image is *selected*
-  iff ``g >= 1 - lambda1`` (``g`` = max probability, margin ``|p1 - p0|`` or the calibrated gate);
-* ``lambda2`` builds the class set ``C = {k : p_k >= 1 - lambda2}``.
+* ``lambda1`` selects on a label-free selection score ``g`` in [0, 1]: an image is *selected*
+  iff ``g >= 1 - lambda1``. The default ``g`` is the gate head's probability calibrated on
+  ``val_select`` (phase >= 3 models); ``max_prob`` and ``margin`` are selectable but make the
+  rule one-dimensional (a coarser softmax threshold);
+* ``lambda2`` builds the class set ``C = {k : p_k >= 1 - lambda2}`` from the class probabilities.
 
-The cascade exits iff the image is selected **and** ``C`` is a singleton (``research/methods.md``
-§2.6); the exit label is that class (always the argmax). The loss is the miss on positives,
-``l = 1{y = 1 and 1 not in C}``: non-increasing in ``lambda2`` and bounded by ``B = 1``.
+The cascade exits iff the image is selected **and** ``C`` is a singleton; the exit label is that
+class (always the argmax). With the gate, the rule is genuinely two-dimensional: the gate and
+the class probability each veto an exit.
 
-**How the thresholds are chosen** (a path over a target-selection-rate grid ``xi``, fixed in
-advance at ``j / grid_size``), on ``val_select``:
+**How the candidates are built and ordered** (``variant``), on ``val_select`` only:
 
-* ``SCRC-I`` (default; methods §2.3): ``lambda1`` is the strictest selection whose empirical
-  rate is ``>= xi + eps`` with the one-sided DKW margin ``eps = sqrt(log(1/delta_dkw) / (2n))``
-  (Massart 1990), so the true selection rate is ``>= xi`` with probability ``>= 1 - delta_dkw``
-  simultaneously for every ``xi`` (DKW is uniform over thresholds: no split across the grid).
-  ``lambda2`` is the smallest grid value meeting the CRC count rule on the augmented loss
-  ``U_i l_i`` over the ``n+`` positives with the shrunken target ``alpha * xi_lcb+``:
-  ``errors + 1 <= (n+ + 1) * alpha * xi_lcb+`` (the inequality itself, not ``ceil(...) - 1``:
-  the off-by-one of two third-party implementations, methods §2.7), where ``xi_lcb+`` is the DKW
-  lower bound of the positives' selection rate. ``delta_dkw = delta / 2`` for each of the two
-  DKW events (all images; positives).
-* ``SCRC-T`` (methods §2.2): ``lambda1`` selects the top ``ceil(xi (n + 1))`` of the calibration
-  selection scores plus the test point; ``lambda2`` by CRC on the selected positives
-  (``errors + 1 <= (m + 1) alpha``). At inference the selection threshold is recomputed **for
-  every test batch** from the stored calibration selection scores and the batch's scores.
+``pareto`` (default)
+    Pareto Testing (Laufer-Goldshtein, Fisch, Barzilay, Jaakkola, "Efficiently controlling
+    multiple risks with Pareto Testing", ICLR 2023, arXiv 2210.07913, §4): every pair of a
+    ``lambda1`` and a ``lambda2`` at ``grid_size`` quantile levels of ``val_select``'s
+    selection scores and max probabilities is a candidate; on ``val_select`` each gets its
+    coverage and its normalised risk ``max(FNR_exit / target, FPR_exit / max_fpr_exit)``
+    (Jeffreys-smoothed counts); the candidates no other beats on both (the Pareto front) form
+    the path, ordered by ``val_select`` coverage, strictest first, thinned to ``grid_size``
+    points. Pareto Testing's second stage is the certification below.
+``SCRC-I`` (methods §2.3 of the paper's reconstruction): for each ``xi`` of the fixed grid
+    ``j / grid_size``, ``lambda1`` is the strictest selection whose empirical rate is
+    ``>= xi + eps`` with the one-sided DKW margin ``eps = sqrt(log(1/delta_dkw) / (2n))``
+    (Massart 1990), and ``lambda2`` the smallest value of a fixed grid meeting the CRC count rule
+    on the augmented loss of the positives with the shrunken target ``alpha * xi_lcb+``:
+    ``errors + 1 <= (n+ + 1) * alpha * xi_lcb+`` (the inequality itself, not ``ceil(...) - 1``).
+``SCRC-T``: ``lambda1`` selects the top ``ceil(xi (n + 1))`` of the calibration selection scores
+    plus the test point; ``lambda2`` by CRC on the selected positives. At inference the selection
+    threshold is recomputed **for every test batch** from the stored calibration selection
+    scores and the batch's own scores, then snapped to a certified path point. **One image's
+    decision therefore depends on the other images of its batch** (the same image can exit in
+    one batch and defer in another; a test shows it); every batch still uses a certified rule.
 
 **What is guaranteed.** CRC's guarantee is in expectation and SCRC-I's DKW step covers only the
-selection rate, so the product adds the same PAC certificate as the other policies: every point
-of the ``xi`` path is a fixed exit rule (it depends on ``val_select`` only); each is tested on
-``val_calib`` with the exact binomial p-value of its exited positives and the family-wise
-procedure of :mod:`stage1_pro.certify`; the certified point with the largest coverage is
-deployed. Hence ``P(true FNR_exit > target_fnr_exit) <= delta`` over the draw of ``val_calib``
-for SCRC-I. For SCRC-T every batch's threshold is snapped to a *certified* path point (the
-loosest one at least as strict as the batch's, the strictest certified one if the batch asks
-for more), so the same certificate covers every batch (all certified points hold
-simultaneously).
+selection rate, so every variant is certified like the other policies: each path point is a
+fixed rule (it depends on ``val_select`` only), tested on ``val_calib`` with the exact binomial
+p-values of FNR_exit and of the FPR_exit guard by the family-wise procedure of
+:mod:`stage1_pro.certify`; the certified point with the largest coverage is deployed, and all
+certified points hold simultaneously with probability ``>= 1 - delta`` (which covers every
+SCRC-T batch).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from stage1_pro.decisions import DEFER, argmax_class
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_TARGET_FNR_EXIT
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.policies.base import ExitPolicy, check_probs
 from stage1_pro.policies.gate import CALIBRATORS, apply_calibrator, fit_calibrator
 from stage1_pro.policy_registry import PolicyOption, register_policy
 
-SCRC_VARIANTS: tuple[str, ...] = ("SCRC-I", "SCRC-T")
-SELECTION_SCORES: tuple[str, ...] = ("max_prob", "margin", "gate")
-#: ``lambda2`` is searched on this fixed grid (fixed in advance, like every grid).
+SCRC_VARIANTS: tuple[str, ...] = ("pareto", "SCRC-I", "SCRC-T")
+SELECTION_SCORES: tuple[str, ...] = ("gate", "max_prob", "margin")
+#: ``lambda2`` of SCRC-I/T is searched on this fixed grid (fixed in advance, like every grid).
 LAMBDA2_GRID = np.linspace(0.0, 1.0, 1001)
 
 
@@ -87,20 +93,36 @@ def exit_rule(probs: np.ndarray, g: np.ndarray, lambda1: float, lambda2: float) 
     return out
 
 
+def pareto_front(coverage: Any, risk: Any) -> np.ndarray:
+    """Indices of the candidates no other candidate beats on both (coverage up, risk down),
+    ordered by coverage, lowest first (ties in both: the first index)."""
+    cov = np.asarray(coverage, dtype=np.float64)
+    r = np.asarray(risk, dtype=np.float64)
+    order = np.lexsort((r, -cov))  # coverage descending, then risk ascending
+    best_before = np.minimum.accumulate(np.r_[np.inf, r[order]])[:-1]
+    keep = order[r[order] < best_before]
+    return keep[::-1].copy()
+
+
 @register_policy(
     "scrc",
     artifact_kind="scrcparams",
     min_phase=6,
     score_names=("probs",),
     score_label="SCRC selection score",
-    rule="SCRC-I (default) or SCRC-T (lambda1, lambda2)",
+    rule="lambda1 on the gate, lambda2 on the class probabilities (Pareto testing; SCRC-I, SCRC-T)",
     script="36_calibrate_scrc.py",
     options=(
-        PolicyOption("--scrc-variant", "variant", "SCRC variant (default SCRC-I)", SCRC_VARIANTS),
+        PolicyOption(
+            "--scrc-variant",
+            "variant",
+            "how SCRC's candidate path is built on val_select (default pareto: Pareto testing)",
+            SCRC_VARIANTS,
+        ),
         PolicyOption(
             "--selection-score",
             "selection_score",
-            "SCRC selection score (default max_prob)",
+            "SCRC selection score (default gate: the calibrated gate head)",
             SELECTION_SCORES,
         ),
         PolicyOption(
@@ -112,17 +134,18 @@ def exit_rule(probs: np.ndarray, g: np.ndarray, lambda1: float, lambda2: float) 
     ),
 )
 class SCRCPolicy(ExitPolicy):
-    """SCRC exit policy with a PAC FNR_exit certificate (see the module docstring).
+    """SCRC exit policy with a PAC certificate on FNR_exit and FPR_exit (see the module docstring).
 
     Parameters
     ----------
-    target_fnr_exit, delta, method
+    target_fnr_exit, delta, method, max_fpr_exit
         See :class:`~stage1_pro.policies.base.ExitPolicy`; ``target_fnr_exit`` is SCRC's
         risk level ``alpha``.
     grid_size : int, default 100
-        The ``xi`` grid is ``j / grid_size`` for ``j = 1 .. grid_size``.
-    variant : {"SCRC-I", "SCRC-T"}, default "SCRC-I"
-    selection_score : {"max_prob", "margin", "gate"}, default "max_prob"
+        ``pareto``: quantile levels per threshold and the most path points; SCRC-I/T: the
+        ``xi`` grid is ``j / grid_size`` for ``j = 1 .. grid_size``.
+    variant : {"pareto", "SCRC-I", "SCRC-T"}, default "pareto"
+    selection_score : {"gate", "max_prob", "margin"}, default "gate"
         The label-free score ``g``; ``gate`` needs gate logits (calibrated on ``val_select``).
     gate_calibrator : {"platt", "isotonic"}, default "platt"
         Used when ``selection_score="gate"``.
@@ -130,9 +153,12 @@ class SCRCPolicy(ExitPolicy):
     Attributes
     ----------
     path_ : list of dict
-        The candidate rules ``{xi, lambda1, lambda2, ...}`` fitted on ``val_select``, by ``xi``.
+        The candidate rules ``{xi, lambda1, lambda2, ...}`` fitted on ``val_select``, strictest
+        first (``xi``: SCRC's target selection rate; ``pareto``: the point's val_select coverage).
     lambda1_, lambda2_, xi_ : float
         The deployed rule (``0, 0, None`` when infeasible: nothing exits).
+    certified_path_ : list of dict
+        Every certified path point.
     calib_selection_scores_ : ndarray
         SCRC-T only: the ``val_select`` selection scores that enter every batch's threshold.
     """
@@ -145,11 +171,18 @@ class SCRCPolicy(ExitPolicy):
         delta: float = DEFAULT_DELTA,
         method: str | None = None,
         grid_size: int = 100,
-        variant: str = "SCRC-I",
-        selection_score: str = "max_prob",
+        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
+        variant: str = "pareto",
+        selection_score: str = "gate",
         gate_calibrator: str = "platt",
     ) -> None:
-        super().__init__(target_fnr_exit=target_fnr_exit, delta=delta, method=method, grid_size=grid_size)
+        super().__init__(
+            target_fnr_exit=target_fnr_exit,
+            delta=delta,
+            method=method,
+            grid_size=grid_size,
+            max_fpr_exit=max_fpr_exit,
+        )
         self.variant = variant
         self.selection_score = selection_score
         self.gate_calibrator = gate_calibrator
@@ -170,8 +203,9 @@ class SCRCPolicy(ExitPolicy):
     def fit(self, scores: Any) -> SCRCPolicy:
         if self.selection_score == "gate" and not scores.has_gate:
             raise DataError(
-                f"{scores.source}: no 'gate_logit' array: selection_score='gate' needs scores from a "
-                "phase >= 3 model; use selection_score='max_prob'"
+                f"{scores.source}: no 'gate_logit' array: SCRC selects on the gate (selection_score='gate', "
+                "the default) and needs scores from a phase >= 3 model; with a one-head model use the "
+                "softmax policy (selection_score='max_prob' makes SCRC a coarser softmax threshold)"
             )
         return super().fit(scores)  # type: ignore[return-value]
 
@@ -204,22 +238,66 @@ class SCRCPolicy(ExitPolicy):
                 self.gate_calibrator, select.gate_logit, correct, select.source
             )
         g = self.selection(select.probs, select.gate_logit)
+        n_pos = int((select.label == 1).sum())
+        if n_pos == 0 and self.variant != "pareto":
+            raise DataError(f"{select.source}: val_select holds no positives; SCRC's path cannot be fitted")
+        self.scrc_fit_: dict[str, Any] = {"n_select": g.size, "n_select_positives": n_pos}
+        path = self._pareto_path(select, g) if self.variant == "pareto" else self._crc_path(select, g)
+        if not path:
+            raise DataError(
+                f"{select.source}: no xi on the grid gives a feasible SCRC rule on val_select "
+                f"({n_pos} positives; the CRC count rule alone needs (n+1)*alpha*xi >= 1); "
+                "use more data, variant='pareto' or the softmax policy"
+            )
+        self.path_ = path
+        if self.variant == "SCRC-T":
+            self.calib_selection_scores_ = np.sort(g)
+
+    def _pareto_path(self, select: Any, g: np.ndarray) -> list[dict[str, Any]]:
+        """Pareto Testing's first stage: the (lambda1, lambda2) front on val_select (module docstring)."""
+        from stage1_pro.certify import quantile_grid, threshold_counts
+
+        maxp = select.probs.max(axis=1)
+        above_half = maxp[maxp > 0.5]
+        lam1 = np.unique(np.clip(np.r_[1.0, 1.0 - quantile_grid(g, self.grid_size)], 0.0, 1.0))
+        lam2 = 1.0 - (quantile_grid(above_half, self.grid_size) if above_half.size else np.array([1.0]))
+        pred = argmax_class(select.probs)
+        blocks = []
+        for l1 in lam1:  # select all (lambda1 = 1), then ever stricter selections
+            sel = g >= 1.0 - l1
+            c = threshold_counts(maxp[sel], select.label[sel], pred[sel], 1.0 - lam2)
+            cov = c.coverage * sel.sum() / g.size
+            counts = (c.exited_positives, c.misses, c.exited_negatives, c.false_alarms)
+            blocks.append(np.column_stack([np.full(lam2.size, l1), lam2, cov, *counts]))
+        cand = np.concatenate(blocks)
+        risk = (cand[:, 4] + 0.5) / (cand[:, 3] + 1.0) / self.target_fnr_exit
+        if self.max_fpr_exit < 1.0:
+            risk = np.maximum(risk, (cand[:, 6] + 0.5) / (cand[:, 5] + 1.0) / self.max_fpr_exit)
+        front = pareto_front(cand[:, 2], risk)
+        front = front[cand[front, 2] > 0]
+        if front.size > self.grid_size:
+            front = front[np.unique(np.linspace(0, front.size - 1, self.grid_size).round().astype(int))]
+        self.scrc_fit_.update(candidates=int(cand.shape[0]), front_size=int(front.size))
+        return [
+            {
+                "xi": float(cand[i, 2]),
+                "lambda1": float(cand[i, 0]),
+                "lambda2": float(cand[i, 1]),
+                "xi_lcb": None,
+            }
+            for i in front
+        ]
+
+    def _crc_path(self, select: Any, g: np.ndarray) -> list[dict[str, Any]]:
+        """SCRC-I/T's path: one (lambda1, lambda2) per xi by DKW/transductive selection and CRC."""
         pos = select.label == 1
         n, n_pos = g.size, int(pos.sum())
-        if n_pos == 0:
-            raise DataError(f"{select.source}: val_select holds no positives; SCRC's path cannot be fitted")
         alpha = self.target_fnr_exit
         delta_dkw = self.delta / 2.0
         eps, eps_pos = dkw_epsilon(n, delta_dkw), dkw_epsilon(n_pos, delta_dkw)
         g_desc = np.sort(g)[::-1]
         p1_pos, g_pos = select.probs[pos, 1], g[pos]
-        self.scrc_fit_ = {
-            "n_select": n,
-            "n_select_positives": n_pos,
-            "delta_dkw": delta_dkw,
-            "dkw_epsilon": eps,
-            "dkw_epsilon_positives": eps_pos,
-        }
+        self.scrc_fit_.update(delta_dkw=delta_dkw, dkw_epsilon=eps, dkw_epsilon_positives=eps_pos)
         path: list[dict[str, Any]] = []
         for xi in np.arange(1, self.grid_size + 1) / self.grid_size:
             if self.variant == "SCRC-I":
@@ -243,29 +321,14 @@ class SCRCPolicy(ExitPolicy):
             if path and path[-1]["lambda1"] == lam1 and path[-1]["lambda2"] == lam2:
                 continue  # the same rule as the previous xi
             path.append({"xi": float(xi), "lambda1": lam1, "lambda2": lam2, "xi_lcb": xi_lcb})
-        if not path:
-            raise DataError(
-                f"{select.source}: no xi on the grid gives a feasible SCRC rule on val_select "
-                f"({n_pos} positives; the CRC count rule alone needs (n+1)*alpha*xi >= 1); "
-                "use more data or the softmax policy"
-            )
-        self.path_ = path
-        if self.variant == "SCRC-T":
-            self.calib_selection_scores_ = np.sort(g)
+        return path
 
-    def _grid_counts(self, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _grid_counts(self, scores: Any) -> Any:
+        from stage1_pro.certify import GridCounts
+
         g = self.selection(scores.probs, scores.gate_logit)
-        pos = scores.label == 1
-        n = np.empty(len(self.path_), dtype=np.int64)
-        k = np.empty_like(n)
-        cov = np.empty(len(self.path_))
-        for j, point in enumerate(self.path_):
-            d = exit_rule(scores.probs, g, point["lambda1"], point["lambda2"])
-            exited = d != DEFER
-            n[j] = int((exited & pos).sum())
-            k[j] = int(((d == 0) & pos).sum())
-            cov[j] = exited.mean()
-        return n, k, cov
+        decisions = np.stack([exit_rule(scores.probs, g, p["lambda1"], p["lambda2"]) for p in self.path_])
+        return GridCounts.from_decisions(decisions, scores.label)
 
     def _set_deployed(self, j: int | None) -> None:
         self.deployed_index_ = j
@@ -289,6 +352,12 @@ class SCRCPolicy(ExitPolicy):
         return {"lambda1": p["lambda1"], "lambda2": p["lambda2"], "xi_lcb": p["xi_lcb"]}
 
     def _grid_rule(self) -> str:
+        if self.variant == "pareto":
+            return (
+                f"Pareto front on val_select of {self.grid_size} x {self.grid_size} (lambda1, lambda2) "
+                f"quantile candidates (selection score {self.selection_score}; coverage against "
+                "max(FNR_exit/target, FPR_exit/max_fpr_exit)), by val_select coverage (xi)"
+            )
         return (
             f"xi = j/{self.grid_size}; (lambda1, lambda2) per xi by {self.variant} on val_select "
             f"(selection score {self.selection_score}); lambda2 on a fixed {LAMBDA2_GRID.size}-point grid"
@@ -319,9 +388,27 @@ class SCRCPolicy(ExitPolicy):
             return exit_rule(p, g, point["lambda1"], point["lambda2"])
         return exit_rule(p, g, self.lambda1_, self.lambda2_)
 
+    def point_rule(self, point: dict[str, Any] | None = None) -> Callable[[Any, Any], np.ndarray]:
+        """The decisions of one fixed path point (default: the deployed one), batch-independent."""
+        self._check_fitted()
+        lam1 = self.lambda1_ if point is None else point["lambda1"]
+        lam2 = self.lambda2_ if point is None else point["lambda2"]
+        exits = point is not None or self.feasible_
+
+        def decide(probs: Any, gate_logit: Any | None = None) -> np.ndarray:
+            p, gl = check_probs(probs, gate_logit, need_gate=self.selection_score == "gate")
+            if not exits:
+                return np.full(p.shape[0], DEFER, dtype=np.int8)
+            return exit_rule(p, self.selection(p, gl), lam1, lam2)
+
+        return decide
+
     def _rule_text(self) -> str:
         xi = "none" if self.xi_ is None else f"{self.xi_:.3g}"
-        return f"{self.variant} xi={xi} lambda1={self.lambda1_:.6g} lambda2={self.lambda2_:.6g}"
+        return (
+            f"{self.variant} on {self.selection_score} xi={xi} lambda1={self.lambda1_:.6g} "
+            f"lambda2={self.lambda2_:.6g}"
+        )
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -345,12 +432,9 @@ class SCRCPolicy(ExitPolicy):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SCRCPolicy:
-        c = d["certificate"]
         gate = d.get("gate_calibrator") or {}
         policy = cls(
-            target_fnr_exit=d["target_fnr_exit"],
-            delta=d["delta"],
-            method=c["procedure"],
+            **cls._params_from_dict(d),
             variant=d["scrc_variant"],
             selection_score=d["selection_score"],
             gate_calibrator=gate.get("type", "platt"),

@@ -33,7 +33,7 @@ class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):
 
     Parameters
     ----------
-    target_fnr_exit, delta, method, grid_size
+    target_fnr_exit, delta, method, grid_size, max_fpr_exit
         See :class:`~stage1_pro.policies.base.ExitPolicy`.
 
     Attributes
@@ -86,7 +86,7 @@ class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SoftmaxThresholdPolicy:
         c = d["certificate"]
-        policy = cls(target_fnr_exit=d["target_fnr_exit"], delta=d["delta"], method=c["procedure"])
+        policy = cls(**cls._params_from_dict(d))
         policy._restore_common(d)
         policy.grid_ = np.asarray(c["grid"], dtype=np.float64)
         policy.exit_threshold_ = float(d["exit_threshold"])
