@@ -306,6 +306,9 @@ def list_files(prefix: str | os.PathLike[str], recursive: bool = True) -> Iterat
 def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, create_only: bool = False) -> bool:
     """Copy one file between any two locations (local or GCS), atomically at the destination.
 
+    GCS to GCS is a server-side copy (unless ``create_only``): the bytes never pass through this
+    machine.
+
     Args:
         src: the file to copy.
         dst: where to write it.
@@ -320,6 +323,19 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, creat
         StorageError: the copy failed.
     """
     src, dst = str(src), str(dst)
+    if is_gcs(src) and is_gcs(dst) and not create_only:
+        from google.api_core import exceptions as gexc
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        source = _blob(src)
+        target_bucket, target_name = split_gcs(dst)
+        try:
+            source.bucket.copy_blob(
+                source, gcs_client().bucket(target_bucket), target_name, retry=DEFAULT_RETRY
+            )
+        except gexc.GoogleAPIError as exc:
+            raise _gcs_error(src, exc) from exc
+        return True
     if is_gcs(dst) and not is_gcs(src):
         from google.api_core import exceptions as gexc
         from google.cloud.storage.retry import DEFAULT_RETRY
