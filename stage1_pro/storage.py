@@ -363,6 +363,22 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, creat
     return True
 
 
+def object_generation(uri: str) -> tuple[int, str]:
+    """(generation, CRC32C) of a GCS object: a new upload under the same name gets a new generation.
+
+    Raises:
+        StorageError: the object does not exist or cannot be read.
+    """
+    from google.api_core import exceptions as gexc
+
+    blob = _blob(uri)
+    try:
+        blob.reload()
+    except gexc.GoogleAPIError as exc:
+        raise _gcs_error(uri, exc) from exc
+    return int(blob.generation), str(blob.crc32c)
+
+
 def delete(uri: str | os.PathLike[str]) -> None:
     """Delete a local file or GCS object if it exists."""
     uri = str(uri)
