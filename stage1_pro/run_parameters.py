@@ -214,8 +214,6 @@ class CheckedParameters:
     train_gpu_count: str
     train_cpu_request: str
     train_memory_request: str
-    #: Item of the prepare fan-out (``dsl.ParallelFor``): one shard index per pod.
-    prepare_shard_indices: list[int]
 
 
 def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
@@ -231,6 +229,7 @@ def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
             "pipeline parameter data_uri is empty: set it to a manifest (CSV/JSONL with uri,label) or an "
             "image-folder prefix with 0/ and 1/ sub-folders, e.g. gs://BUCKET/data/manifest.csv"
         )
+    check_cluster_data_uri(values["data_uri"].strip())
     config = config_from_parameters(values)
 
     gpu_count = values["gpu_count"]
@@ -257,8 +256,29 @@ def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
         train_gpu_count=resources.gpu,
         train_cpu_request=resources.cpu,
         train_memory_request=resources.memory,
-        prepare_shard_indices=list(range(shards)),
     )
+
+
+def check_cluster_data_uri(data_uri: str) -> str:
+    """Refuse a ``gs://`` image-folder prefix: the pipeline needs a manifest there.
+
+    The pipeline brings the dataset in with ``dsl.importer`` (lineage in the UI), and the KFP
+    launcher copies every input artifact into the pod before the step runs: a manifest is one small
+    file, an image-folder prefix would be every image, on every pod that reads the dataset.
+
+    Raises:
+        ConfigError: naming the URI and the manifest format.
+    """
+    from stage1_pro.data import CSV_SUFFIXES, JSONL_SUFFIXES
+
+    if data_uri.startswith("gs://") and not data_uri.lower().endswith(CSV_SUFFIXES + JSONL_SUFFIXES):
+        raise ConfigError(
+            f"pipeline parameter data_uri={data_uri!r} is a gs:// image-folder prefix; the pipeline needs a "
+            "manifest there (the KFP launcher would copy every image into each pod that reads the "
+            "dataset): write a CSV with a header uri,label (gs://.../0/a.jpg,0 ...) next to the images "
+            "and pass its gs:// URI"
+        )
+    return data_uri
 
 
 def check_gpu_count(gpu_count: int) -> int:

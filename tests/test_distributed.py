@@ -124,10 +124,8 @@ def test_cli_train_refuses_too_many_processes_with_exit_2(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     splits = tmp_path / "splits.json"
     split_dataset(str(tiny_dataset), str(splits))
-    code = main(
-        ["train", "--data", str(tiny_dataset), "--splits", str(splits), "--out", str(tmp_path / "run")]
-        + ["--nproc-per-node", "2"]
-    )
+    args = ["--data", str(tiny_dataset), "--splits", str(splits), "--out", str(tmp_path / "run")]
+    code = main(["train", *args, "--nproc-per-node", "2"])
     assert code == 2
     assert "--nproc-per-node=2 but this machine shows 1 GPU(s)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written
