@@ -78,7 +78,16 @@ def gcs_client() -> gcs.Client:
         return storage.Client(
             project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials()
         )
-    return storage.Client()
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError as exc:
+        raise StorageError(
+            "no Google credentials on this machine for gs:// access: run 'gcloud auth application-default "
+            "login' (or set GOOGLE_APPLICATION_CREDENTIALS); in a pod, bind its service account with "
+            "Workload Identity"
+        ) from exc
 
 
 def _blob(uri: str) -> gcs.Blob:

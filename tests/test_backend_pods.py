@@ -64,14 +64,19 @@ requires_kubectl = pytest.mark.skipif(
 
 @functools.cache
 def overlay(env: str) -> tuple[dict[str, Any], ...]:
-    proc = subprocess.run(
-        ["kubectl", "kustomize", str(ROOT / "manifests" / "overlays" / env)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+    """What an environment applies: stage1-pro's own objects (quota, LimitRange, GPU pool) and its
+    patches to KFP's."""
+    objects: list[dict[str, Any]] = []
+    for part in ("stage1-pro", "kfp-patches"):
+        proc = subprocess.run(
+            ["kubectl", "kustomize", str(ROOT / "manifests" / "overlays" / env / part)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        objects += [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return tuple(objects)
 
 
 def one(objects: tuple[dict[str, Any], ...], kind: str) -> dict[str, Any]:
