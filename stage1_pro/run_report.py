@@ -57,6 +57,7 @@ def verdict_record(validation: Mapping[str, Any]) -> dict[str, Any]:
         "test_coverage": test.get("coverage"),
         "certified_fnr_exit_upper_bound": (validation.get("certificate") or {}).get("upper_bound"),
         "target_fnr_exit": validation.get("target_fnr_exit"),
+        "data_fingerprint": (validation.get("lineage") or {}).get("data_fingerprint"),
     }
 
 
@@ -89,8 +90,8 @@ def compose_report(
 
     Returns:
         A JSON-ready dict: ``state``, ``blessed`` (``None`` when validation never ran),
-        ``exit_policy``, ``bundle_uri``, ``bundle_version``, ``published_uri``, ``failed_checks``,
-        the certificate numbers, and ``text`` (:func:`summary_line`).
+        ``exit_policy``, ``data_fingerprint``, ``bundle_uri``, ``bundle_version``, ``published_uri``,
+        ``failed_checks``, the certificate numbers, and ``text`` (:func:`summary_line`).
     """
     verdict = outcomes.get(VALIDATE_STAGE, {})
     bundle = outcomes.get(EXPORT_STAGE, {})
@@ -106,6 +107,7 @@ def compose_report(
         "test_coverage": verdict.get("test_coverage"),
         "certified_fnr_exit_upper_bound": verdict.get("certified_fnr_exit_upper_bound"),
         "target_fnr_exit": verdict.get("target_fnr_exit"),
+        "data_fingerprint": verdict.get("data_fingerprint"),
         "bundle_uri": bundle.get("bundle_uri"),
         "bundle_version": bundle.get("bundle_version"),
         "published_uri": published_uri,
@@ -115,7 +117,7 @@ def compose_report(
 
 
 def summary_line(report: Mapping[str, Any]) -> str:
-    """One line a person reads first: state, blessed or not (and why), where the bundle is."""
+    """One line a person reads first: state, blessed or not (and why), the data, where the bundle is."""
     head = f"stage1-pro run {report['run_name']}: {report['state'].upper()}"
     if report["blessed"] is None:
         verdict = "not validated (the run ended before validate)"
@@ -125,6 +127,8 @@ def summary_line(report: Mapping[str, Any]) -> str:
         reasons = "; ".join(report["failed_checks"]) or "see the validate step"
         verdict = f"NOT BLESSED ({report['exit_policy']}): {reasons}"
     parts = [head, verdict]
+    if report.get("data_fingerprint"):
+        parts.append(f"data {report['data_fingerprint'][:12]}")
     if report.get("bundle_uri"):
         parts.append(f"bundle {report['bundle_version']} at {report['bundle_uri']}")
     if report.get("published_uri"):

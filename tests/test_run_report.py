@@ -112,7 +112,12 @@ def test_an_unblessed_run_says_so_and_why() -> None:
 
 def test_a_blessed_published_run_and_a_failed_one() -> None:
     outcomes = {
-        VALIDATE_STAGE: {"blessed": True, "exit_policy": "gate", "failed_checks": []},
+        VALIDATE_STAGE: {
+            "blessed": True,
+            "exit_policy": "gate",
+            "failed_checks": [],
+            "data_fingerprint": "9b677da1cdd1caec" + "0" * 48,
+        },
         EXPORT_STAGE: {
             "bundle_uri": "gs://b/root/x/export/1/bundle",
             "bundle_version": "v1",
@@ -123,8 +128,8 @@ def test_a_blessed_published_run_and_a_failed_one() -> None:
         "COMPLETE", outcomes, run_id=RUN_ID, run_name=RUN_NAME, published_uri="gs://b/bundles/stage1/v1"
     )
     assert summary_line(report) == (
-        f"stage1-pro run {RUN_NAME}: SUCCEEDED | BLESSED (gate) | bundle v1 at gs://b/root/x/export/1/bundle "
-        "| published to gs://b/bundles/stage1/v1"
+        f"stage1-pro run {RUN_NAME}: SUCCEEDED | BLESSED (gate) | data 9b677da1cdd1 | bundle v1 at "
+        "gs://b/root/x/export/1/bundle | published to gs://b/bundles/stage1/v1"
     )
     failed = compose_report("FAILED", {}, run_id=RUN_ID, run_name=RUN_NAME)
     assert (
@@ -233,6 +238,7 @@ def test_record_outcome_and_report_run_end_to_end(
     report = json.loads(report_file.read_text())
     assert report["state"] == "succeeded" and report["blessed"] is verdict["blessed"]
     assert report["bundle_uri"] == str(bundle) and report["exit_policy"] == "softmax"
+    assert report["data_fingerprint"] == verdict["lineage"]["data_fingerprint"]
     assert webhook.received[-1][2] == report
     out = capsys.readouterr().out
     assert f"[stage1-pro] {report['text']}" in out and "report POSTed to the webhook (HTTP 200)" in out
