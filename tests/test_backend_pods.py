@@ -477,3 +477,36 @@ def test_pod_requests_count_init_containers_as_the_scheduler_does() -> None:
     assert pod_requests(pod) == {"cpu": 4.0}
     pod["spec"]["initContainers"][0]["resources"]["requests"]["cpu"] = "2"
     assert pod_requests(pod) == {"cpu": 3.0}
+
+
+def test_readme_states_the_minimum_backend_and_what_is_retried(package: Package, run: Run) -> None:
+    """The README's backend version is what the package needs, and its retry table is what Argo
+    decides for train, before and after the README's merge command (run through the merge script)."""
+    import importlib.util
+
+    from stage1_pro.pipelines.backend_features import CompiledPackage, format_version, required_backend
+
+    readme = (ROOT / "README.md").read_text().split("### Backend version, retries, sizing", 1)[1]
+    need = required_backend(CompiledPackage(package.spec, package.k8s))
+    assert f"**KFP backend {format_version(need.min_version)} or newer.**" in readme
+
+    spec = importlib.util.spec_from_file_location("merge", ROOT / "manifests" / "merge_workflow_defaults.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    fragment = yaml.safe_load(re.search(r"--merge '([^']+)'", readme).group(1))
+    merged = json.loads(json.dumps(KFP_WORKFLOW_DEFAULTS))
+    merge.deep_merge(merged, fragment)
+    assert merged["spec"]["ttlStrategy"] == KFP_WORKFLOW_DEFAULTS["spec"]["ttlStrategy"]  # kept
+
+    strategy = compiled_retry_strategy(run.task("train").spec)
+    stock = effective_retry_strategy(strategy, KFP_WORKFLOW_DEFAULTS)
+    always = effective_retry_strategy(strategy, merged)
+    phases = {"main container": "Failed", "pod deleted": "Error", "Argo's init": "Error"}
+    cell = r"(not retried|retried)"
+    rows = re.findall(
+        rf"^\| (main container|pod deleted|Argo's init)[^|]*\| {cell} \| {cell} \|$", readme, re.M
+    )
+    assert [r[0] for r in rows] == list(phases)
+    for label, as_installed, after_merge in rows:
+        assert as_installed == ("retried" if retried(stock, phases[label]) else "not retried"), label
+        assert after_merge == ("retried" if retried(always, phases[label]) else "not retried"), label
