@@ -486,6 +486,34 @@ class Run:
         (out_name,) = component["outputDefinitions"]["artifacts"]
         return {}, {out_name: {"uri": uri, "type": importer["typeSchema"]["schemaTitle"]}}
 
+    def resolve_json_parameter(self, spec: Mapping[str, Any], task: Task) -> struct_pb2.Value:
+        """``resolveK8sJsonParameter`` (driver/resolve.go): the platform spec's input, resolved like a
+        task input against the task's own resolved inputs and its DAG's producers."""
+        if "taskOutputParameter" in spec:
+            ref = spec["taskOutputParameter"]
+            producer = next(
+                (
+                    t
+                    for t in self.tasks
+                    if t.name == ref["producerTask"]
+                    and t.path.rsplit("/", 1)[0] == task.path.rsplit("/", 1)[0]
+                ),
+                None,
+            )
+            if producer is None:
+                raise BackendError(
+                    f"{task.path}: producer {ref['producerTask']} not in tasks", "driver/resolve.go"
+                )
+            return producer.outputs[ref["outputParameterKey"]]
+        if "componentInputParameter" in spec:
+            name = spec["componentInputParameter"]
+            if name not in task.inputs:
+                raise BackendError(
+                    f"{task.path}: parent DAG does not have input parameter {name}", "driver/resolve.go"
+                )
+            return task.inputs[name]
+        return to_value(spec["runtimeValue"]["constant"])
+
     # -- the launcher -----------------------------------------------------------------------------
 
     def _execute(self, task: Task) -> None:
@@ -666,7 +694,7 @@ def extend_pod_spec(pod_spec: dict[str, Any], config: Mapping[str, Any], run: Ru
     selector = config.get("nodeSelector")
     if selector:
         if "nodeSelectorJson" in selector:
-            value = run._resolve_json_parameter(selector["nodeSelectorJson"], task)
+            value = run.resolve_json_parameter(selector["nodeSelectorJson"], task)
             # resolveK8sJsonParameter: GetStructValue().MarshalJSON(); a non-struct gives {}.
             pod_spec["nodeSelector"] = from_value(value) if kind(value) == "struct_value" else {}
         else:
@@ -674,7 +702,7 @@ def extend_pod_spec(pod_spec: dict[str, Any], config: Mapping[str, Any], run: Ru
     tolerations = []
     for toleration in config.get("tolerations", []):
         if "tolerationJson" in toleration:
-            value = run._resolve_json_parameter(toleration["tolerationJson"], task)
+            value = run.resolve_json_parameter(toleration["tolerationJson"], task)
             if kind(value) == "struct_value":
                 tolerations.append(from_value(value))
             elif kind(value) == "list_value":
@@ -732,6 +760,11 @@ def build_pod(run: Run, task: Task, *, namespace: str = "kubeflow") -> dict[str,
 
     template_main = {
         "name": "main",
+        # argocompiler common.go commonEnvs
+        "env": [
+            {"name": "KFP_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "KFP_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        ],
         "volumeMounts": [{"name": v, "mountPath": TEMPLATE_MOUNTS[v]} for v in TEMPLATE_VOLUMES],
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -820,37 +853,6 @@ def _merge_container(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, A
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def _resolve_json_parameter(self: Run, spec: Mapping[str, Any], task: Task) -> struct_pb2.Value:
-    """``resolveK8sJsonParameter`` (driver/resolve.go): the platform spec's input, resolved like a
-    task input against the task's own resolved inputs and its DAG's producers."""
-    if "taskOutputParameter" in spec:
-        ref = spec["taskOutputParameter"]
-        producer = next(
-            (
-                t
-                for t in self.tasks
-                if t.name == ref["producerTask"] and t.path.rsplit("/", 1)[0] == task.path.rsplit("/", 1)[0]
-            ),
-            None,
-        )
-        if producer is None:
-            raise BackendError(
-                f"{task.path}: producer {ref['producerTask']} not in tasks", "driver/resolve.go"
-            )
-        return producer.outputs[ref["outputParameterKey"]]
-    if "componentInputParameter" in spec:
-        name = spec["componentInputParameter"]
-        if name not in task.inputs:
-            raise BackendError(
-                f"{task.path}: parent DAG does not have input parameter {name}", "driver/resolve.go"
-            )
-        return task.inputs[name]
-    return to_value(spec["runtimeValue"]["constant"])
-
-
-Run._resolve_json_parameter = _resolve_json_parameter  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -275,13 +275,13 @@ def test_train_pod_sizing_follows_the_measured_rates(pods: dict[str, dict[str, A
     assert train["metadata"]["labels"] | {"app": "stage1-pro", "task": "train"} == train["metadata"]["labels"]
 
 
-def test_cost_attribution_labels_on_every_pod(pods: dict[str, dict[str, Any]]) -> None:
+def test_cost_attribution_labels_on_every_pod(run: Run, pods: dict[str, dict[str, Any]]) -> None:
     from stage1_pro import __version__
 
-    for path, pod in pods.items():
-        labels = pod["metadata"]["labels"]
-        assert labels["app"] == "stage1-pro" and labels["pipeline-version"] == __version__, path
-        assert labels["task"] == path.rsplit("/", 1)[-1].split("[")[0] or labels["task"], path
+    for task in run.tasks:
+        labels = pods[task.path]["metadata"]["labels"]
+        assert labels["app"] == "stage1-pro" and labels["pipeline-version"] == __version__, task.path
+        assert labels["task"] == task.display_name, task.path
 
 
 @requires_kubectl

@@ -18,7 +18,13 @@ from stage1_pro.components.runtime import NODE_NAME_ENV, artifact_location, requ
 from stage1_pro.errors import DeviceError, StorageError
 from stage1_pro.provenance import content_version
 
-IN_A_POD = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", NODE_NAME_ENV: "gke-stage1-pro-gpu-3f2a-abcd"}
+#: What the KFP backend's train pod has: KFP_POD_NAME (argocompiler commonEnvs), the node name
+#: (the pipeline's downward-API variable) and, being a pod, the API server's address.
+IN_A_POD = {
+    "KFP_POD_NAME": "stage1-pro-x7k2p-system-container-impl-123",
+    NODE_NAME_ENV: "gke-stage1-pro-gpu-3f2a-abcd",
+    "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+}
 
 
 def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,7 +36,6 @@ def test_a_pod_without_its_gpu_stops_naming_the_node_and_the_missing_limit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _no_cuda(monkeypatch)
-    monkeypatch.setattr("socket.gethostname", lambda: "stage1-pro-x7k2p-system-container-impl-123")
     with pytest.raises(DeviceError) as stopped:
         require_gpus(1, IN_A_POD)
     assert str(stopped.value) == (
@@ -46,10 +51,11 @@ def test_a_pod_without_its_gpu_stops_naming_the_node_and_the_missing_limit(
         require_gpus(1, {**IN_A_POD, "NVIDIA_VISIBLE_DEVICES": "GPU-1234"})
 
 
-def test_outside_a_pod_the_same_task_runs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kfp.local runs train as a subprocess on this machine: CPU on purpose, no error."""
+def test_outside_a_kfp_task_the_same_code_runs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kfp.local runs train as a subprocess on this machine, maybe a CI pod: CPU on purpose."""
     _no_cuda(monkeypatch)
     assert require_gpus(1, {}) == 0
+    assert require_gpus(1, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == 0  # a CI job in a pod
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert require_gpus(1, IN_A_POD) == 1
