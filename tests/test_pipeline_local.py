@@ -394,6 +394,7 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
             splits=dsl.Dataset(name="splits", uri=str(tmp_path / "splits.json"), metadata={}),
             prepared=dsl.Dataset(name="prepared", uri=str(tmp_path / "prepared"), metadata={}),
             data_fingerprint=load_dataset(str(tiny_dataset)).fingerprint,
+            weights_version="",
             gpu_count=1,
             model=model,
             scores=scores,
