@@ -75,12 +75,9 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
         "prepare",
         prepare,
         dataset=dataset,
-        data_fingerprint=fp,
         img_size=params["img_size"],
-        preprocessing=checked[1],
         splits=splits,
-        shard_index=0,
-        shard_count=1,
+        shard={"index": 0, "count": 1, "preprocessing": checked[1]},
         workers=PREPARE_WORKERS,
         prepared=art(dsl.Dataset, "prepared-0"),
     )

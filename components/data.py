@@ -46,30 +46,32 @@ def split(dataset: Input[Dataset], data_fingerprint: str, seed: int, splits: Out
 
 
 @stage1_component
-def plan_shards(count: int) -> list[int]:
-    """The items of the prepare fan-out: one shard index per pod, ``0 .. count-1``.
+def plan_shards(count: int, preprocessing: dict) -> list[dict]:
+    """The items of the prepare fan-out: one per pod, with everything the pod needs from upstream.
 
-    A step of its own: kfp.local (2.17) iterates a ``dsl.ParallelFor`` only over the output of a
-    single-output task. check-config has already checked ``count``.
+    Each item is ``{"index": i, "count": count, "preprocessing": preprocessing}``. The values
+    travel in the items, not as separate task outputs, because kfp.local (2.17) hands a task inside
+    a ``dsl.ParallelFor`` the loop item in place of any upstream task's output; and the loop
+    iterates this single-output step because kfp.local iterates no named output of a multi-output
+    task. The items are typed ``dict`` so the backend declares the loop item a STRUCT and passes it
+    as is. check-config has already checked ``count``.
 
     Args:
         count: Pods the decoding is spread over (the pipeline's prepare_shards).
+        preprocessing: check-config's preprocessing modes (each pod decodes with them).
 
     Returns:
-        ``[0, 1, ..., count - 1]``.
+        One item per pod, ``index`` 0 .. count - 1.
     """
-    return list(range(count))
+    return [{"index": i, "count": count, "preprocessing": preprocessing} for i in range(count)]
 
 
 @stage1_component
 def prepare(
     dataset: Input[Dataset],
-    data_fingerprint: str,
     img_size: int,
-    preprocessing: dict,
     splits: Input[Dataset],
-    shard_index: int,
-    shard_count: int,
+    shard: dict,
     workers: int,
     prepared: Output[Dataset],
 ) -> str:
@@ -77,19 +79,17 @@ def prepare(
 
     Training then reads shards instead of decoding full-size photos every epoch (a 12-MP JPEG
     decodes at about 5 images/s per CPU core). Runs on CPU with parallel workers; cached on the
-    data fingerprint, the image size and the preprocessing modes. Corrupt images are reported by
-    name and left out. On a gs:// pipeline root the shards go straight to the artifact's URI, never
-    through the pod's disk.
+    splits (a new dataset fingerprint makes new splits), the image size and the preprocessing
+    modes. Corrupt images are reported by name and left out. On a gs:// pipeline root the shards
+    go straight to the artifact's URI, never through the pod's disk.
 
     Args:
         dataset: The run's dataset (dsl.importer of data_uri).
-        data_fingerprint: Dataset fingerprint (cache key: a changed dataset is prepared again).
         img_size: Training resolution in pixels.
-        preprocessing: resize_mode, decode_mode and interpolation of the config (check-config's
-            output); recorded in the shards' index, which train checks against its config.
         splits: splits.json from the split step.
-        shard_index: Which block of the shards this pod decodes (0-based).
-        shard_count: Pods the decoding is spread over (the pipeline's prepare_shards).
+        shard: This pod's item of plan_shards: ``index`` (which block of the shards, 0-based),
+            ``count`` (pods in the fan-out) and ``preprocessing`` (resize_mode, decode_mode and
+            interpolation of the config, recorded in the shards' index, which train checks).
         workers: Decoding processes (the pod's CPU request).
         prepared: This pod's shards and their index.
 
@@ -101,23 +101,22 @@ def prepare(
     from stage1_pro.prepare import prepare_dataset
     from stage1_pro.preprocessing import PixelSpec
 
+    index, count, preprocessing = int(shard["index"]), int(shard["count"]), shard["preprocessing"]
     spec = PixelSpec.from_record(img_size, preprocessing, "check-config's preprocessing")
     out = artifact_location(prepared)
-    summary = prepare_dataset(
-        dataset.uri, splits.path, out, spec, workers, part=shard_index, parts=shard_count
-    )
-    n_images = sum(int(shard["n"]) for shard in summary["shards"])
+    summary = prepare_dataset(dataset.uri, splits.path, out, spec, workers, part=index, parts=count)
+    n_images = sum(int(s["n"]) for s in summary["shards"])
     prepared.metadata.update(
         {
             "img_size": img_size,
             **preprocessing,
-            "data_fingerprint": data_fingerprint,
+            "data_fingerprint": summary["dataset"]["fingerprint"],
             "n": n_images,
-            "shard_index": shard_index,
+            "shard_index": index,
         }
     )
     print(
-        f"[stage1-pro] prepare {shard_index + 1}/{shard_count}: {n_images} images ({spec.describe()}) in "
+        f"[stage1-pro] prepare {index + 1}/{count}: {n_images} images ({spec.describe()}) in "
         f"{len(summary['shards'])} shard(s), {summary['n_failed']} failed to decode "
         f"({summary['seconds']:.1f} s, {summary['workers']} workers)"
     )

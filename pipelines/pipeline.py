@@ -250,17 +250,17 @@ def build_pipeline(
             # Never cached: its output is the cache key of everything that reads the data.
             fp = uncached(cpu_task(fingerprint(dataset=dataset.output), "fingerprint"))
             splits = cpu_task(split(dataset=dataset.output, data_fingerprint=fp.output, seed=seed), "split")
-            planned = cpu_task(plan_shards(count=prepare_shards), "plan-shards").after(checked)
-            with dsl.ParallelFor(planned.output) as shard_index:
+            planned = cpu_task(
+                plan_shards(count=prepare_shards, preprocessing=checked.outputs["preprocessing"]),
+                "plan-shards",
+            )
+            with dsl.ParallelFor(planned.output) as shard:
                 sliced = cpu_task(
                     prepare(
                         dataset=dataset.output,
-                        data_fingerprint=fp.output,
                         img_size=img_size,
-                        preprocessing=checked.outputs["preprocessing"],
                         splits=splits.outputs["splits"],
-                        shard_index=shard_index,
-                        shard_count=prepare_shards,
+                        shard=shard,
                         workers=PREPARE_WORKERS,
                     ),
                     "prepare",

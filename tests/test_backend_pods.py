@@ -34,6 +34,7 @@ from kfp_backend import (
     compiled_retry_strategy,
     cpu_pool,
     effective_retry_strategy,
+    from_value,
     gpu_limit,
     gpu_pool,
     placement_problems,
@@ -185,6 +186,7 @@ def test_the_run_reaches_every_task_with_its_inputs_resolved(run: Run) -> None:
             "plan-shards",
             "prepare",
             "merge-prepared",
+            "drift-check",
             "train",
             *(f"calibrate-{p}" for p in ("softmax", "gate", "scrc")),
             "validate",
@@ -206,7 +208,8 @@ def test_the_run_reaches_every_task_with_its_inputs_resolved(run: Run) -> None:
 def test_prepare_fans_out_over_the_planned_shards(package: Package, shards: int) -> None:
     run = run_of(package, prepare_shards=shards)
     prepares = run.tasks_named("prepare")
-    assert sorted(int(p.inputs["shard_index"].number_value) for p in prepares) == list(range(shards))
+    assert sorted(from_value(p.inputs["shard"])["index"] for p in prepares) == list(range(shards))
+    assert {from_value(p.inputs["shard"])["count"] for p in prepares} == {shards}
     merge = run.task("merge-prepared")
     assert len(merge.inputs["slices"].list_value.values) == shards
 
@@ -377,21 +380,21 @@ def test_catches_an_eight_cpu_prepare_on_the_cpu_pool(package: Package, env: str
 
 
 def untyped_shard_items(spec: dict[str, Any], _: dict[str, Any]) -> None:
-    """What ``plan_shards(count) -> list`` compiles to: the loop item declared STRING."""
+    """What ``plan_shards(...) -> list`` (an untyped list) compiles to: the loop item declared STRING."""
     loop = spec["components"]["comp-for-loop-2"]["inputDefinitions"]["parameters"]
     loop["pipelinechannel--plan-shards-Output-loop-item"]["parameterType"] = "STRING"
 
 
-def test_the_shard_index_reaches_prepare_as_an_integer(package: Package) -> None:
-    """A loop item declared STRING is turned into text by the iteration driver, and prepare's
-    ``shard_index: int`` then refuses it at run time (kfp.local runs it fine): plan_shards returns
-    ``list[int]`` so the item is declared NUMBER_INTEGER."""
-    assert [
-        t.inputs["shard_index"].number_value for t in run_and_pods(package)[0].tasks_named("prepare")
-    ] == [0]
-    with pytest.raises(
-        BackendError, match=r"prepare: input parameter 'shard_index' type mismatch: expect NUMBER_INTEGER"
-    ):
+def test_each_prepare_pod_gets_its_shard_item_as_a_struct(package: Package) -> None:
+    """A loop item declared STRING is turned into JSON text by the iteration driver, and prepare's
+    ``shard: dict`` then refuses it at run time (kfp.local runs it fine): plan_shards returns
+    ``list[dict]`` so the item is declared STRUCT and passed as is."""
+    (shard,) = [from_value(t.inputs["shard"]) for t in run_and_pods(package)[0].tasks_named("prepare")]
+    assert (shard["index"], shard["count"]) == (0, 1)
+    assert shard["preprocessing"] == from_value(
+        run_and_pods(package)[0].task("check-config").outputs["preprocessing"]
+    )
+    with pytest.raises(BackendError, match=r"prepare: input parameter 'shard' type mismatch: expect STRUCT"):
         Run(package.mutated(untyped_shard_items), RUN_PARAMETERS, run_commands=EXECUTED)
 
 

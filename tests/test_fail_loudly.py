@@ -150,7 +150,7 @@ def test_check_config_hands_train_the_weights_version(tmp_path: Path) -> None:
     weights.write_bytes(b"weights")
     params = {**defaults(), "data_uri": "gs://b/data/manifest.csv", "weights_uri": str(weights)}
     config = dsl.Artifact(name="config", uri=str(tmp_path / "config.json"), metadata={})
-    config_json, _, gpus, cpus, _, weights_version = check_config.python_func(**params, config=config)
+    config_json, _, _, gpus, cpus, _, weights_version = check_config.python_func(**params, config=config)
     assert weights_version == content_version(str(weights))
     assert (gpus, cpus) == ("1", "3")
     assert json.loads(config_json)["model_path"] == str(weights)

@@ -195,9 +195,7 @@ def test_slices_merged_equal_one_prepare_byte_for_byte(tiny_split, tmp_path, par
 
     Path(load_dataset(manifest).uris[3]).write_bytes(b"not an image")
     shard_bytes = 12 * 12 * 3 * 40  # 40 rows per shard: 5 shards for 200 images
-    whole = prepare_dataset(
-        manifest, splits, str(tmp_path / "one"), img_size=12, workers=1, shard_bytes=shard_bytes
-    )
+    whole = prepare_dataset(manifest, splits, str(tmp_path / "one"), 12, workers=1, shard_bytes=shard_bytes)
     assert whole["n_failed"] == 1 and len(whole["shards"]) == 5
     slices = []
     for part in range(parts):
@@ -206,7 +204,7 @@ def test_slices_merged_equal_one_prepare_byte_for_byte(tiny_split, tmp_path, par
             manifest,
             splits,
             str(out),
-            img_size=12,
+            spec=12,
             workers=1,
             shard_bytes=shard_bytes,
             part=part,
@@ -230,19 +228,19 @@ def prepare_merge(slices: list[str], out: Path) -> dict:
 def test_a_slice_is_not_a_prepared_folder_and_slices_must_match(tiny_split, tmp_path) -> None:
     data, splits = tiny_split
     for part in (0, 1):
-        prepare_dataset(data, splits, str(tmp_path / f"s{part}"), img_size=8, workers=1, part=part, parts=2)
+        prepare_dataset(data, splits, str(tmp_path / f"s{part}"), spec=8, workers=1, part=part, parts=2)
     with pytest.raises(
         ArtifactError, match=r"s0: slice 0 of 2 of a fanned-out prepare.*merge the slices first"
     ):
         open_prepared(str(tmp_path / "s0"))
     with pytest.raises(ArtifactError, match=r"expected slices 0\.\.1 of one fan-out, got \[0\]"):
         prepare_merge([str(tmp_path / "s0")], tmp_path / "m")
-    prepare_dataset(data, splits, str(tmp_path / "other"), img_size=9, workers=1, part=1, parts=2)
+    prepare_dataset(data, splits, str(tmp_path / "other"), spec=9, workers=1, part=1, parts=2)
     with pytest.raises(ArtifactError, match=r"other: a slice of another preparation \(img_size differ"):
         prepare_merge([str(tmp_path / "s0"), str(tmp_path / "other")], tmp_path / "m")
     assert not (tmp_path / "m").exists()
     with pytest.raises(DataError, match=r"part=2 of parts=2: need 0 <= part < parts"):
-        prepare_dataset(data, splits, str(tmp_path / "bad"), img_size=8, workers=1, part=2, parts=2)
+        prepare_dataset(data, splits, str(tmp_path / "bad"), spec=8, workers=1, part=2, parts=2)
 
 
 def test_merge_on_gcs_copies_server_side(tiny_split, gcs_emulator, tmp_path) -> None:
@@ -253,7 +251,7 @@ def test_merge_on_gcs_copies_server_side(tiny_split, gcs_emulator, tmp_path) -> 
             data,
             splits,
             f"{bucket}/s{part}",
-            img_size=8,
+            spec=8,
             workers=1,
             shard_bytes=8 * 8 * 3 * 64,
             part=part,
@@ -261,7 +259,7 @@ def test_merge_on_gcs_copies_server_side(tiny_split, gcs_emulator, tmp_path) -> 
         )
     prepare_merge([f"{bucket}/s0", f"{bucket}/s1"], f"{bucket}/merged")  # type: ignore[arg-type]
     local = prepare_dataset(
-        data, splits, str(tmp_path / "local"), img_size=8, workers=1, shard_bytes=8 * 8 * 3 * 64
+        data, splits, str(tmp_path / "local"), spec=8, workers=1, shard_bytes=8 * 8 * 3 * 64
     )
     remote = open_prepared(f"{bucket}/merged", cache_dir=tmp_path / "cache")
     assert [s["file"] for s in remote.info["shards"]] == [s["file"] for s in local["shards"]]
