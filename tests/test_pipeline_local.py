@@ -417,3 +417,26 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
     assert (Path(second.path) / "model_best.pth").read_bytes() == (
         Path(first.path) / "model_best.pth"
     ).read_bytes()
+
+
+def test_progress_restores_the_root_logger_and_leaves_no_filter_behind(tmp_path: Path) -> None:
+    """kfp.local swaps the root logger's handlers around every task, from several threads in a
+    dsl.ParallelFor, and can leave a task's handler in place of the originals. After a run the
+    caller's handlers are back, and none keeps the run's filter (which would write to its closed log)."""
+    import io
+    import logging
+
+    from stage1_pro.pipelines.local import _Progress
+
+    root = logging.getLogger()
+    mine = logging.StreamHandler(io.StringIO())
+    saved = root.handlers[:]
+    root.handlers[:] = [mine]
+    try:
+        with (tmp_path / "run.log").open("w") as log, _Progress(log, lambda _line: None, False):
+            root.handlers[:] = [logging.StreamHandler(io.StringIO())]  # what a racing task leaves
+        assert root.handlers == [mine]
+        assert mine.filters == []
+        logging.getLogger("kfp.local.x").info("after the run")  # no closed-file error
+    finally:
+        root.handlers[:] = saved
