@@ -41,10 +41,11 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
 
     from stage1_pro.components.calibrate import calibrate
     from stage1_pro.components.check_config import check_config, fingerprint
-    from stage1_pro.components.data import prepare, split
+    from stage1_pro.components.data import merge_prepared, prepare, split
     from stage1_pro.components.export import export
     from stage1_pro.components.train import train
     from stage1_pro.components.validate import validate
+    from stage1_pro.pipelines.pipeline import PREPARE_WORKERS
 
     def art(cls: type, name: str) -> Any:
         return cls(name=name, uri=str(scratch / name), metadata={})
@@ -66,20 +67,22 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
         config=art(dsl.Artifact, "config"),
         **check_args,
     )
-    fp = step("fingerprint", fingerprint, data_uri=params["data_uri"])
+    dataset = dsl.Dataset(name="dataset", uri=params["data_uri"], metadata={})
+    fp = step("fingerprint", fingerprint, dataset=dataset)
     splits = art(dsl.Dataset, "splits")
-    step("split", split, data_uri=params["data_uri"], data_fingerprint=fp, seed=params["seed"], splits=splits)
-    prepared = art(dsl.Dataset, "prepared")
-    step(
+    step("split", split, dataset=dataset, data_fingerprint=fp, seed=params["seed"], splits=splits)
+    shard = step(
         "prepare",
         prepare,
-        data_uri=params["data_uri"],
-        data_fingerprint=fp,
+        dataset=dataset,
         img_size=params["img_size"],
-        preprocessing=checked[1],
         splits=splits,
-        prepared=prepared,
+        shard={"index": 0, "count": 1, "preprocessing": checked[1]},
+        workers=PREPARE_WORKERS,
+        prepared=art(dsl.Dataset, "prepared-0"),
     )
+    prepared = art(dsl.Dataset, "prepared")
+    step("merge-prepared", merge_prepared, slices=[shard], data_fingerprint=fp, prepared=prepared)
     model, scores = art(dsl.Model, "model"), art(dsl.Dataset, "scores")
     step(
         "train",
@@ -88,6 +91,7 @@ def run_direct(params: dict[str, Any], scratch: Path) -> dict[str, float]:
         splits=splits,
         prepared=prepared,
         data_fingerprint=fp,
+        weights_version=checked[-1],
         gpu_count=1,
         model=model,
         scores=scores,

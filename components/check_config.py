@@ -2,7 +2,7 @@
 
 from typing import NamedTuple
 
-from kfp.dsl import Artifact, Output
+from kfp.dsl import Artifact, Dataset, Input, Output
 
 from stage1_pro.components.base import stage1_component
 
@@ -24,8 +24,10 @@ def check_config(
     seed: int,
     gpu_type: str,
     gpu_count: int,
+    prepare_shards: int,
     publish_prefix: str,
     champion_prefix: str,
+    webhook_url: str,
     config_overrides: dict,
     config: Output[Artifact],
 ) -> NamedTuple(
@@ -34,16 +36,20 @@ def check_config(
         ("config_json", str),
         ("preprocessing", dict),
         ("gpu_node_selector", dict),
+        ("train_gpu_count", str),
         ("train_cpu_request", str),
         ("train_memory_request", str),
+        ("weights_version", str),
     ],
 ):
     """Validate the run's parameters and write the resolved training config (config.json).
 
     Runs first and on a small CPU pod, so a bad combination (a policy the phase cannot train, a
-    target outside (0, 0.1], an unknown setting in config_overrides, a malformed GPU type) fails
-    before any GPU node is requested. Also derives the train task's node selector from gpu_type and
-    its CPU/memory requests from gpu_count.
+    target outside (0, 0.1], an unknown setting in config_overrides, a malformed GPU type, more
+    GPUs than a node has, missing starting weights) fails before any GPU node is requested. Also
+    derives the train task's node selector from gpu_type and its GPU, CPU and memory requests from
+    gpu_count, as strings: the KFP driver resolves a resource placeholder with the parameter's
+    string value only. Never cached: it reads the starting weights' current version.
 
     Args:
         data_uri: Dataset manifest or image-folder prefix (local or gs://).
@@ -61,24 +67,30 @@ def check_config(
         seed: Seed of splits and training.
         gpu_type: cloud.google.com/gke-accelerator label value of the GPU node pool.
         gpu_count: GPUs of the train task (data-parallel workers).
+        prepare_shards: Pods that decode the images in parallel.
         publish_prefix: Registry prefix to publish to; empty for none.
         champion_prefix: Registry prefix of the model in production; empty for none.
+        webhook_url: Where the end-of-run report is POSTed; empty for none.
         config_overrides: Further Stage1ProConfig settings.
         config: The resolved, schema-validated config.json (for lineage and the UI).
 
     Returns:
         config_json: The same config as canonical JSON, the train task's input. A string, compared
-            by value in the cache key: re-running this step (say, for a new publish_prefix) does
-            not invalidate a trained model whose config is unchanged.
+            by value in the cache key: a new publish_prefix does not invalidate a trained model whose
+            config is unchanged.
         preprocessing: The config's preprocessing modes (resize, decode, interpolation), the
             prepare task's input: the shards are made as the config will train and serve, and a
             change of another setting does not invalidate them.
         gpu_node_selector: Node selector of the train task.
+        train_gpu_count: nvidia.com/gpu limit of the train task.
         train_cpu_request: CPU request of the train task.
-        train_memory_request: Memory request of the train task.
+        train_memory_request: Memory request of the train task (host memory plus /dev/shm).
+        weights_version: The starting weights' object generation (GCS) or sha256 (local file), empty
+            for the timm hub's: train's cache key, so new weights at the same URI retrain.
     """
     from stage1_pro.config import config_json, save_config
     from stage1_pro.preprocessing import PixelSpec
+    from stage1_pro.provenance import content_version
     from stage1_pro.run_parameters import check_parameters
 
     checked = check_parameters(
@@ -98,30 +110,37 @@ def check_config(
             "seed": seed,
             "gpu_type": gpu_type,
             "gpu_count": gpu_count,
+            "prepare_shards": prepare_shards,
             "publish_prefix": publish_prefix,
             "champion_prefix": champion_prefix,
+            "webhook_url": webhook_url,
             "config_overrides": config_overrides,
         }
     )
+    weights_version = content_version(weights_uri) if weights_uri else ""
     save_config(checked.config, config.path)
     config.metadata.update({"phase": phase, "exit_policy": exit_policy, "model_name": model_name})
     print(
         f"[stage1-pro] check-config: phase {phase}, exit_policy {exit_policy}, target_fnr_exit "
         f"{target_fnr_exit}, max_fpr_exit {max_fpr_exit}, delta {delta}, {model_name} @ {img_size}px; "
         f"train on {gpu_count} x {gpu_type} "
-        f"(cpu {checked.train_cpu_request}, memory {checked.train_memory_request})"
+        f"(cpu {checked.train_cpu_request}, memory {checked.train_memory_request}, "
+        f"{checked.config.num_workers} loader workers per GPU); prepare in {prepare_shards} pod(s)"
+        + (f"; weights {weights_version}" if weights_version else "")
     )
     return (
         config_json(checked.config),
         PixelSpec.from_config(checked.config).record(),
         checked.gpu_node_selector,
+        checked.train_gpu_count,
         checked.train_cpu_request,
         checked.train_memory_request,
+        weights_version,
     )
 
 
 @stage1_component
-def fingerprint(data_uri: str) -> str:
+def fingerprint(dataset: Input[Dataset]) -> str:
     """Fingerprint the dataset: the sha256 of its canonical manifest (image URIs and labels).
 
     Never cached. split, prepare and train take the fingerprint as an input, so their cached
@@ -129,17 +148,17 @@ def fingerprint(data_uri: str) -> str:
     gets a new fingerprint and everything downstream recomputes.
 
     Args:
-        data_uri: Dataset manifest or image-folder prefix (local or gs://).
+        dataset: The run's dataset (dsl.importer of data_uri): a manifest or image-folder prefix.
 
     Returns:
         The dataset fingerprint (64 hex digits).
     """
     from stage1_pro.data import load_dataset
 
-    dataset = load_dataset(data_uri, check_files=False)
-    positives = int(dataset.labels.sum())
+    data = load_dataset(dataset.uri, check_files=False)
+    positives = int(data.labels.sum())
     print(
-        f"[stage1-pro] fingerprint: {len(dataset)} images ({positives} positive) in {data_uri}: "
-        f"{dataset.fingerprint[:16]}..."
+        f"[stage1-pro] fingerprint: {len(data)} images ({positives} positive) in {dataset.uri}: "
+        f"{data.fingerprint[:16]}..."
     )
-    return dataset.fingerprint
+    return data.fingerprint

@@ -21,6 +21,10 @@ MAX_ROC_POINTS = 200
 #: Training images the drift check scores with the champion (a random sample; the report states
 #: the shift this many images can detect against the champion's reference).
 DRIFT_SAMPLE_SIZE = 2000
+#: Environment variable the pipeline fills with the pod's node name (Kubernetes downward API).
+NODE_NAME_ENV = "STAGE1_PRO_NODE_NAME"
+#: The pod's name, which the KFP backend sets in every task's container (and kfp.local does not).
+KFP_POD_ENV = "KFP_POD_NAME"
 
 
 def durable_run_dir(model_uri: str) -> str | None:
@@ -35,6 +39,93 @@ def durable_run_dir(model_uri: str) -> str | None:
     Locally (``kfp.local``; a local pipeline root) the run directory is the artifact itself.
     """
     return model_uri.rstrip("/") + ".run" if model_uri.startswith("gs://") else None
+
+
+def require_gpus(gpu_count: int, environ: Mapping[str, str] | None = None) -> int:
+    """Stop at once when a pod that asked for ``gpu_count`` GPUs sees fewer; return the count seen.
+
+    ``device=auto`` would otherwise train on CPU, silently and for days. Applies to a task the KFP
+    backend runs, whose container has ``KFP_POD_NAME`` (set on every executor container since
+    KFP 2.0: ``commonEnvs`` in backend/src/v2/compiler/argocompiler/common.go); ``kfp.local``
+    runs the same task on the CPU on purpose. The NVIDIA device plugin sets
+    ``NVIDIA_VISIBLE_DEVICES`` in a container it gave GPUs to, which tells a missing
+    ``nvidia.com/gpu`` limit apart from a driver that cannot serve the GPU it was given.
+
+    Raises:
+        DeviceError: naming the node, the pod and the likely cause.
+    """
+    import torch
+
+    from stage1_pro.errors import DeviceError
+
+    env = os.environ if environ is None else environ
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    pod = env.get(KFP_POD_ENV)
+    if not pod or visible >= gpu_count:
+        return visible
+    node = env.get(NODE_NAME_ENV) or "(node unknown)"
+    assigned = env.get("NVIDIA_VISIBLE_DEVICES", "")
+    if assigned in ("", "void", "none"):
+        cause = (
+            "the container has no nvidia.com/gpu limit, so the device plugin gave it no GPU (a resource "
+            "count the KFP driver could not resolve, e.g. a number where it needs a string, drops the "
+            "limit without an error)"
+        )
+    else:
+        cause = (
+            f"the device plugin assigned GPU(s) {assigned}, but CUDA cannot use them (node driver too old "
+            f"for this torch's CUDA {torch.version.cuda}?)"
+        )
+    raise DeviceError(
+        f"train asked for {gpu_count} GPU(s) but sees {visible} on node {node} (pod {pod}): {cause}; not "
+        f"training on the CPU instead. Check the pod's limits with kubectl get pod {pod} -o "
+        "jsonpath='{.spec.containers[*].resources.limits}'"
+    )
+
+
+#: Folder of a run's outcome records, under the run's own folder of the pipeline root.
+OUTCOME_DIR = "stage1-pro-outcome"
+
+
+def run_root(artifact_uri: str, run_id: str, run_name: str) -> str:
+    """This run's folder of the pipeline root, from the URI of an output artifact of this run.
+
+    The KFP backend puts outputs at ``<pipeline root>/<pipeline name>/<run ID>/<task>/<salt>/<name>``
+    (``backend/src/v2/driver/driver.go``, ``metadata.GenerateOutputURI``); kfp.local at
+    ``<pipeline root>/<pipeline name>-<timestamp>/<task>/<name>`` (what it also passes as the run's
+    name). The run's folder is the URI up to the segment equal to the run's ID or name, whichever
+    is there.
+
+    Raises:
+        ValueError: neither marker is a segment of ``artifact_uri``.
+    """
+    segments = artifact_uri.rstrip("/").split("/")
+    for i, segment in enumerate(segments):
+        if segment and segment in (run_id, run_name):
+            return "/".join(segments[: i + 1])
+    raise ValueError(f"{artifact_uri}: no segment names this run ({run_id!r} or {run_name!r})")
+
+
+def outcome_uri(artifact_uri: str, run_id: str, run_name: str, stage: str) -> str:
+    """Where this run's outcome record of ``stage`` lives (see :mod:`stage1_pro.run_report`)."""
+    from stage1_pro import storage
+
+    return storage.join(run_root(artifact_uri, run_id, run_name), OUTCOME_DIR, f"{stage}.json")
+
+
+def artifact_location(artifact: Any) -> str:
+    """Where a component writes a folder artifact: its GCS URI on a ``gs://`` pipeline root, else its path.
+
+    The KFP launcher uploads an output's local folder (``artifact.path``) only after the step
+    succeeds, from the pod's disk; shards of a large dataset written there would need that much
+    ephemeral storage, and a lost pod would lose them. Written straight to ``artifact.uri`` they
+    never touch the disk; the local folder is created empty, which the launcher then uploads as
+    nothing (it only needs the folder to exist). Locally (``kfp.local``) the URI is the path.
+    """
+    if artifact.uri.startswith("gs://"):
+        os.makedirs(artifact.path, exist_ok=True)
+        return artifact.uri
+    return artifact.path
 
 
 def copy_run_files(run_dir: str, dest: str | os.PathLike[str]) -> list[str]:

@@ -11,6 +11,7 @@ def train(
     splits: Input[Dataset],
     prepared: Input[Dataset],
     data_fingerprint: str,
+    weights_version: str,
     gpu_count: int,
     model: Output[Model],
     scores: Output[Dataset],
@@ -24,13 +25,16 @@ def train(
     it trains data-parallel in this pod (DDP, one process per GPU, launched by torchrun) with the
     same global batch. On a GCS pipeline root the run directory (with a checkpoint every epoch)
     lives at <model uri>.run, so a retry after a preempted node resumes where the killed pod
-    stopped.
+    stopped. In a pod that sees fewer GPUs than gpu_count it stops at once with an error naming
+    the node; it never trains on the CPU in their place.
 
     Args:
         config_json: The resolved config (canonical JSON) from check-config.
         splits: splits.json from the split step.
         prepared: Prepared shards from the prepare step.
         data_fingerprint: Dataset fingerprint (cache key: a changed dataset is never served from cache).
+        weights_version: The starting weights' content version from check-config (cache key: new
+            weights at the same URI retrain).
         gpu_count: GPUs of this task = data-parallel processes.
         model: Run directory: model_best.pth, model.json, config.json, splits.json, metrics.csv, scores.npz.
         scores: scores.npz (val_select, val_calib, test).
@@ -39,11 +43,18 @@ def train(
     import json
     import os
 
-    from stage1_pro.components.runtime import copy_file, copy_run_files, durable_run_dir, log_metrics
+    from stage1_pro.components.runtime import (
+        copy_file,
+        copy_run_files,
+        durable_run_dir,
+        log_metrics,
+        require_gpus,
+    )
     from stage1_pro.config import Stage1ProConfig
     from stage1_pro.layout import RunDir
     from stage1_pro.training.launcher import train_processes
 
+    require_gpus(gpu_count)
     cfg = Stage1ProConfig.from_dict(json.loads(config_json), source="check-config's config_json")
     remote_run_dir = durable_run_dir(model.uri)
     print(
@@ -69,6 +80,7 @@ def train(
             "phase": cfg.phase,
             "img_size": cfg.img_size,
             "data_fingerprint": data_fingerprint,
+            "weights_version": weights_version,
         }
     )
     best, test = summary["best"], summary["test"]["accuracy"]

@@ -5,7 +5,11 @@
   (``<stage1-pro version>-<sha256[:12]>``), so uploading the same package again reuses the
   existing version instead of adding a duplicate.
 - :func:`submit_run`: one run, from a package or from an uploaded version, parameters checked
-  locally first (:func:`stage1_pro.run_parameters.check_parameters`).
+  locally first (:func:`stage1_pro.run_parameters.check_parameters`). Its default name carries the
+  date and the data's fingerprint (:func:`run_name_for`) and its description the settings that
+  matter (:func:`describe_run`), so a list of runs reads without opening each one.
+- Versions are described with the git revision of the code and the images they run
+  (:func:`version_description`).
 - :func:`schedule`: recurring retraining. KFP cannot update a recurring run in place
   (kubeflow/pipelines#3789), so scheduling under an existing name uploads the package as a new
   version, creates a recurring run pinned to that version (``max_concurrency=1``,
@@ -77,6 +81,89 @@ def version_name_for(package: str | os.PathLike[str]) -> str:
     return f"{__version__}-{digest[:12]}"
 
 
+def source_revision() -> str:
+    """The git revision of this checkout (``<sha12>``, ``+dirty`` with uncommitted changes), or
+    ``unknown`` outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def package_images(package: str | os.PathLike[str]) -> list[str]:
+    """The container images a compiled package runs, sorted."""
+    import yaml
+
+    spec = next(yaml.safe_load_all(Path(package).read_text(encoding="utf-8")))
+    executors = spec.get("deploymentSpec", {}).get("executors", {}).values()
+    return sorted({e["container"]["image"] for e in executors if "container" in e})
+
+
+def version_description(package: str | os.PathLike[str]) -> str:
+    """What a pipeline version is: the stage1-pro release, the git revision and the images it runs."""
+    return f"stage1-pro {__version__} from git {source_revision()}; images " + ", ".join(
+        package_images(package)
+    )
+
+
+def dataset_fingerprint(data_uri: str) -> tuple[str | None, str]:
+    """(fingerprint, note) of the dataset a run is about to read; (None, why) when it cannot be read here.
+
+    The run's own fingerprint step computes it again on the cluster (this machine may lack the
+    bucket's credentials): the name is a convenience, the pipeline's check is the guarantee.
+    """
+    from stage1_pro.data import load_dataset
+
+    try:
+        return load_dataset(data_uri, check_files=False).fingerprint, ""
+    except Stage1ProError as exc:
+        return None, f"data fingerprint not computed on the submitting machine ({exc})"
+
+
+def run_name_for(params: Mapping[str, Any], data_fingerprint: str | None, now: Any = None) -> str:
+    """``stage1-pro-<exit policy>-<UTC YYYYmmdd-HHMM>-<fingerprint[:8]>``: sortable, data at a glance."""
+    import datetime as dt
+
+    moment = now or dt.datetime.now(dt.UTC)
+    name = f"stage1-pro-{params.get('exit_policy', 'softmax')}-{moment:%Y%m%d-%H%M}"
+    return f"{name}-{data_fingerprint[:8]}" if data_fingerprint else name
+
+
+def describe_run(params: Mapping[str, Any], data_fingerprint: str | None, note: str = "") -> str:
+    """The run's description: the data, its fingerprint and the settings a reader compares runs by."""
+    from stage1_pro.run_parameters import defaults
+
+    values = {**defaults(), **params}
+    shown = ", ".join(
+        f"{key}={values[key]}"
+        for key in ("phase", "exit_policy", "target_fnr_exit", "delta", "model_name", "epochs", "gpu_type")
+    )
+    data = f"data {values.get('data_uri')} (fingerprint {data_fingerprint or 'unknown'})"
+    parts = [data, shown]
+    if values.get("publish_prefix"):
+        parts.append(f"publishes to {values['publish_prefix']}")
+    if note:
+        parts.append(note)
+    return "; ".join(parts)
+
+
 def upload(
     client: Any,
     package: str | os.PathLike[str],
@@ -99,7 +186,9 @@ def upload(
         package: the compiled pipeline YAML.
         name: the pipeline's name on the server.
         version: the version's name (default: :func:`version_name_for` the package).
-        description: shown in the UI for the version (and for the pipeline when it is created).
+        description: shown in the UI for the version and, when it is created, the pipeline
+            (default: :func:`version_description`, the release, git revision and images, for the
+            version; the pipeline's own description for the pipeline).
 
     Returns:
         The version; ``reused_version`` when a version of that name already existed.
@@ -109,12 +198,16 @@ def upload(
     """
     from kfp_server_api import V2beta1Pipeline
 
+    from stage1_pro.pipelines.pipeline import PIPELINE_DESCRIPTION
+
     version = version or version_name_for(package)
     pipeline_id = _call(client.get_pipeline_id, name)
     created_pipeline = pipeline_id is None
     if created_pipeline:
         pipeline = V2beta1Pipeline(
-            display_name=name, description=description, namespace=client.get_user_namespace() or None
+            display_name=name,
+            description=description or PIPELINE_DESCRIPTION,
+            namespace=client.get_user_namespace() or None,
         )
         pipeline_id = _call(client.pipelines.pipeline_service_create_pipeline, pipeline).pipeline_id
     else:
@@ -128,7 +221,7 @@ def upload(
         str(package),
         pipeline_version_name=version,
         pipeline_id=pipeline_id,
-        description=description,
+        description=description or version_description(package),
     )
     return Uploaded(pipeline_id, created.pipeline_version_id, version, created_pipeline, False)
 
@@ -184,24 +277,57 @@ def submit_run(
         )
     check_parameters(params)
     experiment_id = _experiment_id(client, experiment)
-    run_name = run_name or f"stage1-pro-{params.get('exit_policy', 'softmax')}"
-    kwargs: dict[str, Any] = {
-        "experiment_id": experiment_id,
-        "job_name": run_name,
-        "params": dict(params),
-        "pipeline_root": pipeline_root,
-        "enable_caching": enable_caching,
-    }
+    fingerprint, note = dataset_fingerprint(str(params.get("data_uri", "")))
+    run_name = run_name or run_name_for(params, fingerprint)
+    description = describe_run(params, fingerprint, note)
     if version is not None:
-        kwargs.update(pipeline_id=version.pipeline_id, version_id=version.version_id)
-        return _call(client.run_pipeline, **kwargs).run_id
+        description += f"; pipeline version {version.version_name}"
+        return _create_run(
+            client, experiment_id, run_name, description, params, pipeline_root, version=version
+        )
     with tempfile.TemporaryDirectory(prefix="stage1-pro-run-") as tmp:
         if enable_caching is False:
             # The SDK's override reaches only the root DAG's tasks, not those inside the branches.
             package = without_caching(package, Path(tmp, "pipeline.yaml"))
-            kwargs["enable_caching"] = None
-        kwargs["pipeline_package_path"] = str(package)
-        return _call(client.run_pipeline, **kwargs).run_id
+        description += f"; {version_description(package)}"
+        return _create_run(
+            client, experiment_id, run_name, description, params, pipeline_root, package=package
+        )
+
+
+def _create_run(
+    client: Any,
+    experiment_id: str,
+    name: str,
+    description: str,
+    params: Mapping[str, Any],
+    pipeline_root: str | None,
+    *,
+    package: str | os.PathLike[str] | None = None,
+    version: Uploaded | None = None,
+) -> str:
+    """``kfp.Client.run_pipeline`` with a description (the SDK's method cannot set one): the same job
+    config (kfp 2.17.3 ``Client._create_job_config``), posted with the run's description."""
+    from kfp_server_api import V2beta1Run
+
+    config = client._create_job_config(
+        params=dict(params),
+        pipeline_package_path=str(package) if package is not None else None,
+        pipeline_id=version.pipeline_id if version else None,
+        version_id=version.version_id if version else None,
+        enable_caching=None,
+        cache_key=None,
+        pipeline_root=pipeline_root,
+    )
+    run = V2beta1Run(
+        experiment_id=experiment_id,
+        display_name=name,
+        description=description,
+        pipeline_spec=config.pipeline_spec,
+        pipeline_version_reference=config.pipeline_version_reference,
+        runtime_config=config.runtime_config,
+    )
+    return _call(client.runs.run_service_create_run, run=run).run_id
 
 
 def without_caching(package: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -241,7 +367,11 @@ def schedule(
         client.create_recurring_run,
         experiment_id=experiment_id,
         job_name=name,
-        description=f"stage1-pro retraining ({pipeline_name} version {uploaded.version_name}); cron '{cron}'",
+        description=(
+            f"stage1-pro retraining ({pipeline_name} version {uploaded.version_name}); cron '{cron}'; "
+            f"{describe_run(params, None, 'each run fingerprints its data')}; its report-run step logs "
+            "(and POSTs to webhook_url) whether it was blessed"
+        ),
         cron_expression=cron,
         max_concurrency=1,
         no_catchup=True,

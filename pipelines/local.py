@@ -252,23 +252,34 @@ class _Progress(io.TextIOBase):
         self._started: dict[str, float] = {}
         self._buffer = ""
         self._stdout = sys.stdout
+        self._filtered: list[logging.Handler] = []
+        self._root_level = logging.NOTSET
 
     def __enter__(self) -> _Progress:
         sys.stdout = self
         # kfp.local's orchestrator also logs through the root logger ("Skipping conditional task
         # ..."); keep those records in the log file rather than on the user's console.
-        for handler in logging.getLogger().handlers:
+        # kfp.local swaps the root logger's handlers around every task (local_logger_context) and,
+        # with a dsl.ParallelFor, does so from several threads at once, which can leave a task's
+        # handler in place of the original ones. Remember them: restore them at the end, and take
+        # the filter off exactly the handlers that got it (else it would write to this closed log).
+        root = logging.getLogger()
+        self._filtered, self._root_level = list(root.handlers), root.level
+        for handler in self._filtered:
             handler.addFilter(self._kfp_records)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handler in logging.getLogger().handlers:
+        root = logging.getLogger()
+        for handler in self._filtered:
             handler.removeFilter(self._kfp_records)
+        root.handlers[:] = self._filtered
+        root.setLevel(self._root_level)
         self.flush()
         sys.stdout = self._stdout
 
     def _kfp_records(self, record: logging.LogRecord) -> bool:
-        if "kfp/local" not in record.pathname.replace("\\", "/"):
+        if "kfp/local" not in record.pathname.replace("\\", "/") or self.log.closed:
             return True
         self.log.write(f"{record.levelname} {record.getMessage()}\n")
         if self.verbose:

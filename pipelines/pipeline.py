@@ -1,30 +1,40 @@
-"""The stage1-pro Kubeflow pipeline: check config -> fingerprint -> split -> prepare -> drift check
-against the champion -> train (GPU) -> one exit-policy branch (calibrate -> validate against the
-champion -> export if blessed -> publish if asked).
+"""The stage1-pro Kubeflow pipeline: check config -> import and fingerprint the data -> split ->
+prepare (fanned out) -> merge -> drift check against the champion -> train (GPU) -> one
+exit-policy branch (calibrate -> validate against the champion -> export if blessed -> publish if
+asked), all inside a dsl.ExitHandler whose exit task reports the run.
 
 Build it with :func:`build_pipeline` (``stage1-pro compile`` does), or use the module-level
-:data:`stage1_pro_pipeline` (``kfp dsl compile --py pipelines/pipeline.py``).
+:data:`stage1_pro_pipeline` (``kfp dsl compile --py pipelines/pipeline.py``). Needs a KFP backend
+>= 2.17.0 (README "Running on a GKE cluster": which feature needs which version).
 
 Design notes
 - Branches: ``dsl.If/Elif/Else`` on ``exit_policy``, one per registered exit policy in registration
   order (:mod:`stage1_pro.policy_registry`), each self-contained (its own calibrate, validate and
   export tasks, the same components; calibrate takes the branch's policy as a parameter). No
-  artifact ``dsl.OneOf``: it fails under ``kfp.local`` and needs KFP backend >= 2.17, while
-  self-contained branches run everywhere and keep typed artifacts and lineage. The Else branch is
-  the last registered policy (``scrc``): check-config has already rejected any other value.
-- GPU: only the train task requests one (``nvidia.com/gpu`` x ``gpu_count``), with the GKE
-  accelerator node selector and the ``nvidia.com/gpu`` toleration. The GPU model comes from the
-  ``gpu_type`` parameter at run time: check-config turns it into a node selector, applied with
-  ``kfp.kubernetes.add_node_selector_json`` (``set_accelerator_type`` cannot take a run-time value
-  in kfp 2.17 and only names the resource anyway). The count is a run-time value too.
-- Caching: every task is cached on its inputs except ``fingerprint``, whose output (the dataset's
-  sha256) is an input of split, prepare and train: an unchanged dataset reuses their results, a
-  changed one recomputes everything downstream; and ``drift-check``, which resolves the champion
-  (``champion_prefix``'s latest) once per run: its output, the champion's ``PREFIX/VERSION``, is
-  validate's input, so a moved ``latest`` invalidates a cached validation.
-- Retries: train retries on failure (preemptible GPU nodes); on a GCS pipeline root it writes its
-  run directory and per-epoch checkpoints straight to ``<model uri>.run``, which every retry of
-  the task sees, and resumes from there (see ``stage1_pro.components.runtime.durable_run_dir``).
+  artifact ``dsl.OneOf``: it fails under ``kfp.local``, while self-contained branches run
+  everywhere and keep typed artifacts and lineage. The Else branch is the last registered policy
+  (``scrc``): check-config has already rejected any other value.
+- GPU: only the train task requests one: ``nvidia.com/gpu`` x check-config's ``train_gpu_count``,
+  the GKE accelerator node selector (from ``gpu_type``, applied with
+  ``kfp.kubernetes.add_node_selector_json``) and the ``nvidia.com/gpu`` toleration. Every run-time
+  resource value (GPU count, CPU, memory) is a *string* output of check-config: the KFP driver
+  resolves a resource placeholder with the parameter's string value (``resolvePodSpecInputRuntimeParameter``
+  in backend/src/v2/driver/resolve.go), so an ``int`` parameter would resolve to "" and the pod
+  would get no GPU limit, silently. kfp 2.17's ``set_cpu_*``/``set_memory_*``/``set_accelerator_*``
+  do not register their channels with the enclosing sub-DAG (the ExitHandler here), so the train
+  task registers them itself (:func:`register_resource_channels`).
+- /dev/shm: train mounts a memory-backed emptyDir there, sized in ``stage1_pro.sizing`` and
+  counted in its memory request (DataLoader workers pass batches through shared memory).
+- Caching: every task is cached on its inputs except check-config (it reads the starting
+  weights' version, train's cache key), fingerprint (the dataset's sha256, the cache key of
+  everything that reads the data), drift-check (it resolves the champion, ``champion_prefix``'s
+  latest, once per run: its output, the champion's ``PREFIX/VERSION``, is validate's input, so a
+  moved ``latest`` invalidates a cached validation) and the outcome records (they note this run's
+  verdict).
+- Retries: train retries (preemptible GPU nodes) and resumes from its last epoch: on a GCS
+  pipeline root it writes its run directory and per-epoch checkpoints straight to
+  ``<model uri>.run``, which every retry sees (``stage1_pro.components.runtime.durable_run_dir``).
+  Which failures Argo retries depends on the cluster (README "What is retried").
 """
 
 from collections.abc import Callable
@@ -32,17 +42,20 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from stage1_pro import cluster
+from stage1_pro import __version__, cluster, sizing
 from stage1_pro.components.calibrate import calibrate
 from stage1_pro.components.check_config import check_config, fingerprint
-from stage1_pro.components.data import prepare, split
+from stage1_pro.components.data import merge_prepared, plan_shards, prepare, split
 from stage1_pro.components.drift import drift_check
 from stage1_pro.components.export import export, publish
 from stage1_pro.components.image import GPU_TAG_SUFFIX, component_image
+from stage1_pro.components.report import record_outcome, report_run
+from stage1_pro.components.runtime import NODE_NAME_ENV
 from stage1_pro.components.train import train
 from stage1_pro.components.validate import validate
 from stage1_pro.policy_registry import list_policies
 from stage1_pro.run_parameters import PARAMETERS, check_gpu_type, pipeline_docstring
+from stage1_pro.run_report import EXPORT_STAGE, VALIDATE_STAGE
 
 PIPELINE_NAME = "stage1-pro"
 PIPELINE_DESCRIPTION = (
@@ -50,20 +63,42 @@ PIPELINE_DESCRIPTION = (
     "and ship the stage-1 exit classifier of a cascade."
 )
 TRAIN_RETRIES = 3
-TRAIN_RETRY_BACKOFF = "120s"
+TRAIN_RETRY_BACKOFF_S = 120
+TRAIN_RETRY_BACKOFF_FACTOR = 2  # Argo parses the factor as an integer
+#: Wall-clock limit of one train pod (Kubernetes activeDeadlineSeconds): a hung run stops paying
+#: for its GPU. Ten epochs of ViT-S/14 over a million 224-px images take well under an hour.
+TRAIN_TIMEOUT_S = 12 * 3600
+#: Argo measures backoff.maxDuration from the first attempt's start and gives every retry pod that
+#: deadline; the SDK default (3600 s) would forbid any retry after an hour. Cover every attempt.
+TRAIN_RETRY_MAX_DURATION_S = (TRAIN_RETRIES + 1) * TRAIN_TIMEOUT_S + sum(
+    TRAIN_RETRY_BACKOFF_S * TRAIN_RETRY_BACKOFF_FACTOR**i for i in range(TRAIN_RETRIES)
+)
+#: Decoding processes of one prepare pod = its CPU request. With GKE's reservations, the system
+#: DaemonSets and Argo's wait sidecar, 6 leaves headroom on an e2-standard-8 (7.91 allocatable).
+PREPARE_WORKERS = 6
 #: CPU tasks' (request, limit) of CPU and memory. Requests and limits are both set: the namespace's
 #: LimitRange would otherwise impose its default limit, and reject a request above it.
 CPU_TASK_RESOURCES: dict[str, tuple[str, str, str, str]] = {
     "check-config": ("0.5", "1", "1Gi", "2Gi"),
     "fingerprint": ("0.5", "1", "1Gi", "2Gi"),
     "split": ("1", "2", "2Gi", "4Gi"),
-    "prepare": ("8", "8", "16Gi", "16Gi"),
-    "calibrate": ("1", "2", "2Gi", "4Gi"),
+    "prepare": (str(PREPARE_WORKERS), str(PREPARE_WORKERS), "8Gi", "8Gi"),
+    "plan-shards": ("0.25", "0.5", "512Mi", "1Gi"),
+    "merge-prepared": ("0.5", "1", "2Gi", "4Gi"),
     "drift-check": ("1", "2", "4Gi", "8Gi"),
+    "calibrate": ("1", "2", "2Gi", "4Gi"),
     "validate": ("1", "2", "4Gi", "8Gi"),
     "export": ("1", "2", "4Gi", "8Gi"),
     "publish": ("0.5", "1", "2Gi", "4Gi"),
+    "record-outcome": ("0.25", "0.5", "1Gi", "2Gi"),
+    "report-run": ("0.25", "0.5", "1Gi", "2Gi"),
 }
+#: Pod labels for cost attribution (GKE cost allocation breaks costs down by pod label).
+APP_LABEL = "app"
+VERSION_LABEL = "pipeline-version"
+TASK_LABEL = "task"
+#: Name of the train pod's shared-memory volume.
+SHM_VOLUME = "dshm"
 
 _D = {p.name: p.default for p in PARAMETERS}
 
@@ -102,6 +137,27 @@ def policy_branches(exit_policy: Any, branch: Callable[[str], None]) -> None:
             branch(name)
 
 
+def register_resource_channels(task: Any, *channels: Any) -> Any:
+    """Declare the run-time resource values a task uses as its inputs (a kfp 2.17.3 compiler bug).
+
+    ``set_cpu_*``, ``set_memory_*`` and ``set_accelerator_*`` do not register their channels. A
+    channel from the task's own DAG compiles anyway, but one from outside a sub-DAG (a pipeline
+    parameter, or a task above the ExitHandler) does not reach the sub-DAG's inputs: the driver
+    fails at run time (``parent DAG does not have input parameter``), or compilation fails for a
+    task output. Registering them keeps the train task correct wherever check-config sits.
+    """
+    task.register_pipeline_channels(list(channels))
+    return task
+
+
+def label_pod(task: Any, name: str) -> Any:
+    """Pod labels app / pipeline-version / task, for cost attribution (needs backend >= 2.14)."""
+    kubernetes.add_pod_label(task, APP_LABEL, PIPELINE_NAME)
+    kubernetes.add_pod_label(task, VERSION_LABEL, __version__)
+    kubernetes.add_pod_label(task, TASK_LABEL, name)
+    return task
+
+
 def build_pipeline(
     *, image: str | None = None, gpu_image: str | None = None, gpu_type: str | None = None
 ) -> Any:
@@ -111,6 +167,9 @@ def build_pipeline(
         image: image of the CPU tasks (default: :func:`stage1_pro.components.image.component_image`).
         gpu_image: image of the train task (default: ``<image>-gpu``, or the GPU image of image.py).
         gpu_type: default of the ``gpu_type`` parameter (the GPU node pool's accelerator label).
+
+    Returns:
+        The pipeline, ready for ``kfp.compiler.Compiler().compile``.
     """
     cpu_image, train_image = resolve_images(image, gpu_image)
     gpu_type_default = check_gpu_type(gpu_type) if gpu_type else _D["gpu_type"]
@@ -121,7 +180,11 @@ def build_pipeline(
         task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim)
         task.set_memory_request(mem_req).set_memory_limit(mem_lim)
         kubernetes.set_security_context(task, **cluster.SECURITY_CONTEXT)
+        label_pod(task, name or kind)
         return task.set_display_name(name or kind)
+
+    def uncached(task: Any) -> Any:
+        return task.set_caching_options(enable_caching=False)
 
     def stage1_pro(
         data_uri: str,
@@ -139,107 +202,166 @@ def build_pipeline(
         seed: int = _D["seed"],
         gpu_type: str = gpu_type_default,
         gpu_count: int = _D["gpu_count"],
+        prepare_shards: int = _D["prepare_shards"],
         publish_prefix: str = _D["publish_prefix"],
         champion_prefix: str = _D["champion_prefix"],
+        webhook_url: str = _D["webhook_url"],
         config_overrides: dict = _D["config_overrides"],
     ):
-        checked = cpu_task(
-            check_config(
-                data_uri=data_uri,
-                phase=phase,
-                exit_policy=exit_policy,
-                target_fnr_exit=target_fnr_exit,
-                delta=delta,
-                max_fpr_exit=max_fpr_exit,
-                model_name=model_name,
-                weights_uri=weights_uri,
-                img_size=img_size,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                gpu_type=gpu_type,
-                gpu_count=gpu_count,
-                publish_prefix=publish_prefix,
-                champion_prefix=champion_prefix,
-                config_overrides=config_overrides,
-            ),
-            "check-config",
+        run_ids = {
+            "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            "run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        }
+        reported = cpu_task(
+            report_run(publish_prefix=publish_prefix, webhook_url=webhook_url, **run_ids), "report-run"
         )
-        # Never cached: its output is the cache key of everything that reads the data.
-        fp = cpu_task(fingerprint(data_uri=data_uri), "fingerprint").after(checked)
-        fp.set_caching_options(enable_caching=False)
-        splits = cpu_task(split(data_uri=data_uri, data_fingerprint=fp.output, seed=seed), "split")
-        prepared = cpu_task(
-            prepare(
-                data_uri=data_uri,
-                data_fingerprint=fp.output,
-                img_size=img_size,
-                preprocessing=checked.outputs["preprocessing"],
-                splits=splits.outputs["splits"],
-            ),
-            "prepare",
-        )
-
-        # Before training: is the new data still like what the champion was certified on? Never cached
-        # (latest may move); its output pins the champion version validate compares with.
-        drifted = cpu_task(drift_check(data_uri=data_uri, champion_prefix=champion_prefix), "drift-check")
-        drifted.after(fp)
-        drifted.set_caching_options(enable_caching=False)
-
-        trained = train(
-            config_json=checked.outputs["config_json"],
-            splits=splits.outputs["splits"],
-            prepared=prepared.outputs["prepared"],
-            data_fingerprint=fp.output,
-            gpu_count=gpu_count,
-        ).set_display_name("train")
-        trained.set_container_image(train_image)
-        trained.set_accelerator_type(cluster.GPU_RESOURCE).set_accelerator_limit(gpu_count)
-        trained.set_cpu_request(checked.outputs["train_cpu_request"])
-        trained.set_cpu_limit(checked.outputs["train_cpu_request"])
-        trained.set_memory_request(checked.outputs["train_memory_request"])
-        trained.set_memory_limit(checked.outputs["train_memory_request"])
-        trained.set_retry(num_retries=TRAIN_RETRIES, backoff_duration=TRAIN_RETRY_BACKOFF, backoff_factor=2.0)
-        kubernetes.add_node_selector_json(trained, checked.outputs["gpu_node_selector"])
-        kubernetes.add_toleration(trained, **cluster.GPU_TOLERATION)
-        kubernetes.set_security_context(trained, **cluster.SECURITY_CONTEXT)
-        trained.after(drifted)
-
-        def branch(policy: str) -> None:
-            calibrated = cpu_task(
-                calibrate(
-                    scores=trained.outputs["scores"],
-                    exit_policy=policy,
+        uncached(reported)
+        with dsl.ExitHandler(reported, name="stage1-pro-run"):
+            checked = cpu_task(
+                check_config(
+                    data_uri=data_uri,
+                    phase=phase,
+                    exit_policy=exit_policy,
                     target_fnr_exit=target_fnr_exit,
                     delta=delta,
                     max_fpr_exit=max_fpr_exit,
+                    model_name=model_name,
+                    weights_uri=weights_uri,
+                    img_size=img_size,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    lr=lr,
+                    seed=seed,
+                    gpu_type=gpu_type,
+                    gpu_count=gpu_count,
+                    prepare_shards=prepare_shards,
+                    publish_prefix=publish_prefix,
+                    champion_prefix=champion_prefix,
+                    webhook_url=webhook_url,
+                    config_overrides=config_overrides,
                 ),
-                "calibrate",
-                f"calibrate-{policy}",
+                "check-config",
             )
-            validated = cpu_task(
-                validate(
-                    model=trained.outputs["model"],
-                    policy=calibrated.outputs["policy"],
-                    data_uri=data_uri,
-                    champion_uri=drifted.outputs["Output"],
-                ),
-                "validate",
+            uncached(checked)  # reads the starting weights' version: train's cache key
+            # The dataset as an artifact: the UI shows its lineage. The URI is a pipeline parameter
+            # (the backend resolves an importer URI from a parent-DAG input only, never a task output).
+            dataset = dsl.importer(
+                artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False
+            ).set_display_name("dataset")
+            dataset.after(checked)
+            # Never cached: its output is the cache key of everything that reads the data.
+            fp = uncached(cpu_task(fingerprint(dataset=dataset.output), "fingerprint"))
+            splits = cpu_task(split(dataset=dataset.output, data_fingerprint=fp.output, seed=seed), "split")
+            planned = cpu_task(
+                plan_shards(count=prepare_shards, preprocessing=checked.outputs["preprocessing"]),
+                "plan-shards",
             )
-            with dsl.If(validated.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition
-                exported = cpu_task(
-                    export(
+            with dsl.ParallelFor(planned.output) as shard:
+                sliced = cpu_task(
+                    prepare(
+                        dataset=dataset.output,
+                        img_size=img_size,
+                        splits=splits.outputs["splits"],
+                        shard=shard,
+                        workers=PREPARE_WORKERS,
+                    ),
+                    "prepare",
+                )
+            prepared = cpu_task(
+                merge_prepared(slices=dsl.Collected(sliced.outputs["Output"]), data_fingerprint=fp.output),
+                "merge-prepared",
+            )
+
+            # Before training: is the new data still like what the champion was certified on? Never
+            # cached (latest may move); its output pins the champion version validate compares with.
+            drifted = uncached(
+                cpu_task(drift_check(data_uri=data_uri, champion_prefix=champion_prefix), "drift-check")
+            )
+            drifted.after(fp)
+
+            trained = train(
+                config_json=checked.outputs["config_json"],
+                splits=splits.outputs["splits"],
+                prepared=prepared.outputs["prepared"],
+                data_fingerprint=fp.output,
+                weights_version=checked.outputs["weights_version"],
+                gpu_count=gpu_count,
+            ).set_display_name("train")
+            trained.set_container_image(train_image)
+            gpus = checked.outputs["train_gpu_count"]
+            cpu = checked.outputs["train_cpu_request"]
+            memory = checked.outputs["train_memory_request"]
+            trained.set_accelerator_type(cluster.GPU_RESOURCE).set_accelerator_limit(gpus)
+            trained.set_cpu_request(cpu).set_cpu_limit(cpu)
+            trained.set_memory_request(memory).set_memory_limit(memory)
+            register_resource_channels(trained, gpus, cpu, memory)
+            trained.set_retry(
+                num_retries=TRAIN_RETRIES,
+                backoff_duration=f"{TRAIN_RETRY_BACKOFF_S}s",
+                backoff_factor=TRAIN_RETRY_BACKOFF_FACTOR,
+                backoff_max_duration=f"{TRAIN_RETRY_MAX_DURATION_S}s",
+            )
+            kubernetes.add_node_selector_json(trained, checked.outputs["gpu_node_selector"])
+            kubernetes.add_toleration(trained, **cluster.GPU_TOLERATION)
+            kubernetes.set_security_context(trained, **cluster.SECURITY_CONTEXT)
+            kubernetes.empty_dir_mount(
+                trained, SHM_VOLUME, "/dev/shm", medium="Memory", size_limit=sizing.shm_size()
+            )
+            kubernetes.use_field_path_as_env(trained, NODE_NAME_ENV, "spec.nodeName")
+            kubernetes.set_timeout(trained, TRAIN_TIMEOUT_S)
+            label_pod(trained, "train")
+            trained.after(drifted)
+
+            def branch(policy: str) -> None:
+                calibrated = cpu_task(
+                    calibrate(
+                        scores=trained.outputs["scores"],
+                        exit_policy=policy,
+                        target_fnr_exit=target_fnr_exit,
+                        delta=delta,
+                        max_fpr_exit=max_fpr_exit,
+                    ),
+                    "calibrate",
+                    f"calibrate-{policy}",
+                )
+                validated = cpu_task(
+                    validate(
                         model=trained.outputs["model"],
                         policy=calibrated.outputs["policy"],
-                        validation=validated.outputs["validation"],
+                        data_uri=data_uri,
+                        champion_uri=drifted.outputs["Output"],
                     ),
-                    "export",
+                    "validate",
                 )
-                with dsl.If(publish_prefix != "", name="publish-prefix-set"):
-                    cpu_task(publish(bundle=exported.outputs["bundle"], prefix=publish_prefix), "publish")
+                uncached(
+                    cpu_task(
+                        record_outcome(
+                            stage=VALIDATE_STAGE, result=validated.outputs["validation"], **run_ids
+                        ),
+                        "record-outcome",
+                        "record-verdict",
+                    )
+                )
+                with dsl.If(validated.outputs["Output"] == True, name="blessed"):  # noqa: E712 - a KFP condition
+                    exported = cpu_task(
+                        export(
+                            model=trained.outputs["model"],
+                            policy=calibrated.outputs["policy"],
+                            validation=validated.outputs["validation"],
+                        ),
+                        "export",
+                    )
+                    uncached(
+                        cpu_task(
+                            record_outcome(stage=EXPORT_STAGE, result=exported.outputs["bundle"], **run_ids),
+                            "record-outcome",
+                            "record-bundle",
+                        )
+                    )
+                    with dsl.If(publish_prefix != "", name="publish-prefix-set"):
+                        cpu_task(publish(bundle=exported.outputs["bundle"], prefix=publish_prefix), "publish")
 
-        policy_branches(exit_policy, branch)
+            policy_branches(exit_policy, branch)
 
     stage1_pro.__doc__ = pipeline_docstring(PIPELINE_DESCRIPTION)
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(stage1_pro)

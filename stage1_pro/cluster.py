@@ -9,7 +9,7 @@ repeating the strings::
     from stage1_pro import cluster
 
     task.set_accelerator_type(cluster.GPU_RESOURCE)
-    task.set_accelerator_limit(cluster.DEFAULT_GPU_COUNT)
+    task.set_accelerator_limit(str(cluster.DEFAULT_GPU_COUNT))  # a run-time value must be a str
     kubernetes.add_node_selector(task, cluster.ACCELERATOR_LABEL, cluster.DEFAULT_ACCELERATOR)
     kubernetes.add_toleration(task, **cluster.GPU_TOLERATION)
     kubernetes.set_security_context(task, **cluster.SECURITY_CONTEXT)
@@ -55,6 +55,17 @@ GPUS_PER_NODE: Final = 1
 #: GPUs per train task by default (the pipeline's ``gpu_count`` parameter may ask for up to
 #: ``GPUS_PER_NODE``).
 DEFAULT_GPU_COUNT: Final = 1
+
+#: Machine type of the cluster's default node pool, where every task but train runs (README
+#: "Running on a GKE cluster" creates the cluster with it). The CPU tasks' requests must fit one
+#: of its nodes after GKE's reservations and the system DaemonSets.
+CPU_MACHINE_TYPE: Final = "e2-standard-8"
+
+#: The most CPU (cores) and memory (GiB) one container may ask for: the namespace LimitRange's
+#: ``max`` (manifests/base/limitrange.yaml; a test keeps them equal), which is one GPU node minus
+#: GKE's reservations. check-config refuses a train pod above it before any node is requested.
+MAX_CONTAINER_CPU: Final = 11
+MAX_CONTAINER_MEMORY_GIB: Final = 140
 
 #: Namespace KFP standalone (single-user) runs every pipeline pod in, and its runner account
 #: (the Kubernetes service account bound to a Google service account by Workload Identity).

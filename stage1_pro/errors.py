@@ -35,3 +35,7 @@ class PreconditionFailedError(StorageError):
 
 class NotBuiltError(Stage1ProError):
     """A feature that exists in the design but is not implemented yet."""
+
+
+class DeviceError(Stage1ProError):
+    """A step did not get the hardware it asked for (a GPU task whose pod sees no GPU)."""

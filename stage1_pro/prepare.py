@@ -19,6 +19,13 @@ Layout of ``PREPARED/`` (local folder or ``gs://`` prefix)::
 Images that fail to decode are left out, named in ``index.json`` and counted (``n_failed``);
 training on such a folder simply has fewer rows. Raw shards take ``img_size^2 * 3`` bytes per
 image (12 kB at 64 px, 150 kB at 224 px).
+
+Shard ``k`` holds the decodable images among rows ``[k * shard_rows, (k + 1) * shard_rows)`` of
+the splits (dataset order), so its content depends on those rows only. That makes a shard the
+unit of parallel work: ``prepare_dataset(..., part=i, parts=N)`` decodes the i-th contiguous
+block of shards only (one pod of the pipeline's fan-out), and :func:`merge_prepared` copies the
+slices' shards side by side and writes the one ``rows.npz`` + ``index.json``: the same files, byte
+for byte, as one ``prepare_dataset`` over everything.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ INDEX_FILE = "index.json"
 ROWS_FILE = "rows.npz"
 LAYOUT = "NHWC-uint8-RGB"
 DEFAULT_SHARD_BYTES = 256 * 2**20
+#: Most images per shard, whatever their size: a shard is also the unit of parallel decoding, so
+#: a dataset of a few thousand small images still splits into several.
+MAX_SHARD_ROWS = 1024
 _FAILED_LISTED = 1000  # names kept in index.json; n_failed counts all
 
 
@@ -98,6 +108,8 @@ def prepare_dataset(
     workers: int | None = None,
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    part: int = 0,
+    parts: int = 1,
 ) -> dict[str, Any]:
     """Decode the images of every split once and write training-resolution shards + index.
 
@@ -108,16 +120,17 @@ def prepare_dataset(
         spec: how images become pixels (``PixelSpec.from_config(config)``); an integer means
             that many pixels with the default modes.
         workers: decoding processes (default: all CPU cores).
-        shard_bytes: target size of one shard file.
+        shard_bytes: target size of one shard file (at most :data:`MAX_SHARD_ROWS` images).
+        part: with ``parts`` > 1, which contiguous block of shards this call decodes (0-based).
+        parts: how many calls share the shards; their outputs go to :func:`merge_prepared`.
 
     Returns:
         The written ``index.json`` object.
 
     Raises:
         ConfigError: an invalid spec (size below 1, unknown mode).
-        DataError: dataset/splits mismatch, or no image could be decoded.
+        DataError: dataset/splits mismatch, a bad ``part``, or no image could be decoded.
     """
-    from stage1_pro.artifacts import write_artifact
     from stage1_pro.data import load_dataset
     from stage1_pro.preprocessing import RECORD_KEY
     from stage1_pro.splits import SPLIT_NAMES, load_splits
@@ -125,6 +138,8 @@ def prepare_dataset(
     if not isinstance(spec, PixelSpec):
         spec = PixelSpec(spec)
     img_size = spec.size
+    if not 0 <= part < parts:
+        raise DataError(f"part={part} of parts={parts}: need 0 <= part < parts")
     start = time.perf_counter()
     dataset = load_dataset(data_uri)
     splits = load_splits(splits_uri, dataset)
@@ -134,8 +149,19 @@ def prepare_dataset(
     rows = np.flatnonzero(split_of >= 0)
     workers = max(1, workers or os.cpu_count() or 1)
     per_image = img_size * img_size * 3
-    shard_rows = max(1, shard_bytes // per_image)
-    _LOG.info("preparing %d images (%s), %d worker(s) -> %s", rows.size, spec.describe(), workers, out_uri)
+    shard_rows = min(MAX_SHARD_ROWS, max(1, shard_bytes // per_image))
+    mine = part_shards(-(-rows.size // shard_rows), part, parts)
+    rows_todo = rows[mine.start * shard_rows : mine.stop * shard_rows]
+    _LOG.info(
+        "preparing %d of %d images (shards %d..%d; %s), %d worker(s) -> %s",
+        rows_todo.size,
+        rows.size,
+        mine.start,
+        mine.stop - 1,
+        spec.describe(),
+        workers,
+        out_uri,
+    )
 
     shards: list[dict[str, Any]] = []
     kept_rows: list[int] = []
@@ -145,17 +171,22 @@ def prepare_dataset(
     n_failed = 0
     buffer: list[np.ndarray] = []
 
-    def flush() -> None:
+    def flush(number: int) -> None:
         if not buffer:
             return
-        name = f"shard-{len(shards):05d}.npy"
+        name = shard_file_name(number)
         data = _npy_bytes(np.stack(buffer))
         storage.write_bytes(storage.join(out_uri, name), data)
         shards.append({"file": name, "n": len(buffer), "bytes": len(data)})
         buffer.clear()
 
-    tasks = [(int(r), dataset.uris[r], spec) for r in rows]
-    for row, array, error in _decoded(tasks, workers):
+    tasks = [(int(r), dataset.uris[r], spec) for r in rows_todo]
+    current = mine.start
+    for position, (row, array, error) in enumerate(_decoded(tasks, workers)):
+        number = mine.start + position // shard_rows
+        if number != current:
+            flush(current)
+            current = number
         if array is None:
             n_failed += 1
             _LOG.warning("left out: %s", error)
@@ -173,10 +204,8 @@ def prepare_dataset(
         kept_shard.append(len(shards))
         kept_offset.append(len(buffer))
         buffer.append(array)
-        if len(buffer) >= shard_rows:
-            flush()
-    flush()
-    if not kept_rows:
+    flush(current)
+    if not kept_rows and parts == 1:
         raise DataError(f"{data_uri}: none of the {rows.size} images could be decoded (first: {failed[:1]})")
 
     index = np.asarray(kept_rows, dtype=np.int64)
@@ -187,10 +216,6 @@ def prepare_dataset(
         "shard": np.asarray(kept_shard, dtype=np.int32),
         "offset": np.asarray(kept_offset, dtype=np.int32),
     }
-    buf = io.BytesIO()
-    np.savez(buf, **table)
-    storage.write_bytes(storage.join(out_uri, ROWS_FILE), buf.getvalue())
-    counts = {name: int((table["split"] == code).sum()) for code, name in enumerate(SPLIT_NAMES)}
     obj = {
         "img_size": int(img_size),
         "layout": LAYOUT,
@@ -199,15 +224,117 @@ def prepare_dataset(
         "splits": {"sha256": splits_sha256(splits), "seed": int(splits["seed"])},
         "shards": shards,
         "rows_file": ROWS_FILE,
-        "counts": counts,
+        "counts": {},
         "n_failed": n_failed,
         "failed": failed,
         "seconds": round(time.perf_counter() - start, 3),
         "workers": workers,
     }
-    written = write_artifact(storage.join(out_uri, INDEX_FILE), "prepared", obj)
+    if parts > 1:
+        obj["part"] = {"index": part, "count": parts}
+    written = _write_rows_and_index(out_uri, table, obj)
     _LOG.info("prepared %d images (%d failed) in %.1f s", len(kept_rows), n_failed, obj["seconds"])
     return written
+
+
+def part_shards(n_shards: int, part: int, parts: int) -> range:
+    """The contiguous block of shard numbers that slice ``part`` of ``parts`` decodes."""
+    return range(n_shards * part // parts, n_shards * (part + 1) // parts)
+
+
+def shard_file_name(number: int) -> str:
+    """File name of shard ``number``: the same whichever slice of a fan-out wrote it."""
+    return f"shard-{number:05d}.npy"
+
+
+def _write_rows_and_index(out_uri: str, table: dict[str, np.ndarray], obj: dict[str, Any]) -> dict[str, Any]:
+    """Write ``rows.npz`` then ``index.json`` (last: it marks the folder complete); fill the counts."""
+    from stage1_pro.artifacts import write_artifact
+    from stage1_pro.splits import SPLIT_NAMES
+
+    buf = io.BytesIO()
+    np.savez(buf, **table)
+    storage.write_bytes(storage.join(out_uri, ROWS_FILE), buf.getvalue())
+    obj["counts"] = {name: int((table["split"] == code).sum()) for code, name in enumerate(SPLIT_NAMES)}
+    return write_artifact(storage.join(out_uri, INDEX_FILE), "prepared", obj)
+
+
+def merge_prepared(part_uris: Sequence[str], out_uri: str) -> dict[str, Any]:
+    """Merge the slices of a fanned-out prepare into one prepared folder.
+
+    Copies every slice's shards into ``out_uri`` (server-side on GCS) and writes the combined
+    ``rows.npz`` and ``index.json``: the same files one :func:`prepare_dataset` over all shards
+    writes (``seconds`` and ``workers`` aside).
+
+    Args:
+        part_uris: the slices' output folders, in any order.
+        out_uri: output folder or ``gs://`` prefix.
+
+    Returns:
+        The written ``index.json`` object.
+
+    Raises:
+        ArtifactError: slices of different preparations, a slice missing or given twice.
+        DataError: no image of any slice could be decoded.
+    """
+    from stage1_pro.artifacts import read_artifact
+    from stage1_pro.preprocessing import RECORD_KEY
+
+    start = time.perf_counter()
+    infos = [(uri, read_artifact(storage.join(uri, INDEX_FILE), "prepared")) for uri in part_uris]
+    if not infos:
+        raise ArtifactError("merge_prepared: no slices given")
+    infos.sort(key=lambda item: item[1].get("part", {}).get("index", 0))
+    count = infos[0][1].get("part", {}).get("count", 1)
+    found = [info.get("part", {}).get("index", 0) for _, info in infos]
+    if found != list(range(count)) or any(info.get("part", {}).get("count", 1) != count for _, info in infos):
+        raise ArtifactError(
+            f"merge_prepared: expected slices 0..{count - 1} of one fan-out, got {found} "
+            f"({', '.join(part_uris)})"
+        )
+    first = infos[0][1]
+    same = ("img_size", "layout", RECORD_KEY, "dataset", "splits")
+    for uri, info in infos[1:]:
+        differing = [key for key in same if info.get(key) != first.get(key)]
+        if differing:
+            raise ArtifactError(
+                f"{uri}: a slice of another preparation ({', '.join(differing)} differ from "
+                f"{infos[0][0]}); prepare every slice from the same dataset, splits and img_size"
+            )
+
+    shards: list[dict[str, Any]] = []
+    tables: list[dict[str, np.ndarray]] = []
+    failed: list[dict[str, Any]] = []
+    for uri, info in infos:
+        with np.load(
+            io.BytesIO(storage.read_bytes(storage.join(uri, info["rows_file"]))), allow_pickle=False
+        ) as z:
+            table = {k: z[k] for k in ("index", "label", "split", "shard", "offset")}
+        table["shard"] = table["shard"] + len(shards)
+        tables.append(table)
+        for shard in info["shards"]:
+            storage.copy_file(storage.join(uri, shard["file"]), storage.join(out_uri, shard["file"]))
+            shards.append(shard)
+        failed.extend(info["failed"])
+    n_failed = sum(int(info["n_failed"]) for _, info in infos)
+    merged = {key: np.concatenate([t[key] for t in tables]) for key in tables[0]}
+    if merged["index"].size == 0:
+        raise DataError(
+            f"{first['dataset']['source']}: none of the images could be decoded (first: {failed[:1]})"
+        )
+    obj = {key: first[key] for key in same if key in first}
+    obj.update(
+        {
+            "shards": shards,
+            "rows_file": ROWS_FILE,
+            "counts": {},
+            "n_failed": n_failed,
+            "failed": failed[:_FAILED_LISTED],
+            "seconds": round(time.perf_counter() - start, 3),
+            "workers": max(int(info["workers"]) for _, info in infos),
+        }
+    )
+    return _write_rows_and_index(out_uri, merged, obj)
 
 
 # ------------------------------------------------------------------------------------------
@@ -297,6 +424,12 @@ def open_prepared(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     from stage1_pro.artifacts import read_artifact
 
     info = read_artifact(storage.join(uri, INDEX_FILE), "prepared")
+    if "part" in info:
+        part = info["part"]
+        raise ArtifactError(
+            f"{uri}: slice {part['index']} of {part['count']} of a fanned-out prepare, not a whole prepared "
+            "folder; merge the slices first (stage1_pro.prepare.merge_prepared)"
+        )
     if storage.is_gcs(uri):
         key = hashlib.sha256((uri + json.dumps(info, sort_keys=True)).encode()).hexdigest()[:16]
         root = Path(cache_dir or _cache_root() / "prepared") / key

@@ -40,3 +40,25 @@ def sha256_uri(uri: str | os.PathLike[str]) -> str:
     if storage.is_gcs(uri):
         return sha256_bytes(storage.read_bytes(str(uri)))
     return sha256_file(uri)
+
+
+def content_version(uri: str | os.PathLike[str]) -> str:
+    """An identifier of the bytes at ``uri`` that changes whenever they change.
+
+    A GCS object's generation (every upload under the name gets a new one) and CRC32C; a local
+    file's sha256. Used as a cache key in place of the URI string, it never lets a cache serve
+    results computed from older bytes at the same name.
+
+    Raises:
+        StorageError: the file or object does not exist.
+    """
+    from stage1_pro import storage
+    from stage1_pro.errors import StorageError
+
+    uri = str(uri)
+    if storage.is_gcs(uri):
+        generation, crc32c = storage.object_generation(uri)
+        return f"{uri}#generation={generation},crc32c={crc32c}"
+    if not os.path.isfile(uri):
+        raise StorageError(f"{uri}: file not found")
+    return f"{os.path.abspath(uri)}#sha256={sha256_file(uri)}"

@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stage1_pro import cluster
 from stage1_pro.champion import DEFAULT_CHAMPION_TOLERANCE
-from stage1_pro.cluster import DEFAULT_ACCELERATOR
 from stage1_pro.config import EXIT_POLICIES, Stage1ProConfig
 from stage1_pro.errors import ConfigError
 from stage1_pro.policy_registry import describe_policies
+from stage1_pro.sizing import PIPELINE_LOADER_WORKERS, check_loader_fits_shm, train_resources
 
 REQUIRED = object()
 """Marker default of a parameter the run must set (the Kubeflow UI asks for it)."""
@@ -133,16 +134,23 @@ PARAMETERS: tuple[PipelineParameter, ...] = (
     PipelineParameter(
         "gpu_type",
         str,
-        DEFAULT_ACCELERATOR,
+        cluster.DEFAULT_ACCELERATOR,
         "GPU model of the train task's node: the value of the cloud.google.com/gke-accelerator node "
         "label (nvidia-h100-80gb, nvidia-h200-141gb, nvidia-l4, nvidia-tesla-t4, ...).",
     ),
     PipelineParameter(
         "gpu_count",
         int,
+        cluster.DEFAULT_GPU_COUNT,
+        "GPUs of the train task, at most the GPUs of one node of the GPU pool (1 on the shipped "
+        "pool); more than 1 trains data-parallel in one pod (DDP via torchrun, one process per GPU).",
+    ),
+    PipelineParameter(
+        "prepare_shards",
+        int,
         1,
-        "GPUs of the train task; more than 1 trains data-parallel in one pod (DDP via torchrun, one "
-        "process per GPU).",
+        "Pods that decode the images in parallel (each a slice of the prepared shards; a merge step "
+        "writes the one index train reads). Raise it for datasets that take one pod too long.",
     ),
     PipelineParameter(
         "publish_prefix",
@@ -162,6 +170,13 @@ PARAMETERS: tuple[PipelineParameter, ...] = (
         "yet, or empty: no champion.",
     ),
     PipelineParameter(
+        "webhook_url",
+        str,
+        "",
+        "URL the end-of-run report (succeeded/failed, blessed or not, bundle URI) is POSTed to as "
+        "JSON, e.g. a Slack or Teams incoming webhook; empty: the report goes to the logs only.",
+    ),
+    PipelineParameter(
         "config_overrides",
         dict,
         {},
@@ -179,17 +194,8 @@ LOCAL_PROFILE: dict[str, Any] = {
     name: getattr(_CONFIG_DEFAULTS, name) for name in ("model_name", "img_size", "epochs", "batch_size", "lr")
 }
 
-#: Per-GPU sizing of the train pod. Each GPU gets one training process plus ``num_workers`` loader
-#: workers reading prepared shards (one CPU each); the host memory covers the loader workers'
-#: batches, pinned staging buffers and the page cache of the shards.
-TRAIN_CPU_PER_GPU_PROCESS = 1
-TRAIN_MEMORY_GIB_PER_GPU = 16
-#: Loader workers per GPU process unless ``config_overrides`` sets ``num_workers``: a worker
-#: gathers ~1,500 img/s of 224-px rows from prepared shards and a compiled ViT-S/14 step on an
-#: H200 consumes ~6,560 img/s, so ceil(6560 / 1500) = 5 keep it fed (README "Sizing the train
-#: task's CPUs", ``bench/train_throughput.py``). On CPU the engine uses no loader workers.
-PIPELINE_LOADER_WORKERS = 5
-MAX_GPUS_PER_POD = 16
+#: Most pods ``prepare_shards`` may fan out to (each holds the whole manifest in memory).
+MAX_PREPARE_SHARDS = 64
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
@@ -211,6 +217,9 @@ class CheckedParameters:
 
     config: Stage1ProConfig
     gpu_node_selector: dict[str, str]
+    #: Kubernetes quantities as strings: the KFP driver resolves a resource placeholder with the
+    #: parameter's string value only (a number would resolve to "", i.e. no GPU limit at all).
+    train_gpu_count: str
     train_cpu_request: str
     train_memory_request: str
 
@@ -221,8 +230,6 @@ def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
     Raises:
         ConfigError: naming the parameter, what is wrong and the allowed values.
     """
-    from stage1_pro.cluster import ACCELERATOR_LABEL
-
     values = _complete(params)
     _check_types(values)
     if not values["data_uri"].strip():
@@ -230,37 +237,120 @@ def check_parameters(params: Mapping[str, Any]) -> CheckedParameters:
             "pipeline parameter data_uri is empty: set it to a manifest (CSV/JSONL with uri,label) or an "
             "image-folder prefix with 0/ and 1/ sub-folders, e.g. gs://BUCKET/data/manifest.csv"
         )
+    check_cluster_data_uri(values["data_uri"].strip())
     config = config_from_parameters(values)
 
     gpu_count = values["gpu_count"]
-    if not 1 <= gpu_count <= MAX_GPUS_PER_POD:
-        raise ConfigError(
-            f"pipeline parameter gpu_count={gpu_count} is outside 1..{MAX_GPUS_PER_POD}: the train task "
-            "needs at least one GPU, and data-parallel training runs in one pod"
-        )
+    check_gpu_count(gpu_count)
     gpu_type = check_gpu_type(values["gpu_type"])
     for name in ("publish_prefix", "champion_prefix"):
         uri = values[name].strip()
         if uri.startswith("gs://") and not uri[len("gs://") :].split("/", 1)[0]:
             raise ConfigError(f"pipeline parameter {name}={uri!r} has no bucket; expected gs://BUCKET/PREFIX")
+    shards = values["prepare_shards"]
+    if not 1 <= shards <= MAX_PREPARE_SHARDS:
+        raise ConfigError(
+            f"pipeline parameter prepare_shards={shards} is outside 1..{MAX_PREPARE_SHARDS}; 1 decodes "
+            "in one pod, N fans the decoding out over N pods"
+        )
+    check_webhook_url(values["webhook_url"])
 
-    cpu, memory = train_resources(gpu_count, config.num_workers)
+    resources = train_resources(gpu_count, config.num_workers)
+    check_train_pod_fits(resources.cpu, resources.memory)
+    check_loader_fits_shm(config.batch_size, config.img_size, config.num_workers)
     return CheckedParameters(
         config=config,
-        gpu_node_selector={ACCELERATOR_LABEL: gpu_type},
-        train_cpu_request=cpu,
-        train_memory_request=memory,
+        gpu_node_selector={cluster.ACCELERATOR_LABEL: gpu_type},
+        train_gpu_count=resources.gpu,
+        train_cpu_request=resources.cpu,
+        train_memory_request=resources.memory,
     )
+
+
+def check_cluster_data_uri(data_uri: str) -> str:
+    """Refuse a ``gs://`` image-folder prefix: the pipeline needs a manifest there.
+
+    The pipeline brings the dataset in with ``dsl.importer`` (lineage in the UI), and the KFP
+    launcher copies every input artifact into the pod before the step runs: a manifest is one small
+    file, an image-folder prefix would be every image, on every pod that reads the dataset.
+
+    Raises:
+        ConfigError: naming the URI and the manifest format.
+    """
+    from stage1_pro.data import CSV_SUFFIXES, JSONL_SUFFIXES
+
+    if data_uri.startswith("gs://") and not data_uri.lower().endswith(CSV_SUFFIXES + JSONL_SUFFIXES):
+        raise ConfigError(
+            f"pipeline parameter data_uri={data_uri!r} is a gs:// image-folder prefix; the pipeline needs a "
+            "manifest there (the KFP launcher would copy every image into each pod that reads the "
+            "dataset): write a CSV with a header uri,label (gs://.../0/a.jpg,0 ...) next to the images "
+            "and pass its gs:// URI"
+        )
+    return data_uri
+
+
+def check_gpu_count(gpu_count: int) -> int:
+    """Return ``gpu_count`` if one node of the shipped GPU pool can hold a pod with that many GPUs.
+
+    A pod runs on one node, so a count above the pool's GPUs per node would leave the train pod
+    Pending forever (and the cluster autoscaler cannot help: no node of the pool is big enough).
+
+    Raises:
+        ConfigError: naming the pool, its GPUs per node and how to get more.
+    """
+    if gpu_count < 1:
+        raise ConfigError(
+            f"pipeline parameter gpu_count={gpu_count}: the train task needs at least one GPU "
+            f"(allowed: 1..{cluster.GPUS_PER_NODE})"
+        )
+    if gpu_count > cluster.GPUS_PER_NODE:
+        raise ConfigError(
+            f"pipeline parameter gpu_count={gpu_count} cannot run on the shipped infrastructure: the GPU "
+            f"node pool ({cluster.GPU_MACHINE_TYPE}, {cluster.DEFAULT_ACCELERATOR}) has "
+            f"{cluster.GPUS_PER_NODE} GPU per node and a pod runs on one node, so the train pod would stay "
+            f"Pending; use gpu_count={cluster.GPUS_PER_NODE}, or add a node pool of a multi-GPU machine "
+            "type and raise GPUS_PER_NODE (stage1_pro/cluster.py), the LimitRange and the ResourceQuota "
+            "(manifests/) to match"
+        )
+    return gpu_count
+
+
+def check_train_pod_fits(cpu: str, memory: str) -> None:
+    """Refuse a train pod above the namespace LimitRange's per-container maximum (never admitted).
+
+    Raises:
+        ConfigError: naming the request, the maximum and the settings that drive it.
+    """
+    cpus, memory_gib = float(cpu), int(memory.removesuffix("Gi"))
+    if cpus > cluster.MAX_CONTAINER_CPU or memory_gib > cluster.MAX_CONTAINER_MEMORY_GIB:
+        raise ConfigError(
+            f"the train pod would ask for {cpu} CPUs and {memory} of memory, above the per-container "
+            f"maximum of {cluster.MAX_CONTAINER_CPU} CPUs and {cluster.MAX_CONTAINER_MEMORY_GIB}Gi "
+            "(the namespace LimitRange, one GPU node); lower num_workers in config_overrides or gpu_count"
+        )
+
+
+def check_webhook_url(url: str) -> str:
+    """Return ``url`` if it is empty or an http(s) URL with a host, else raise :class:`ConfigError`."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.netloc:
+        raise ConfigError(
+            f"pipeline parameter webhook_url={url!r} is not an http(s) URL; use e.g. "
+            "https://hooks.slack.com/services/..., or leave it empty for no webhook"
+        )
+    return url
 
 
 def check_gpu_type(gpu_type: str) -> str:
     """Return ``gpu_type`` if it can be a node-label value, else raise :class:`ConfigError`."""
-    from stage1_pro.cluster import ACCELERATOR_LABEL
-
     if not isinstance(gpu_type, str) or not _LABEL_VALUE.match(gpu_type):
         raise ConfigError(
-            f"gpu_type={gpu_type!r} is not a Kubernetes label value; use the {ACCELERATOR_LABEL} label "
-            f"of your GPU node pool, e.g. {DEFAULT_ACCELERATOR}"
+            f"gpu_type={gpu_type!r} is not a Kubernetes label value; use the "
+            f"{cluster.ACCELERATOR_LABEL} label of your GPU node pool, e.g. {cluster.DEFAULT_ACCELERATOR}"
         )
     return gpu_type
 
@@ -289,12 +379,6 @@ def config_from_parameters(values: Mapping[str, Any]) -> Stage1ProConfig:
         settings["model_path"] = None
     settings.setdefault("num_workers", PIPELINE_LOADER_WORKERS)
     return Stage1ProConfig.from_dict(settings, source="pipeline parameters")
-
-
-def train_resources(gpu_count: int, loader_workers: int) -> tuple[str, str]:
-    """CPU and memory requests of the train pod for ``gpu_count`` GPUs (Kubernetes quantities)."""
-    cpu = gpu_count * (TRAIN_CPU_PER_GPU_PROCESS + max(loader_workers, 0))
-    return str(cpu), f"{gpu_count * TRAIN_MEMORY_GIB_PER_GPU}Gi"
 
 
 def parse_assignments(pairs: Iterable[str]) -> dict[str, Any]:

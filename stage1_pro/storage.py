@@ -78,7 +78,16 @@ def gcs_client() -> gcs.Client:
         return storage.Client(
             project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials()
         )
-    return storage.Client()
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError as exc:
+        raise StorageError(
+            "no Google credentials on this machine for gs:// access: run 'gcloud auth application-default "
+            "login' (or set GOOGLE_APPLICATION_CREDENTIALS); in a pod, bind its service account with "
+            "Workload Identity"
+        ) from exc
 
 
 def _blob(uri: str) -> gcs.Blob:
@@ -306,6 +315,9 @@ def list_files(prefix: str | os.PathLike[str], recursive: bool = True) -> Iterat
 def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, create_only: bool = False) -> bool:
     """Copy one file between any two locations (local or GCS), atomically at the destination.
 
+    GCS to GCS is a server-side copy (unless ``create_only``): the bytes never pass through this
+    machine.
+
     Args:
         src: the file to copy.
         dst: where to write it.
@@ -320,6 +332,19 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, creat
         StorageError: the copy failed.
     """
     src, dst = str(src), str(dst)
+    if is_gcs(src) and is_gcs(dst) and not create_only:
+        from google.api_core import exceptions as gexc
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        source = _blob(src)
+        target_bucket, target_name = split_gcs(dst)
+        try:
+            source.bucket.copy_blob(
+                source, gcs_client().bucket(target_bucket), target_name, retry=DEFAULT_RETRY
+            )
+        except gexc.GoogleAPIError as exc:
+            raise _gcs_error(src, exc) from exc
+        return True
     if is_gcs(dst) and not is_gcs(src):
         from google.api_core import exceptions as gexc
         from google.cloud.storage.retry import DEFAULT_RETRY
@@ -345,6 +370,22 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, creat
     else:
         write_bytes(dst, data)
     return True
+
+
+def object_generation(uri: str) -> tuple[int, str]:
+    """(generation, CRC32C) of a GCS object: a new upload under the same name gets a new generation.
+
+    Raises:
+        StorageError: the object does not exist or cannot be read.
+    """
+    from google.api_core import exceptions as gexc
+
+    blob = _blob(uri)
+    try:
+        blob.reload()
+    except gexc.GoogleAPIError as exc:
+        raise _gcs_error(uri, exc) from exc
+    return int(blob.generation), str(blob.crc32c)
 
 
 def delete(uri: str | os.PathLike[str]) -> None:

@@ -17,6 +17,9 @@ import os
 
 # Before anything imports timm/huggingface_hub: never reach for the network in tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# gs:// without the emulator must fail at once (no credentials), not after probing for a GCE
+# metadata server (google-auth's check, seconds per client).
+os.environ["NO_GCE_CHECK"] = "True"
 
 import platform
 import socket

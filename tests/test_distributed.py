@@ -41,7 +41,11 @@ def test_scoring_order_is_kept_without_shuffle() -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one(tiny_dataset: Path, tmp_path) -> None:
-    """Same global batch and seeds: DDP over 2 CPU processes ends where 1 process does (LayerNorm ViT)."""
+    """Same global batch and seeds: DDP over 2 CPU processes ends where 1 process does (LayerNorm ViT).
+
+    ``--device cpu`` on both runs: the claim is about gloo on CPU, and on a CUDA machine ``auto``
+    would otherwise ask for one GPU per process (and compare bf16 GPU with fp32 CPU arithmetic).
+    """
     splits = tmp_path / "splits.json"
     split_dataset(str(tiny_dataset), str(splits))
     common = [
@@ -63,6 +67,8 @@ def test_two_gloo_processes_train_like_one(tiny_dataset: Path, tmp_path) -> None
         "0",
         "--lr",
         "3e-3",
+        "--device",
+        "cpu",
     ]
     assert main(["train", *common, "--out", str(tmp_path / "one")]) == 0
     assert main(["train", *common, "--out", str(tmp_path / "two"), "--nproc-per-node", "2"]) == 0
@@ -79,3 +85,47 @@ def test_two_gloo_processes_train_like_one(tiny_dataset: Path, tmp_path) -> None
     assert all(k in tight for k in diffs if k.startswith(("backbone.patch_embed", "heads.")))
     assert abs(one["rows"][0]["val_accuracy"] - two["rows"][0]["val_accuracy"]) < 1e-9
     assert (tmp_path / "two" / "scores.npz").is_file() and (tmp_path / "two" / "model_best.pth").is_file()
+
+
+def test_more_processes_than_visible_gpus_is_refused_before_spawning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA each rank takes the GPU of its local rank: 2 processes on a 1-GPU machine would die
+    with CUDA's 'invalid device ordinal' in rank 1; the launcher refuses them up front instead."""
+    from stage1_pro.config import Stage1ProConfig
+    from stage1_pro.errors import ConfigError
+    from stage1_pro.training import launcher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+
+    def must_not_launch(*args: object) -> None:
+        raise AssertionError("processes were started")
+
+    monkeypatch.setattr(launcher, "launch", must_not_launch)
+    with pytest.raises(ConfigError) as refused:
+        launcher.train_processes(Stage1ProConfig(), 2, out_dir="unused")
+    assert str(refused.value) == (
+        "--nproc-per-node=2 but this machine shows 1 GPU(s) (CUDA_VISIBLE_DEVICES=0): one process per "
+        "GPU; use --nproc-per-node 1, or --device cpu to run 2 gloo processes on CPU"
+    )
+    # gloo on CPU: any count is fine (the check passes; the launch itself is not this test's job)
+    launcher.check_process_count(2, "cpu")
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        launcher.check_process_count(0, "cpu")
+
+
+def test_cli_train_refuses_too_many_processes_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    splits = tmp_path / "splits.json"
+    split_dataset(str(tiny_dataset), str(splits))
+    args = ["--data", str(tiny_dataset), "--splits", str(splits), "--out", str(tmp_path / "run")]
+    code = main(["train", *args, "--nproc-per-node", "2"])
+    assert code == 2
+    assert "--nproc-per-node=2 but this machine shows 1 GPU(s)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written

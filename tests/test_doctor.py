@@ -244,7 +244,9 @@ def broken_cluster() -> dict[str, Any]:
     gpu["status"]["allocatable"][cluster.GPU_RESOURCE] = "0"  # device plugin not running
     quota = objects["lists"][(ns, "resourcequotas")][0]["status"]
     quota["used"][f"requests.{cluster.GPU_RESOURCE}"] = "4"  # every GPU of the quota in use
-    objects["lists"][(ns, "limitranges")][0]["spec"]["limits"][0]["max"]["cpu"] = "4"
+    objects["lists"][(ns, "limitranges")][0]["spec"]["limits"][0]["max"]["cpu"] = (
+        "2"  # below the train pod's 3 CPUs
+    )
     return objects
 
 
@@ -384,7 +386,7 @@ def test_healthy_cluster_passes_every_check(
     rows = lines_of(out)
     assert set(rows) == set(CHECKS), out
     assert all(row.startswith("  ok") for row in rows.values()), out
-    assert "2.17.0 (healthz tag_name) >= 2.16.0" in rows["KFP backend version"]
+    assert "2.17.0 (healthz tag_name) >= 2.17.0" in rows["KFP backend version"]
     assert "securityContext >= 2.16.0" in rows["KFP backend version"]
     assert f"acts as {RUNNER}" in rows["runner ServiceAccount"]
     assert "gke-stage1-pro-gpu-1" in rows["GPU node pool"] and "gke-default-1" not in out
@@ -424,7 +426,7 @@ def test_broken_cluster_fails_each_check_with_its_fix(
         assert "\n" in rows[name] and "fix: " in rows[name], f"{name} has no fix line:\n{rows[name]}"
     assert rows["pipeline namespace"].startswith("  ok")
     version = rows["KFP backend version"]
-    assert "2.4.0 (healthz tag_name) is older than the 2.16.0 the pipeline needs" in version
+    assert "2.4.0 (healthz tag_name) is older than the 2.17.0 the pipeline needs" in version
     assert "nodeSelectorJson >= 2.5.0 (exec-train)" in version and "upgrade Kubeflow Pipelines" in version
     assert f"no {cluster.WORKLOAD_IDENTITY_ANNOTATION} annotation" in rows["runner ServiceAccount"]
     assert "kubectl apply -k manifests/overlays/<env>/kfp-patches" in rows["runner ServiceAccount"]
@@ -433,7 +435,7 @@ def test_broken_cluster_fails_each_check_with_its_fix(
     assert "nvidia-gpu-device-plugin" in rows["GPU node pool"] and "R580" in rows["GPU node pool"]
     quota = rows["quota for one run"]
     assert f"stage1-pro-compute requests.{cluster.GPU_RESOURCE}: 0 free of 4, train needs 1" in quota
-    assert "LimitRange stage1-pro-defaults caps a container at cpu 4, train needs 6" in quota
+    assert "LimitRange stage1-pro-defaults caps a container at cpu 2, train needs 3" in quota
     assert "gs://no-such-bucket does not exist" in rows["buckets"]
     assert "gcloud storage buckets create gs://no-such-bucket" in rows["buckets"]
     assert re.search(r"^6 check\(s\) failed", out, re.M)
@@ -545,9 +547,10 @@ def test_the_compiled_pipeline_needs_what_its_features_need(compiled: bf.Compile
     assert used["nodeSelectorJson"] == ["exec-train"]
     assert "exec-train" in used["securityContext"]
     assert "exec-train" in used["run-time resource values"]
-    assert "train" in used["retries of root-DAG tasks"]
+    assert "train" in used["retries of tasks inside If/ExitHandler/ParallelFor/sub-pipelines"]
     assert need.min_version == max(bf.BACKEND_FEATURES[name].min_version for name in used)
-    assert need.min_version >= (2, 16, 0)
+    # the prepare fan-out inside the ExitHandler whose exit task reads the final state (#13322)
+    assert need.min_version == (2, 17, 0)
 
 
 def without(package: bf.CompiledPackage, *keys: str) -> bf.CompiledPackage:
@@ -559,8 +562,16 @@ def without(package: bf.CompiledPackage, *keys: str) -> bf.CompiledPackage:
 
 
 def test_dropping_a_feature_lowers_the_requirement(compiled: bf.CompiledPackage) -> None:
-    assert bf.required_backend(without(compiled, "securityContext")).min_version == (2, 5, 0)
-    assert bf.required_backend(without(compiled, "securityContext", "nodeSelector")).min_version == (2, 5, 0)
+    def used(package: bf.CompiledPackage) -> set[str]:
+        return {feature.name for feature, _ in bf.required_backend(package).uses}
+
+    # The pipeline spec alone needs 2.17 (a ParallelFor inside the ExitHandler); the platform
+    # spec's features drop out one by one.
+    assert bf.required_backend(without(compiled, "securityContext")).min_version == (2, 17, 0)
+    assert "securityContext" in used(compiled) and "securityContext" not in used(
+        without(compiled, "securityContext")
+    )
+    assert "nodeSelectorJson" not in used(without(compiled, "securityContext", "nodeSelector"))
     # With no platform spec at all, only root retries (2.5) and resource placeholders (2.4) remain.
     bare = bf.CompiledPackage(compiled.spec, {})
     assert {f.name for f, _ in bf.required_backend(bare).uses} >= {"run-time resource values"}

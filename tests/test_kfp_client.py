@@ -23,7 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
+from stage1_pro import __version__
 from stage1_pro.cli import main
+from stage1_pro.components.image import component_image
 from stage1_pro.errors import ConfigError
 from stage1_pro.pipelines.client import (
     KFPError,
@@ -283,7 +285,14 @@ def test_upload_creates_then_adds_versions_and_reuses_unchanged(
     newer = changed_copy(package, tmp_path, "2")
     second = upload(client, newer, "stage1-pro")
     add = fake.requests("POST", "/pipelines/upload_version")[-1]
+    described = add["query"].pop("description")
     assert add["query"] == {"name": version_name_for(newer), "pipelineid": first.pipeline_id}
+    # by default a version says what it is: the release, the git revision, the images it runs
+    assert re.fullmatch(
+        rf"stage1-pro {re.escape(__version__)} from git ([0-9a-f]{{12}}(\+dirty)?|unknown); images .+",
+        described,
+    )
+    assert component_image() in described and component_image(gpu=True) in described
     assert second.pipeline_id == first.pipeline_id and second.version_id != first.version_id
     assert not second.created_pipeline and not second.reused_version
     assert len(fake.versions[first.pipeline_id]) == 2
@@ -562,3 +571,38 @@ def test_compiled_package_is_what_the_server_receives(kfp_server: tuple[str, Fak
     docs = list(yaml.safe_load_all(package.read_text()))
     assert docs[0]["pipelineInfo"]["name"] in uploaded
     assert package.read_text().splitlines()[-1] in uploaded
+
+
+def test_runs_are_named_by_date_and_data_fingerprint_and_described(
+    kfp_server: tuple[str, FakeKFP], package: Path, tiny_dataset: Path
+) -> None:
+    from stage1_pro.data import load_dataset
+
+    host, fake = kfp_server
+    client = connect(host)
+    fingerprint = load_dataset(str(tiny_dataset), check_files=False).fingerprint
+    params = {**PARAMS, "data_uri": str(tiny_dataset)}
+    run_id = submit_run(client, experiment="stage1-pro", params=params, package=package)
+    body = fake.runs[run_id]
+    assert re.fullmatch(rf"stage1-pro-gate-\d{{8}}-\d{{4}}-{fingerprint[:8]}", body["display_name"])
+    assert body["description"].startswith(
+        f"data {tiny_dataset} (fingerprint {fingerprint}); phase=3, exit_policy=gate"
+    )
+    assert "from git " in body["description"] and component_image(gpu=True) in body["description"]
+
+    # data this machine cannot read (no credentials): still a dated name, and the description says why
+    run_id = submit_run(client, experiment="stage1-pro", params=PARAMS, package=package)
+    body = fake.runs[run_id]
+    assert re.fullmatch(r"stage1-pro-gate-\d{8}-\d{4}", body["display_name"])
+    assert "(fingerprint unknown)" in body["description"]
+    # why depends on this machine (no credentials here; another test's emulator: no such bucket)
+    assert "data fingerprint not computed on the submitting machine (" in body["description"]
+
+
+def test_a_recurring_run_says_what_each_run_reports(kfp_server: tuple[str, FakeKFP], package: Path) -> None:
+    host, fake = kfp_server
+    created = schedule(connect(host), name="nightly", cron="@daily", package=package, params=PARAMS)
+    description = fake.recurring[created.recurring_run_id]["description"]
+    assert description.startswith(f"stage1-pro retraining (stage1-pro version {created.upload.version_name})")
+    assert "data gs://bucket/data/manifest.csv (fingerprint unknown)" in description
+    assert "report-run step logs (and POSTs to webhook_url) whether it was blessed" in description

@@ -20,13 +20,12 @@ from stage1_pro.errors import ConfigError
 from stage1_pro.run_parameters import (
     LOCAL_PROFILE,
     PARAMETERS,
-    PIPELINE_LOADER_WORKERS,
     check_parameters,
     config_from_parameters,
     convert,
     parse_assignments,
-    train_resources,
 )
+from stage1_pro.sizing import PIPELINE_LOADER_WORKERS, TRAIN_SHM_GIB, train_resources
 
 POLICIES = ("softmax", "gate", "scrc")
 CONDITION_SOFTMAX = "inputs.parameter_values['pipelinechannel--exit_policy'] == 'softmax'"
@@ -71,6 +70,16 @@ def all_tasks(spec: dict) -> dict[str, dict]:
     return tasks
 
 
+def body(spec: dict) -> dict[str, dict]:
+    """The tasks inside the ExitHandler (everything but the exit task)."""
+    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+
+
+def containers(spec: dict) -> dict[str, dict]:
+    """Executors that run a container (the importer's does not)."""
+    return {n: e for n, e in spec["deploymentSpec"]["executors"].items() if "container" in e}
+
+
 def executor_of(spec: dict, task: dict) -> str | None:
     component = spec["components"][task["componentRef"]["name"]]
     return component.get("executorLabel")
@@ -108,7 +117,7 @@ def test_three_exit_policy_branches_each_self_contained(spec: dict) -> None:
     for policy in POLICIES:
         inner = group_tasks(spec, branches[f"exit-policy-{policy}"])
         names = {t["taskInfo"]["name"] for t in inner.values()}
-        assert names == {f"calibrate-{policy}", "validate", "blessed"}, names
+        assert names == {f"calibrate-{policy}", "validate", "record-verdict", "blessed"}, names
         # one calibrate component for every branch, told the branch's policy
         calibrate = next(t for t in inner.values() if t["taskInfo"]["name"] == f"calibrate-{policy}")
         assert spec["components"][calibrate["componentRef"]["name"]]["executorLabel"].startswith(
@@ -122,7 +131,11 @@ def test_three_exit_policy_branches_each_self_contained(spec: dict) -> None:
             f"inputs.parameter_values['pipelinechannel--{validate_key}-Output'] == true"
         )
         in_blessed = group_tasks(spec, blessed)
-        assert {t["taskInfo"]["name"] for t in in_blessed.values()} == {"export", "publish-prefix-set"}
+        assert {t["taskInfo"]["name"] for t in in_blessed.values()} == {
+            "export",
+            "record-bundle",
+            "publish-prefix-set",
+        }
         publish_group = next(t for t in in_blessed.values() if t["taskInfo"]["name"] == "publish-prefix-set")
         assert publish_group["triggerPolicy"]["condition"] == (
             "inputs.parameter_values['pipelinechannel--publish_prefix'] != ''"
@@ -134,11 +147,20 @@ def test_three_exit_policy_branches_each_self_contained(spec: dict) -> None:
 
 def test_gpu_request_node_selector_and_toleration_on_train_only(spec: dict, k8s: dict) -> None:
     executors = spec["deploymentSpec"]["executors"]
-    with_gpu = {name for name, e in executors.items() if "accelerator" in e["container"].get("resources", {})}
+    with_gpu = {
+        name for name, e in containers(spec).items() if "accelerator" in e["container"].get("resources", {})
+    }
     assert with_gpu == {"exec-train"}
     accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
     assert accelerator["resourceType"] == cluster.GPU_RESOURCE == "nvidia.com/gpu"
-    assert accelerator["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpu_count']}}"
+    # A string output of check-config: the driver resolves the count by its string value
+    # (tests/test_backend_pods.py runs it; an int parameter there gives no GPU limit at all).
+    assert (
+        accelerator["resourceCount"]
+        == "{{$.inputs.parameters['pipelinechannel--check-config-train_gpu_count']}}"
+    )
+    outputs = spec["components"]["comp-check-config"]["outputDefinitions"]["parameters"]
+    assert outputs["train_gpu_count"]["parameterType"] == "STRING"
 
     scheduled = {name for name, e in k8s.items() if "nodeSelector" in e or "tolerations" in e}
     assert scheduled == {"exec-train"}
@@ -150,7 +172,7 @@ def test_gpu_request_node_selector_and_toleration_on_train_only(spec: dict, k8s:
 
 
 def test_train_resources_come_from_check_config_and_cpu_tasks_have_requests_and_limits(spec: dict) -> None:
-    executors = spec["deploymentSpec"]["executors"]
+    executors = containers(spec)
     train = executors["exec-train"]["container"]["resources"]
     for key in ("resourceCpuRequest", "resourceCpuLimit"):
         assert train[key] == "{{$.inputs.parameters['pipelinechannel--check-config-train_cpu_request']}}"
@@ -169,32 +191,81 @@ def test_retries_on_train_only(spec: dict) -> None:
     assert retried["train"]["backoffDuration"] == "120s"
 
 
-def test_caching_off_only_for_fingerprint_and_drift_check_and_fingerprint_feeds_data_tasks(
-    spec: dict,
-) -> None:
+def test_caching_off_where_a_task_must_see_this_run(spec: dict) -> None:
+    """fingerprint (the data's cache key), check-config (the weights' version), drift-check (the
+    champion's latest), the outcome records and the report: all must run in every run; everything
+    else is cached."""
     tasks = all_tasks(spec)
+    tasks["report-run"] = spec["root"]["dag"]["tasks"]["report-run"]
     uncached = {
-        name
-        for name, t in tasks.items()
+        t["taskInfo"]["name"]
+        for t in tasks.values()
         if "cachingOptions" in t and not t["cachingOptions"].get("enableCache")
     }
-    assert uncached == {"fingerprint", "drift-check"}
-    for name in ("split", "prepare", "train"):
-        source = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
+    assert uncached == {
+        "fingerprint",
+        "check-config",
+        "drift-check",
+        "record-verdict",
+        "record-bundle",
+        "report-run",
+    }
+    inner = body(spec)
+    for name in ("split", "merge-prepared", "train"):
+        source = inner[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
         assert source == {"producerTask": "fingerprint", "outputParameterKey": "Output"}
+    weights = inner["train"]["inputs"]["parameters"]["weights_version"]["taskOutputParameter"]
+    assert weights == {"producerTask": "check-config", "outputParameterKey": "weights_version"}
 
 
 def test_check_config_runs_before_data_is_read_and_before_the_gpu_task(spec: dict) -> None:
+    inner = body(spec)
+    assert "dependentTasks" not in inner["check-config"]
+    assert "check-config" in inner["importer"]["dependentTasks"]
+    assert "importer" in inner["fingerprint"]["dependentTasks"]
+    assert {"check-config", "fingerprint", "merge-prepared", "split"} <= set(inner["train"]["dependentTasks"])
+
+
+def test_the_body_runs_inside_an_exit_handler_that_reports_the_run(spec: dict) -> None:
     root = spec["root"]["dag"]["tasks"]
-    assert "dependentTasks" not in root["check-config"]
-    assert "check-config" in root["fingerprint"]["dependentTasks"]
-    assert {"check-config", "fingerprint", "prepare", "split"} <= set(root["train"]["dependentTasks"])
+    assert set(root) == {"exit-handler-1", "report-run"}
+    report = root["report-run"]
+    assert report["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert report["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
+    assert report["inputs"]["parameters"]["webhook_url"] == {"componentInputParameter": "webhook_url"}
+
+
+def test_the_dataset_comes_in_through_an_importer_of_the_data_uri_parameter(spec: dict) -> None:
+    inner = body(spec)
+    importer = inner["importer"]
+    # A pipeline parameter: the backend resolves an importer URI only from a parent-DAG input.
+    assert importer["inputs"]["parameters"]["uri"] == {"componentInputParameter": "pipelinechannel--data_uri"}
+    executor = spec["deploymentSpec"]["executors"]["exec-importer"]["importer"]
+    assert executor["typeSchema"]["schemaTitle"] == "system.Dataset" and not executor.get("reimport")
+    for name in ("fingerprint", "split"):
+        assert (
+            inner[name]["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "importer"
+        )
+
+
+def test_prepare_fans_out_and_one_merge_feeds_train(spec: dict) -> None:
+    inner = body(spec)
+    loop = next(t for t in inner.values() if "parameterIterator" in t)
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--plan-shards-Output"
+    loop_tasks = group_tasks(spec, loop)
+    assert [t["taskInfo"]["name"] for t in loop_tasks.values()] == ["prepare"]
+    slices = inner["merge-prepared"]["inputs"]["parameters"]["slices"]["taskOutputParameter"]
+    assert slices["producerTask"] == loop["taskInfo"]["name"]
+    assert inner["train"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"] == {
+        "producerTask": "merge-prepared",
+        "outputArtifactKey": "prepared",
+    }
 
 
 def test_train_takes_the_config_by_value(spec: dict) -> None:
     """A string input is compared by value in the cache key, an artifact by identity: a re-run of
-    check-config (new publish_prefix, say) must not invalidate an unchanged trained model."""
-    inputs = spec["root"]["dag"]["tasks"]["train"]["inputs"]
+    check-config (it is never cached) must not invalidate an unchanged trained model."""
+    inputs = body(spec)["train"]["inputs"]
     assert inputs["parameters"]["config_json"]["taskOutputParameter"] == {
         "producerTask": "check-config",
         "outputParameterKey": "config_json",
@@ -224,7 +295,7 @@ def test_parameters_defaults_and_descriptions(spec: dict) -> None:
 def test_images_from_the_one_place_and_no_runtime_installs(spec: dict) -> None:
     from stage1_pro.components.image import component_image
 
-    for name, executor in spec["deploymentSpec"]["executors"].items():
+    for name, executor in containers(spec).items():
         container = executor["container"]
         expected = component_image(gpu=True) if name == "exec-train" else component_image()
         assert container["image"] == expected, name
@@ -234,12 +305,12 @@ def test_images_from_the_one_place_and_no_runtime_installs(spec: dict) -> None:
 
 def test_image_override_at_compile_time(tmp_path: Path) -> None:
     spec, _ = _compile(tmp_path, "--image", "registry.example/s1:9.9")
-    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    images = {name: e["container"]["image"] for name, e in containers(spec).items()}
     assert images.pop("exec-train") == "registry.example/s1:9.9-gpu"
     assert set(images.values()) == {"registry.example/s1:9.9"}
 
     spec, _ = _compile(tmp_path, "--image", "r/cpu:1", "--gpu-image", "r/cuda:2", "--gpu-type", "nvidia-l4")
-    images = {name: e["container"]["image"] for name, e in spec["deploymentSpec"]["executors"].items()}
+    images = {name: e["container"]["image"] for name, e in containers(spec).items()}
     assert images.pop("exec-train") == "r/cuda:2"
     assert set(images.values()) == {"r/cpu:1"}
     assert spec["root"]["inputDefinitions"]["parameters"]["gpu_type"]["defaultValue"] == "nvidia-l4"
@@ -274,24 +345,20 @@ def test_check_parameters_defaults_resolve_to_a_config() -> None:
     assert checked.config.model_name == "vit_small_patch14_dinov2"
     assert checked.config.model_path is None
     assert checked.gpu_node_selector == {cluster.ACCELERATOR_LABEL: cluster.DEFAULT_ACCELERATOR}
-    assert checked.config.num_workers == PIPELINE_LOADER_WORKERS
-    resources = (checked.train_cpu_request, checked.train_memory_request)
-    assert (
-        resources == train_resources(1, PIPELINE_LOADER_WORKERS) == (str(1 + PIPELINE_LOADER_WORKERS), "16Gi")
-    )
-    custom = check_parameters({"data_uri": "m.csv", "gpu_count": 2, "config_overrides": {"num_workers": 3}})
-    assert (custom.config.num_workers, custom.train_cpu_request, custom.train_memory_request) == (
-        3,
-        "8",
-        "32Gi",
-    )
+    assert checked.config.num_workers == PIPELINE_LOADER_WORKERS == 2
+    resources = (checked.train_gpu_count, checked.train_cpu_request, checked.train_memory_request)
+    expected = train_resources(1, PIPELINE_LOADER_WORKERS)
+    assert resources == (expected.gpu, expected.cpu, expected.memory) == ("1", "3", f"{16 + TRAIN_SHM_GIB}Gi")
+    custom = check_parameters({"data_uri": "m.csv", "config_overrides": {"num_workers": 3}})
+    assert (custom.config.num_workers, custom.train_cpu_request) == (3, "4")
 
 
-def test_train_resources_scale_with_gpus() -> None:
-    one_cpu, one_mem = train_resources(1, 4)
-    four_cpu, four_mem = train_resources(4, 4)
-    assert int(four_cpu) == 4 * int(one_cpu) == 4 * 5
-    assert four_mem == f"{4 * int(one_mem[:-2])}Gi"
+def test_train_resources_scale_with_gpus_and_count_shm_once() -> None:
+    one, four = train_resources(1, 4), train_resources(4, 4)
+    assert int(four.cpu) == 4 * int(one.cpu) == 4 * 5
+    assert four.gpu == "4"
+    per_gpu = int(four.memory[:-2]) - int(one.memory[:-2])
+    assert per_gpu == 3 * 16 and int(one.memory[:-2]) == 16 + TRAIN_SHM_GIB
 
 
 @pytest.mark.parametrize(
@@ -303,7 +370,20 @@ def test_train_resources_scale_with_gpus() -> None:
         ({"target_fnr_exit": 0.5}, "$.target_fnr_exit: 0.5 is greater than the maximum of 0.1"),
         ({"phase": 9}, "$.phase: 9 is greater than the maximum of 6"),
         ({"data_uri": "  "}, "data_uri is empty"),
-        ({"gpu_count": 0}, "gpu_count=0 is outside 1..16"),
+        ({"gpu_count": 0}, "gpu_count=0: the train task needs at least one GPU (allowed: 1..1)"),
+        (
+            {"gpu_count": 2},
+            "gpu_count=2 cannot run on the shipped infrastructure: the GPU node pool (a2-ultragpu-1g, "
+            "nvidia-a100-80gb) has 1 GPU per node and a pod runs on one node",
+        ),
+        ({"config_overrides": {"num_workers": 12}}, "the train pod would ask for 13 CPUs and 20Gi of memory"),
+        (
+            {"config_overrides": {"num_workers": 6}, "img_size": 448},
+            "more than the train pod's 4 GiB /dev/shm",
+        ),
+        ({"prepare_shards": 0}, "prepare_shards=0 is outside 1..64"),
+        ({"webhook_url": "hooks.slack.com/x"}, "webhook_url='hooks.slack.com/x' is not an http(s) URL"),
+        ({"data_uri": "gs://b/street/"}, "data_uri='gs://b/street/' is a gs:// image-folder prefix"),
         ({"gpu_type": "nvidia h100"}, "is not a Kubernetes label value"),
         ({"epochs": "3"}, "epochs='3' has type str; expected int"),
         ({"epoch": 3}, "unknown pipeline parameter 'epoch' (did you mean 'epochs'?)"),

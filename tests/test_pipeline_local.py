@@ -180,6 +180,47 @@ def test_run_local_scrc_phase6(medium_dataset: Path, tmp_path: Path) -> None:
     check_bundle_pulls_and_predicts(Path(result.bundle), "scrc", registry, tmp_path / "pulled", images)
 
 
+@pytest.mark.slow
+def test_run_local_prepare_fanned_out_over_three_pods_equals_one_and_the_run_is_reported(
+    medium_dataset: Path, tmp_path: Path
+) -> None:
+    """prepare_shards=3 on the embedded data: three prepare pods (a ParallelFor), one merge, and
+    the prepared folder train reads is, byte for byte, the one a single prepare writes. The exit
+    task reports the run from the outcome records the branch left."""
+    from stage1_pro.artifacts import read_artifact
+    from stage1_pro.prepare import prepare_dataset
+
+    lines: list[str] = []
+    result = run_local(
+        {"data_uri": str(medium_dataset), "prepare_shards": 3, **FAST}, tmp_path / "run", echo=lines.append
+    )
+    run_dir = Path(result.run_dir)
+    slices = sorted(run_dir.glob("for-loop-*-iteration-*/prepare/prepared"))
+    assert len(slices) == 3
+    assert [read_artifact(s / "index.json", "prepared")["part"]["index"] for s in slices] == [0, 1, 2]
+    merged = run_dir / "merge-prepared" / "prepared"
+    one = tmp_path / "one-pod"
+    single = prepare_dataset(str(medium_dataset), str(run_dir / "split" / "splits"), str(one), 64, workers=2)
+    assert len(single["shards"]) == 3  # 2,500 images at most 1,024 per shard: one shard per pod
+    files = sorted(p.name for p in one.iterdir())
+    assert sorted(p.name for p in merged.iterdir()) == files
+    for name in files:
+        if name != "index.json":
+            assert (merged / name).read_bytes() == (one / name).read_bytes(), name
+    index = read_artifact(merged / "index.json", "prepared")
+    assert {k: v for k, v in index.items() if k not in ("seconds", "workers")} == {
+        k: v for k, v in single.items() if k not in ("seconds", "workers")
+    }
+    assert any("merge-prepared: 2500 images in 3 shard(s) from 3 pod(s)" in line for line in lines), lines
+
+    report = json.loads(next(run_dir.glob("report-run/report")).read_text())
+    assert report["state"] == "succeeded" and report["blessed"] is result.blessed
+    assert report["exit_policy"] == "softmax"
+    if result.blessed:
+        assert report["bundle_uri"] == str(next(run_dir.glob("export/bundle")))
+    assert any(line.strip() == report["text"] for line in lines), lines
+
+
 def test_run_local_fails_early_on_a_bad_combination(tmp_path: Path) -> None:
     from stage1_pro.errors import ConfigError
 
@@ -375,6 +416,7 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
             splits=dsl.Dataset(name="splits", uri=str(tmp_path / "splits.json"), metadata={}),
             prepared=dsl.Dataset(name="prepared", uri=str(tmp_path / "prepared"), metadata={}),
             data_fingerprint=load_dataset(str(tiny_dataset)).fingerprint,
+            weights_version="",
             gpu_count=1,
             model=model,
             scores=scores,
@@ -397,3 +439,26 @@ def test_train_component_on_a_gcs_root_resumes_after_a_lost_pod(
     assert (Path(second.path) / "model_best.pth").read_bytes() == (
         Path(first.path) / "model_best.pth"
     ).read_bytes()
+
+
+def test_progress_restores_the_root_logger_and_leaves_no_filter_behind(tmp_path: Path) -> None:
+    """kfp.local swaps the root logger's handlers around every task, from several threads in a
+    dsl.ParallelFor, and can leave a task's handler in place of the originals. After a run the
+    caller's handlers are back, and none keeps the run's filter (which would write to its closed log)."""
+    import io
+    import logging
+
+    from stage1_pro.pipelines.local import _Progress
+
+    root = logging.getLogger()
+    mine = logging.StreamHandler(io.StringIO())
+    saved = root.handlers[:]
+    root.handlers[:] = [mine]
+    try:
+        with (tmp_path / "run.log").open("w") as log, _Progress(log, lambda _line: None, False):
+            root.handlers[:] = [logging.StreamHandler(io.StringIO())]  # what a racing task leaves
+        assert root.handlers == [mine]
+        assert mine.filters == []
+        logging.getLogger("kfp.local.x").info("after the run")  # no closed-file error
+    finally:
+        root.handlers[:] = saved

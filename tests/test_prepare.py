@@ -166,3 +166,102 @@ def test_an_index_written_before_the_spec_reads_as_the_default_spec(tiny_split, 
     index["resize"] = "draft+RGB+bilinear-antialias-square"  # what earlier versions wrote
     (tmp_path / "p" / "index.json").write_text(json.dumps(index))
     assert open_prepared(str(tmp_path / "p")).pixel_spec == PixelSpec(8)
+
+
+# ------------------------------------------------------------------------------------------
+# fan-out: slices of the shards decoded apart, merged into one folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "index.json"}
+
+
+def _comparable(index: dict) -> dict:
+    """An index without timing and worker count, failures without PIL's message (it names an address)."""
+    out = {k: v for k, v in index.items() if k not in ("seconds", "workers")}
+    out["failed"] = [(f["index"], f["uri"], f["split"]) for f in index["failed"]]
+    return out
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_slices_merged_equal_one_prepare_byte_for_byte(tiny_split, tmp_path, parts: int) -> None:
+    """With a corrupt image in the data: shards hold fixed row ranges, so a slice's shards do not
+    depend on failures in other slices, and the merged folder is the one-pod folder."""
+    data, splits = tiny_split
+    copy = tmp_path / "data"
+    shutil.copytree(Path(data).parent, copy)
+    manifest = str(copy / Path(data).name)
+    from stage1_pro.data import load_dataset
+
+    Path(load_dataset(manifest).uris[3]).write_bytes(b"not an image")
+    shard_bytes = 12 * 12 * 3 * 40  # 40 rows per shard: 5 shards for 200 images
+    whole = prepare_dataset(manifest, splits, str(tmp_path / "one"), 12, workers=1, shard_bytes=shard_bytes)
+    assert whole["n_failed"] == 1 and len(whole["shards"]) == 5
+    slices = []
+    for part in range(parts):
+        out = tmp_path / f"slice-{part}"
+        index = prepare_dataset(
+            manifest,
+            splits,
+            str(out),
+            spec=12,
+            workers=1,
+            shard_bytes=shard_bytes,
+            part=part,
+            parts=parts,
+        )
+        assert index["part"] == {"index": part, "count": parts}
+        slices.append(str(out))
+    assert sum(len(read_artifact(Path(s) / "index.json", "prepared")["shards"]) for s in slices) == 5
+    merged = prepare_merge(list(reversed(slices)), tmp_path / "merged")  # any order
+    assert _files(tmp_path / "merged") == _files(tmp_path / "one")
+    assert _comparable(merged) == _comparable(whole)
+    assert len(open_prepared(str(tmp_path / "merged")).index) == 199
+
+
+def prepare_merge(slices: list[str], out: Path) -> dict:
+    from stage1_pro.prepare import merge_prepared
+
+    return merge_prepared(slices, str(out))
+
+
+def test_a_slice_is_not_a_prepared_folder_and_slices_must_match(tiny_split, tmp_path) -> None:
+    data, splits = tiny_split
+    for part in (0, 1):
+        prepare_dataset(data, splits, str(tmp_path / f"s{part}"), spec=8, workers=1, part=part, parts=2)
+    with pytest.raises(
+        ArtifactError, match=r"s0: slice 0 of 2 of a fanned-out prepare.*merge the slices first"
+    ):
+        open_prepared(str(tmp_path / "s0"))
+    with pytest.raises(ArtifactError, match=r"expected slices 0\.\.1 of one fan-out, got \[0\]"):
+        prepare_merge([str(tmp_path / "s0")], tmp_path / "m")
+    prepare_dataset(data, splits, str(tmp_path / "other"), spec=9, workers=1, part=1, parts=2)
+    with pytest.raises(ArtifactError, match=r"other: a slice of another preparation \(img_size differ"):
+        prepare_merge([str(tmp_path / "s0"), str(tmp_path / "other")], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(DataError, match=r"part=2 of parts=2: need 0 <= part < parts"):
+        prepare_dataset(data, splits, str(tmp_path / "bad"), spec=8, workers=1, part=2, parts=2)
+
+
+def test_merge_on_gcs_copies_server_side(tiny_split, gcs_emulator, tmp_path) -> None:
+    data, splits = tiny_split
+    bucket = gcs_emulator.make_bucket()
+    for part in (0, 1):
+        prepare_dataset(
+            data,
+            splits,
+            f"{bucket}/s{part}",
+            spec=8,
+            workers=1,
+            shard_bytes=8 * 8 * 3 * 64,
+            part=part,
+            parts=2,
+        )
+    prepare_merge([f"{bucket}/s0", f"{bucket}/s1"], f"{bucket}/merged")  # type: ignore[arg-type]
+    local = prepare_dataset(
+        data, splits, str(tmp_path / "local"), spec=8, workers=1, shard_bytes=8 * 8 * 3 * 64
+    )
+    remote = open_prepared(f"{bucket}/merged", cache_dir=tmp_path / "cache")
+    assert [s["file"] for s in remote.info["shards"]] == [s["file"] for s in local["shards"]]
+    for path in remote.shard_paths:
+        assert Path(path).read_bytes() == (tmp_path / "local" / Path(path).name).read_bytes()

@@ -40,12 +40,16 @@ def branch_tasks(spec: dict) -> dict[str, dict]:
 
 
 def test_drift_check_runs_before_training_and_pins_the_champion_for_validate(spec: dict) -> None:
-    root = spec["root"]["dag"]["tasks"]
-    drift = root["drift-check"]
+    body = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]  # the run's body, in its ExitHandler
+    drift = body["drift-check"]
     assert drift["cachingOptions"] == {}  # never cached: latest may move between runs
-    assert drift["inputs"]["parameters"]["champion_prefix"] == {"componentInputParameter": "champion_prefix"}
-    assert drift["inputs"]["parameters"]["data_uri"] == {"componentInputParameter": "data_uri"}
-    assert "drift-check" in root["train"]["dependentTasks"]
+    assert drift["inputs"]["parameters"]["champion_prefix"] == {
+        "componentInputParameter": "pipelinechannel--champion_prefix"
+    }
+    assert drift["inputs"]["parameters"]["data_uri"] == {
+        "componentInputParameter": "pipelinechannel--data_uri"
+    }
+    assert "drift-check" in body["train"]["dependentTasks"]
     validates = {name: t for name, t in branch_tasks(spec).items() if name.startswith("validate")}
     assert len(validates) == 3  # one per exit-policy branch
     for task in validates.values():

@@ -39,6 +39,7 @@ from stage1_pro import storage
 from stage1_pro.config import Stage1ProConfig, save_config
 from stage1_pro.errors import ConfigError, DataError, NotBuiltError
 from stage1_pro.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE, SPLITS_FILE, RunDir
+from stage1_pro.sizing import EVAL_BATCH_FACTOR
 from stage1_pro.training import checkpoint as ckpt
 from stage1_pro.training.compilation import compile_for_training, eager
 from stage1_pro.training.distributed import (
@@ -164,7 +165,9 @@ class TrainJob:
     @property
     def eval_batch(self) -> int:
         """Per-process batch of validation, feature caching and scoring (no gradients: twice the global)."""
-        return max(per_rank_batch(self.config.batch_size, self.dist), 2 * self.config.batch_size)
+        return max(
+            per_rank_batch(self.config.batch_size, self.dist), EVAL_BATCH_FACTOR * self.config.batch_size
+        )
 
     @property
     def loader_workers(self) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from stage1_pro.errors import ConfigError
-from stage1_pro.training.distributed import launch
+from stage1_pro.training.distributed import launch, resolve_device
 
 
 def _train_worker(config_dict: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -17,6 +19,35 @@ def _train_worker(config_dict: dict[str, Any], kwargs: dict[str, Any]) -> dict[s
     return train(Stage1ProConfig(**config_dict), **kwargs)
 
 
+def check_process_count(nproc_per_node: int, device: str = "auto") -> None:
+    """Refuse a process count this machine cannot run, before any process is started.
+
+    On CUDA every process takes the GPU of its local rank, so ``nproc_per_node`` may not exceed the
+    visible GPUs (else rank 1 dies with CUDA's ``invalid device ordinal`` traceback). On CPU any
+    count runs (gloo).
+
+    Args:
+        nproc_per_node: data-parallel processes asked for.
+        device: the config's ``device`` (``auto`` picks CUDA when present).
+
+    Raises:
+        ConfigError: ``nproc_per_node`` below 1, or above the visible GPU count on CUDA.
+    """
+    if nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node={nproc_per_node}: must be >= 1 (one process per GPU)")
+    if nproc_per_node == 1 or resolve_device(device).type != "cuda":
+        return
+    visible = torch.cuda.device_count()
+    if nproc_per_node > visible:
+        devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={devices})" if devices is not None else ""
+        raise ConfigError(
+            f"--nproc-per-node={nproc_per_node} but this machine shows {visible} GPU(s){shown}: one "
+            f"process per GPU; use --nproc-per-node {visible}, or --device cpu to run "
+            f"{nproc_per_node} gloo processes on CPU"
+        )
+
+
 def train_processes(config: Any, nproc_per_node: int = 1, **train_kwargs: Any) -> dict[str, Any]:
     """Train ``config`` in ``nproc_per_node`` data-parallel processes; rank 0's summary.
 
@@ -25,10 +56,9 @@ def train_processes(config: Any, nproc_per_node: int = 1, **train_kwargs: Any) -
     own share. ``train_kwargs`` are :func:`stage1_pro.training.train`'s keyword arguments.
 
     Raises:
-        ConfigError: ``nproc_per_node`` below 1.
+        ConfigError: see :func:`check_process_count`.
     """
-    if nproc_per_node < 1:
-        raise ConfigError(f"--nproc-per-node={nproc_per_node}: must be >= 1 (one process per GPU)")
+    check_process_count(nproc_per_node, config.device)
     if nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return launch(nproc_per_node, _train_worker, config.to_dict(), train_kwargs)[0]
     return _train_worker(config.to_dict(), train_kwargs)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from stage1_pro.sizing import LOADER_PREFETCH_FACTOR
+
 
 class ShardBatches(torch.utils.data.Dataset):
     """Prepared rows as batches: ``ds[list_of_rows] -> (uint8 NHWC, labels, rows)``.
@@ -258,5 +260,5 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=LOADER_PREFETCH_FACTOR if num_workers > 0 else None,
     )
