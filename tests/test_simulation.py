@@ -56,8 +56,13 @@ def close(exact: float, observed: float, n: int) -> bool:
 def test_exact_rates_of_fitted_policies_match_monte_carlo(model: str, policy: str, params: dict) -> None:
     sim = MODELS[model]
     rng = np.random.default_rng(zlib.crc32(f"{model}/{policy}/{params}".encode()))
-    fitted = fit_quietly(policy, make_scores(sim, 4000, 4000, rng), target_fnr_exit=0.05, **params)
-    assert fitted.feasible_
+    # The check needs a non-trivial rule; a draw may legitimately certify nothing (then the policy
+    # defers everything), so take the first of a few draws that certifies.
+    for _ in range(5):
+        fitted = fit_quietly(policy, make_scores(sim, 4000, 4000, rng), target_fnr_exit=0.05, **params)
+        if fitted.feasible_:
+            break
+    assert fitted.feasible_, fitted.infeasible_message()
     exact = policy_rates(fitted, sim)
     big = sim.sample(N_MC, rng)
     fnr, fpr, cov, n_pos, n_neg = empirical(
