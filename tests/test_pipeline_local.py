@@ -131,6 +131,10 @@ def test_run_local_gate_phase3(medium_dataset: Path, tmp_path: Path) -> None:
             "exit_policy": "gate",
             "publish_prefix": str(registry),
             **FAST,
+            # One frozen epoch at 64 px: the gate's strict thresholds exit a handful of val_select
+            # negatives, too few for the default guard (0.25) to be predicted to pass there, and the
+            # learned start lands where val_calib disagrees. The branch, not the model, is under test.
+            "max_fpr_exit": 0.5,
         },
         tmp_path / "run",
         echo=lines.append,
