@@ -126,20 +126,16 @@ def risk_coverage_curve(
 ) -> dict[str, np.ndarray]:
     """Risk against coverage when exiting the most confident images first.
 
-    Parameters
-    ----------
-    confidence : array (n,)
-        Higher means "exit earlier" (max softmax, calibrated gate probability...).
-    labels, predictions : array (n,)
-        True labels and the class each image would exit with.
-    risk : {"selective", "fnr_exit"}
-        ``selective``: error rate among exits; ``fnr_exit``: misses among exited positives.
+    Args:
+        confidence: array (n,); higher means "exit earlier" (max softmax, calibrated gate
+            probability...).
+        labels, predictions: arrays (n,): true labels and the class each image would exit with.
+        risk: ``"selective"``: error rate among exits; ``"fnr_exit"``: misses among exited positives.
 
-    Returns
-    -------
-    dict with ``threshold`` (descending unique confidences), ``coverage`` and ``risk`` (same
-    length): exiting every image with ``confidence >= threshold[j]`` has coverage
-    ``coverage[j]`` and risk ``risk[j]`` (``nan`` where undefined). Ties share one point.
+    Returns:
+        ``threshold`` (descending unique confidences), ``coverage`` and ``risk`` (same length):
+        exiting every image with ``confidence >= threshold[j]`` has coverage ``coverage[j]`` and
+        risk ``risk[j]`` (``nan`` where undefined). Ties share one point.
     """
     y = np.asarray(labels)
     pred = np.asarray(predictions)
