@@ -1,12 +1,12 @@
 """Exit metrics of a stage-1 policy: the single definition of FNR_exit used everywhere.
 
 A policy's decision per image is one of ``EXIT_POSITIVE`` (1), ``EXIT_NEGATIVE`` (0) or
-``DEFER`` (-1) (constants in :mod:`stage1_pro.policies.base`). With ``y`` the true label:
+``DEFER`` (-1) (constants in :mod:`stage1_pro.decisions`). With ``y`` the true label:
 
 * ``coverage = #exited / #all`` (exited = not deferred);
 * ``FNR_exit = FN_exit / (TP_exit + FN_exit)``: the miss rate among **exited positives**
-  (definition A of ``research/methods.md`` §1); undefined (``nan``) when no positive exits;
-* ``FPR_exit = FP_exit / (FP_exit + TN_exit)`` among exited negatives;
+  (definition A, ``docs/methods.md`` §1.1); undefined (``nan``) when no positive exits;
+* ``FPR_exit = FP_exit / (FP_exit + TN_exit)`` among exited negatives (the guard, ``docs/methods.md`` §1.2);
 * ``exit_accuracy`` = correct exits / exits; ``selective_risk = 1 - exit_accuracy``
   (error rate among exits, Geifman & El-Yaniv 2017);
 * the risk–coverage curve and its area (AURC) rank images by a confidence score;

@@ -3,7 +3,7 @@
 The gate is SelectiveNet's selection head g (Geifman & El-Yaniv, ICML 2019, arXiv 1901.09192,
 §3): a phase >= 3 model outputs its logit beside the class probabilities. The logit is mapped
 to a probability of a correct exit by a calibrator fitted on ``val_select`` (never on
-``val_calib``, which certifies the threshold; ``research/methods.md`` §9.1-2):
+``val_calib``, which certifies the threshold; ``docs/methods.md`` §4.2):
 
 * ``platt`` (default): ``sigmoid(a * logit + b)``, a one-feature logistic regression with
   Platt's smoothed targets (Platt 1999; :func:`platt_fit`). Monotone, so it keeps the gate's

@@ -23,7 +23,7 @@ the class probability each veto an exit.
     (Jeffreys-smoothed counts); the candidates no other beats on both (the Pareto front) form
     the path, ordered by ``val_select`` coverage, strictest first, thinned to ``grid_size``
     points. Pareto Testing's second stage is the certification below.
-``SCRC-I`` (methods §2.3 of the paper's reconstruction): for each ``xi`` of the fixed grid
+``SCRC-I`` (``docs/methods.md`` §4.3): for each ``xi`` of the fixed grid
     ``j / grid_size``, ``lambda1`` is the strictest selection whose empirical rate is
     ``>= xi + eps`` with the one-sided DKW margin ``eps = sqrt(log(1/delta_dkw) / (2n))``
     (Massart 1990), and ``lambda2`` the smallest value of a fixed grid meeting the CRC count rule

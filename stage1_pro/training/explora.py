@@ -7,7 +7,7 @@ it fully unfreezes a few blocks (usually the last one; the released ViT-L checkp
 other block, continues the source model's self-supervised objective on unlabeled in-domain
 images, and merges. Supervised training then starts from the merged backbone.
 
-What this module builds (``research/methods.md`` §4):
+What this module builds (``docs/methods.md`` §6):
 
 * **Objective: DINO self-distillation** (Caron et al., ICCV 2021, arXiv 2104.14294): a student
   and an EMA teacher (momentum 0.996 -> 1, cosine), multi-crop views (2 global + ``n_local``
