@@ -59,7 +59,7 @@ from stage1_pro.training.loaders import EpochBatchSampler, ShardBatches, TensorB
 from stage1_pro.training.phases import get_phase
 from stage1_pro.training.split_rows import SplitRows
 
-#: A compiled H200 ViT-S/14 step at batch 256 (issue 13): the rate the loader workers must feed.
+#: A compiled H200 ViT-S/14 step at batch 256: the rate the loader workers must feed.
 GPU_STEP_IMG_PER_S = 6560
 
 

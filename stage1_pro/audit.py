@@ -1,5 +1,7 @@
 """The test split's audit of a certified exit rule: an exact hypothesis test, with its power.
 
+Method notes: ``docs/methods.md`` §3.
+
 The certificate comes from ``val_calib``; ``test`` is an independent audit that must catch a
 broken certificate (a shift between calibration and test, leakage, a bug), not re-certify. So
 the audit is a test of the certified claim itself,

@@ -89,41 +89,36 @@ def calibrate_policy(
 ) -> dict[str, Any]:
     """Fit ``policy`` on ``scores_uri`` (val_select), certify it on val_calib, write ``out_uri``.
 
-    Parameters
-    ----------
-    policy : str
-        A registered exit policy (:func:`stage1_pro.policy_registry.list_policies`).
-    scores_uri : str
-        ``scores.npz`` (local or gs://) with ``val_select`` and ``val_calib`` rows.
-    out_uri : str
-        The policy file to write, named as the policy's (``thresholds.json`` for softmax...).
-    target_fnr_exit, delta : float
-        Certified ``P(FNR_exit > target_fnr_exit or FPR_exit > max_fpr_exit) <= delta``.
-    max_fpr_exit : float
-        The guard certified with the target (default 0.25; 1 disables it).
-    method : str, optional
-        Family-wise procedure (:data:`stage1_pro.certify.PROCEDURES`), default split fallback sequence.
-    splits_uri : str, optional
-        ``splits.json``: the scores' rows must be exactly its val_select/val_calib/test indices.
-        Default: the ``splits.json`` next to the scores file, if there is one.
-    model_version : str, optional
-        Lineage; default the sha256 of ``model_best.pth`` next to the scores file, if present.
-    replace : bool
-        Delete another policy's file next to ``out_uri`` (a run holds exactly one policy file);
-        without it such a file is an error.
-    **options
-        Policy parameters, e.g. ``calibrator="isotonic"`` (gate), ``variant="SCRC-T"``,
-        ``selection_score="gate"`` (scrc), ``grid_size``.
+    On any error nothing is written.
 
-    Returns
-    -------
-    dict
+    Args:
+        policy: a registered exit policy (:func:`stage1_pro.policy_registry.list_policies`).
+        scores_uri: ``scores.npz`` (local or gs://) with ``val_select`` and ``val_calib`` rows.
+        out_uri: the policy file to write, named as the policy's (``thresholds.json`` for softmax...).
+        target_fnr_exit, delta: certified
+            ``P(FNR_exit > target_fnr_exit or FPR_exit > max_fpr_exit) <= delta``.
+        max_fpr_exit: the guard certified with the target (default 0.25; 1 disables it).
+        method: family-wise procedure (:data:`stage1_pro.certify.PROCEDURES`), default split
+            fallback sequence.
+        splits_uri: ``splits.json``: the scores' rows must be exactly its val_select/val_calib/test
+            indices. Default: the ``splits.json`` next to the scores file, if there is one.
+        model_version: lineage; default the sha256 of ``model_best.pth`` next to the scores file,
+            if present.
+        replace: delete another policy's file next to ``out_uri`` (a run holds exactly one policy
+            file); without it such a file is an error.
+        **options: policy parameters, e.g. ``calibrator="isotonic"`` (gate), ``variant="SCRC-T"``,
+            ``selection_score="gate"`` (scrc), ``grid_size``.
+
+    Returns:
         The artifact as written (validated against its schema).
 
-    Raises
-    ------
-    ConfigError, DataError, ArtifactError, StorageError
-        Bad settings, bad or mismatched scores/splits, unwritable output; nothing is written.
+    Raises:
+        ConfigError: bad settings (an unknown policy or option, a value out of range, ``out_uri``
+            named as another policy's file).
+        DataError: bad scores, or scores that do not match the splits.
+        ArtifactError: another policy's file next to ``out_uri`` (without ``replace``), or an
+            invalid splits file.
+        StorageError: an unreadable input or an unwritable output.
     """
     from stage1_pro.policies import InfeasibleCertificateWarning, create_policy, get_policy_class
     from stage1_pro.scores import load_scores

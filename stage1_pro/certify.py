@@ -8,7 +8,7 @@ the probability being over the draw of ``val_calib``, for the deployed rule. ``t
 is the one target a user tunes; ``max_fpr_exit`` is the guard against the known way to meet an
 FNR-only constraint (calling everything positive: FNR_exit 0, FPR_exit 1). The bound comes from
 Learn-then-Test (Angelopoulos, Bates, Candès, Jordan, Lei, arXiv 2110.01052, Thm. 1 and §3)
-specialised to 0/1 conditional risks:
+specialised to 0/1 conditional risks (method notes: ``docs/methods.md`` §2):
 
 1. **A grid fixed before the calibration labels are seen.** Candidate exit rules
    ``r_0, ..., r_{m-1}`` ordered from strictest (least coverage) to loosest; policies build it

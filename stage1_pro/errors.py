@@ -34,7 +34,7 @@ class PreconditionFailedError(StorageError):
 
 
 class NotBuiltError(Stage1ProError):
-    """A feature that exists in the design but is not implemented yet."""
+    """A designed feature that is deliberately not built (e.g. DoRAN): refused, never replaced by another."""
 
 
 class DeviceError(Stage1ProError):

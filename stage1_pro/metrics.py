@@ -1,12 +1,12 @@
 """Exit metrics of a stage-1 policy: the single definition of FNR_exit used everywhere.
 
 A policy's decision per image is one of ``EXIT_POSITIVE`` (1), ``EXIT_NEGATIVE`` (0) or
-``DEFER`` (-1) (constants in :mod:`stage1_pro.policies.base`). With ``y`` the true label:
+``DEFER`` (-1) (constants in :mod:`stage1_pro.decisions`). With ``y`` the true label:
 
 * ``coverage = #exited / #all`` (exited = not deferred);
 * ``FNR_exit = FN_exit / (TP_exit + FN_exit)``: the miss rate among **exited positives**
-  (definition A of ``research/methods.md`` §1); undefined (``nan``) when no positive exits;
-* ``FPR_exit = FP_exit / (FP_exit + TN_exit)`` among exited negatives;
+  (definition A, ``docs/methods.md`` §1.1); undefined (``nan``) when no positive exits;
+* ``FPR_exit = FP_exit / (FP_exit + TN_exit)`` among exited negatives (the guard, ``docs/methods.md`` §1.2);
 * ``exit_accuracy`` = correct exits / exits; ``selective_risk = 1 - exit_accuracy``
   (error rate among exits, Geifman & El-Yaniv 2017);
 * the risk–coverage curve and its area (AURC) rank images by a confidence score;
@@ -126,20 +126,16 @@ def risk_coverage_curve(
 ) -> dict[str, np.ndarray]:
     """Risk against coverage when exiting the most confident images first.
 
-    Parameters
-    ----------
-    confidence : array (n,)
-        Higher means "exit earlier" (max softmax, calibrated gate probability...).
-    labels, predictions : array (n,)
-        True labels and the class each image would exit with.
-    risk : {"selective", "fnr_exit"}
-        ``selective``: error rate among exits; ``fnr_exit``: misses among exited positives.
+    Args:
+        confidence: array (n,); higher means "exit earlier" (max softmax, calibrated gate
+            probability...).
+        labels, predictions: arrays (n,): true labels and the class each image would exit with.
+        risk: ``"selective"``: error rate among exits; ``"fnr_exit"``: misses among exited positives.
 
-    Returns
-    -------
-    dict with ``threshold`` (descending unique confidences), ``coverage`` and ``risk`` (same
-    length): exiting every image with ``confidence >= threshold[j]`` has coverage
-    ``coverage[j]`` and risk ``risk[j]`` (``nan`` where undefined). Ties share one point.
+    Returns:
+        ``threshold`` (descending unique confidences), ``coverage`` and ``risk`` (same length):
+        exiting every image with ``confidence >= threshold[j]`` has coverage ``coverage[j]`` and
+        risk ``risk[j]`` (``nan`` where undefined). Ties share one point.
     """
     y = np.asarray(labels)
     pred = np.asarray(predictions)

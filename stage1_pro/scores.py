@@ -186,10 +186,8 @@ class Scores:
     def subset(self, split: str) -> Scores:
         """Rows of one split, as a new :class:`Scores`.
 
-        Raises
-        ------
-        DataError
-            If ``split`` is not a score split or the file has no rows of it.
+        Raises:
+            DataError: ``split`` is not a score split, or the file has no rows of it.
         """
         if split not in SCORE_SPLITS:
             raise DataError(f"{self.source}: unknown split {split!r}; allowed: {list(SCORE_SPLITS)}")

@@ -7,9 +7,7 @@ selective risk, AURC and the risk–coverage curve. It writes ``validation.json`
 ``validation``), ``report.html`` (or ``.md``) with the risk–coverage and confusion-matrix
 figures, and ``model_card.md``.
 
-Blessing rule
--------------
-A run is **blessed** iff every check passes:
+**Blessing rule.** A run is **blessed** iff every check passes:
 
 ``policy_feasible``
     the policy file says ``feasible: true`` (something was certified; an always-defer

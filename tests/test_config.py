@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import stage1_pro
 from stage1_pro.artifacts import read_artifact, validate_artifact
 from stage1_pro.config import (
     PHASE_POLICIES,
     Stage1ProConfig,
-    _field_doc,
     add_config_arguments,
     check_phase_policy,
+    field_help,
     load_config,
     resolve_config,
     save_config,
@@ -152,9 +159,36 @@ def test_schema_descriptions_match_field_docs_and_every_field_has_a_flag() -> No
     schema = load_schema("config")["properties"]
     args = _parse([])
     for f in dataclasses.fields(Stage1ProConfig):
-        assert schema[f.name].get("description", "") == _field_doc(f.name), f.name
+        assert schema[f.name].get("description", "") == field_help(f.name), f.name
         if f.name != "notes":  # free-form mapping: file only
             assert hasattr(args, f.name), f"no CLI flag for {f.name}"
+
+
+def test_help_needs_no_source_file(tmp_path: Path) -> None:
+    """--help text comes from the fields' metadata: it works from a byte-code-only install."""
+    package = Path(stage1_pro.__file__).parent
+    copy = tmp_path / "site" / "stage1_pro"
+    shutil.copytree(
+        package, copy, ignore=lambda folder, names: [n for n in names if Path(folder, n).is_symlink()]
+    )
+    assert compileall.compile_dir(copy, legacy=True, quiet=1)  # config.pyc beside where config.py was
+    for source in copy.rglob("*.py"):
+        source.unlink()
+    code = (
+        "import argparse, inspect, stage1_pro.config as c\n"
+        "assert c.__file__.endswith('config.pyc'), c.__file__\n"
+        "try:\n    inspect.getsource(c.Stage1ProConfig)\nexcept OSError:\n    print('no source')\n"
+        "p = argparse.ArgumentParser(); c.add_config_arguments(p); print(p.format_help())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("no source")
+    help_text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert " ".join(f"{field_help('target_fnr_exit')} (default: 0.02)".split()) in help_text
+    assert "Width of the SelectiveNet gate head's hidden layer (phase >= 3). (default: 256)" in help_text
 
 
 def test_default_config_validates_and_round_trips(tmp_path) -> None:

@@ -156,7 +156,7 @@ def test_run_local_gate_phase3(medium_dataset: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_run_local_scrc_phase6(medium_dataset: Path, tmp_path: Path) -> None:
-    """Phase 6 (ConformalRiskLoss, class-balanced batches) feeding the SCRC branch (research engineer)."""
+    """Phase 6 (ConformalRiskLoss, class-balanced batches) feeding the SCRC branch."""
     registry = tmp_path / "registry"
     result = run_local(
         {

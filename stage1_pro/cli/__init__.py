@@ -26,7 +26,7 @@ class Command:
     summary: str
 
 
-#: verb -> implementation. Verbs are added here by the issue that builds them.
+#: verb -> implementation module and the one-line summary ``stage1-pro --help`` lists.
 COMMANDS: dict[str, Command] = {
     "demo-data": Command(
         "stage1_pro.cli.demo_data", "write the embedded MNIST dataset as PNG files + manifest"

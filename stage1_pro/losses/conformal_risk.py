@@ -6,7 +6,8 @@ during training, so the model learns what the post-hoc calibrator needs. Its FNR
 each batch into a pseudo-calibration and a pseudo-prediction half, computes the (n+1)-corrected
 CRC threshold on the calibration half, makes it differentiable by averaging the scores in a small
 window around the quantile index, and minimises a sigmoid-smoothed task loss on the prediction
-half at that threshold. Here the task is the exit rule of a stage-1 policy.
+half at that threshold. Here the task is the exit rule of a stage-1 policy (method notes:
+``docs/methods.md`` §5.2).
 
 **Which score.** Every policy exits an image when a confidence score ``s`` reaches a threshold
 ``lambda`` and labels it with the classifier's argmax (ties to positive):

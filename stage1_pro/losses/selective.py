@@ -4,9 +4,9 @@ SelectiveNet (Geifman & El-Yaniv 2019, arXiv 1901.09192, Eq. 4) trains a predict
 a selection head g and an auxiliary head h jointly with
 ``alpha * (r_hat + lambda * max(0, c - phi_hat)^2) + (1 - alpha) * CE(h)``, where ``c`` is a
 target *coverage*. Stage 1 has no coverage target: it must keep FNR_exit (the miss rate among
-*exited positives*, definition (A) of ``research/methods.md`` Sec. 1) under
+*exited positives*, definition A of ``docs/methods.md`` §1.1) under
 ``target_fnr_exit`` and exit as much as possible. The loss therefore maximises soft coverage
-subject to a soft FNR_exit constraint (methods.md Sec. 7.2):
+subject to a soft FNR_exit constraint (``docs/methods.md`` §5.1):
 
     g_i    = sigmoid(gate_logit_i)                          soft selection
     phi    = mean_i g_i                                     soft coverage
@@ -16,9 +16,9 @@ subject to a soft FNR_exit constraint (methods.md Sec. 7.2):
     L      = (1 - aux_weight) * L_sel + aux_weight * CE(h(x), y)
 
 Every term is soft (sigmoid gate, probability-valued errors), so gradients reach both f and g;
-a hard ``g >= 0.5`` mask with argmax errors (as in the draft this replaces, methods.md Sec. 10)
-has zero gradient and trains nothing. ``mu >= 0`` is an optional Lagrange multiplier updated by
-dual ascent (``mu <- max(0, mu + dual_lr * (fnr - target))`` after each training batch);
+a hard ``g >= 0.5`` mask with argmax errors has zero gradient with respect to both heads and
+trains nothing. ``mu >= 0`` is an optional Lagrange multiplier updated by dual ascent
+(``mu <- max(0, mu + dual_lr * (fnr - target))`` after each training batch);
 ``dual_lr = 0`` leaves the quadratic penalty alone. The deployed gate threshold never comes
 from this loss: it is certified on ``val_calib`` by the calibration step.
 

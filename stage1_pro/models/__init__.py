@@ -1,6 +1,6 @@
 """Stage-1 models: timm backbones, SelectiveNet heads, DoRA/LoRA adapters.
 
-Public API (see ``interfaces.md``):
+Public API:
 
 * :func:`create_model` ``(config, *, pretrained=None) -> Stage1Model``
 * :func:`load_model` ``(run_or_bundle_dir, model_file="model_best.pth", model_json="model.json")``

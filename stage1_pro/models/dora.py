@@ -1,5 +1,8 @@
 """The project's own low-rank adapters: LoRA, a fast DoRA, and LoRA on the Q/V slices of a fused qkv.
 
+Method notes: ``docs/methods.md`` §8 (LoRA, DoRA, why DoRAN is not built) and §6 (the Q/V LoRA of
+ExPLoRA).
+
 All three wrap a frozen ``nn.Linear`` (or a ``groups=1`` ``nn.Conv2d``) and merge back into a plain
 layer of the same type, so a trained model is saved and served as an ordinary timm network.
 

@@ -2,9 +2,9 @@
 
 SAM perturbs the weights along the whole mini-batch gradient ``g``. F-SAM splits ``g`` into an
 estimate of the full gradient, an exponential moving average ``m`` of past batch gradients, and
-the batch-specific remainder, and perturbs along the remainder only. The update order follows
-the official code (``nblt/F-SAM``, ``FriendlySAM``; re-implemented here, the repository states
-no licence):
+the batch-specific remainder, and perturbs along the remainder only (``docs/methods.md`` §7). The
+update order follows the official code (``nblt/F-SAM``, ``FriendlySAM``; re-implemented here, the
+repository states no licence):
 
 1. ``g`` = gradient at ``w`` (all micro-batches of the step accumulated first);
 2. first step ever: ``m <- g`` and ``d = g`` (a plain SAM step); afterwards

@@ -77,20 +77,16 @@ def check_probs(
 class ExitPolicy(ABC):
     """Base class of the certified exit policies (softmax, gate, SCRC).
 
-    Parameters
-    ----------
-    target_fnr_exit : float, default 0.02
-        Certified bound on ``FNR_exit = FN_exit / (TP_exit + FN_exit)``, in (0, 0.1].
-    delta : float, default 0.1
-        Failure probability of the certificate, in (0, 0.5].
-    max_fpr_exit : float, default 0.25
-        The guard certified with the target: FPR_exit = FP_exit / (FP_exit + TN_exit) among
-        exited negatives, in (0, 1] (1 disables it).
-    method : str, optional
-        Family-wise procedure, one of :data:`stage1_pro.certify.PROCEDURES`
-        (default :data:`stage1_pro.certify.DEFAULT_PROCEDURE`).
-    grid_size : int, default 200
-        Number of grid points (coverage levels of ``val_select``) before ties are removed.
+    Args:
+        target_fnr_exit: certified bound on ``FNR_exit = FN_exit / (TP_exit + FN_exit)``, in
+            (0, 0.1] (default 0.02).
+        delta: failure probability of the certificate, in (0, 0.5] (default 0.1).
+        method: family-wise procedure, one of :data:`stage1_pro.certify.PROCEDURES`
+            (``None``: :data:`stage1_pro.certify.DEFAULT_PROCEDURE`).
+        grid_size: number of grid points (coverage levels of ``val_select``) before ties are
+            removed (default 200).
+        max_fpr_exit: the guard certified with the target: ``FPR_exit = FP_exit / (FP_exit +
+            TN_exit)`` among exited negatives, in (0, 1] (default 0.25; 1 disables it).
     """
 
     #: Registry name (``create_policy(name)``), the artifact kind of its policy file and every other

@@ -3,7 +3,7 @@
 The gate is SelectiveNet's selection head g (Geifman & El-Yaniv, ICML 2019, arXiv 1901.09192,
 §3): a phase >= 3 model outputs its logit beside the class probabilities. The logit is mapped
 to a probability of a correct exit by a calibrator fitted on ``val_select`` (never on
-``val_calib``, which certifies the threshold; ``research/methods.md`` §9.1-2):
+``val_calib``, which certifies the threshold; ``docs/methods.md`` §4.2):
 
 * ``platt`` (default): ``sigmoid(a * logit + b)``, a one-feature logistic regression with
   Platt's smoothed targets (Platt 1999; :func:`platt_fit`). Monotone, so it keeps the gate's
@@ -129,22 +129,17 @@ def apply_calibrator(kind: str, params: dict[str, Any], logits: np.ndarray) -> n
 class GatePolicy(ConfidenceThresholdPolicy):
     """Exit iff the calibrated gate probability reaches a certified threshold.
 
-    Parameters
-    ----------
-    target_fnr_exit, delta, method, grid_size, max_fpr_exit
-        See :class:`~stage1_pro.policies.base.ExitPolicy`.
-    calibrator : {"platt", "isotonic"}, default "platt"
-        Gate calibrator, fitted on ``val_select``.
+    Args:
+        target_fnr_exit, delta, method, grid_size, max_fpr_exit: see
+            :class:`~stage1_pro.policies.base.ExitPolicy`.
+        calibrator: gate calibrator fitted on ``val_select``, ``"platt"`` (default) or
+            ``"isotonic"``.
 
-    Attributes
-    ----------
-    calibrator_params_ : dict
-        Fitted calibrator parameters.
-    grid_ : ndarray
-        Candidate thresholds on the calibrated probability, strictest first (``val_select``
-        quantiles).
-    gate_threshold_ : float
-        Deployed threshold (:data:`DEFER_ALL_THRESHOLD` when infeasible).
+    Attributes:
+        calibrator_params_ (dict): fitted calibrator parameters.
+        grid_ (ndarray): candidate thresholds on the calibrated probability, strictest first
+            (``val_select`` quantiles).
+        gate_threshold_ (float): deployed threshold (:data:`DEFER_ALL_THRESHOLD` when infeasible).
     """
 
     def __init__(

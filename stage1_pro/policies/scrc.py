@@ -23,7 +23,7 @@ the class probability each veto an exit.
     (Jeffreys-smoothed counts); the candidates no other beats on both (the Pareto front) form
     the path, ordered by ``val_select`` coverage, strictest first, thinned to ``grid_size``
     points. Pareto Testing's second stage is the certification below.
-``SCRC-I`` (methods §2.3 of the paper's reconstruction): for each ``xi`` of the fixed grid
+``SCRC-I`` (``docs/methods.md`` §4.3): for each ``xi`` of the fixed grid
     ``j / grid_size``, ``lambda1`` is the strictest selection whose empirical rate is
     ``>= xi + eps`` with the one-sided DKW margin ``eps = sqrt(log(1/delta_dkw) / (2n))``
     (Massart 1990), and ``lambda2`` the smallest value of a fixed grid meeting the CRC count rule
@@ -136,31 +136,27 @@ def pareto_front(coverage: Any, risk: Any) -> np.ndarray:
 class SCRCPolicy(ExitPolicy):
     """SCRC exit policy with a PAC certificate on FNR_exit and FPR_exit (see the module docstring).
 
-    Parameters
-    ----------
-    target_fnr_exit, delta, method, max_fpr_exit
-        See :class:`~stage1_pro.policies.base.ExitPolicy`; ``target_fnr_exit`` is SCRC's
-        risk level ``alpha``.
-    grid_size : int, default 100
-        ``pareto``: quantile levels per threshold and the most path points; SCRC-I/T: the
-        ``xi`` grid is ``j / grid_size`` for ``j = 1 .. grid_size``.
-    variant : {"pareto", "SCRC-I", "SCRC-T"}, default "pareto"
-    selection_score : {"gate", "max_prob", "margin"}, default "gate"
-        The label-free score ``g``; ``gate`` needs gate logits (calibrated on ``val_select``).
-    gate_calibrator : {"platt", "isotonic"}, default "platt"
-        Used when ``selection_score="gate"``.
+    Args:
+        target_fnr_exit, delta, method, max_fpr_exit: see
+            :class:`~stage1_pro.policies.base.ExitPolicy`; ``target_fnr_exit`` is SCRC's risk
+            level ``alpha``.
+        grid_size: ``pareto``: quantile levels per threshold and the most path points; SCRC-I/T:
+            the ``xi`` grid is ``j / grid_size`` for ``j = 1 .. grid_size`` (default 100).
+        variant: how the path is built, ``"pareto"`` (default), ``"SCRC-I"`` or ``"SCRC-T"``.
+        selection_score: the label-free score ``g``, ``"gate"`` (default; needs gate logits,
+            calibrated on ``val_select``), ``"max_prob"`` or ``"margin"``.
+        gate_calibrator: ``"platt"`` (default) or ``"isotonic"``; used when
+            ``selection_score="gate"``.
 
-    Attributes
-    ----------
-    path_ : list of dict
-        The candidate rules ``{xi, lambda1, lambda2, ...}`` fitted on ``val_select``, strictest
-        first (``xi``: SCRC's target selection rate; ``pareto``: the point's val_select coverage).
-    lambda1_, lambda2_, xi_ : float
-        The deployed rule (``0, 0, None`` when infeasible: nothing exits).
-    certified_path_ : list of dict
-        Every certified path point.
-    calib_selection_scores_ : ndarray
-        SCRC-T only: the ``val_select`` selection scores that enter every batch's threshold.
+    Attributes:
+        path_ (list[dict]): the candidate rules ``{xi, lambda1, lambda2, ...}`` fitted on
+            ``val_select``, strictest first (``xi``: SCRC's target selection rate; ``pareto``:
+            the point's val_select coverage).
+        lambda1_, lambda2_, xi_ (float): the deployed rule (``0, 0, None`` when infeasible:
+            nothing exits).
+        certified_path_ (list[dict]): every certified path point.
+        calib_selection_scores_ (ndarray): SCRC-T only: the ``val_select`` selection scores
+            that enter every batch's threshold.
     """
 
     grid_key = "xi"

@@ -31,27 +31,23 @@ from stage1_pro.policy_registry import register_policy
 class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):
     """Exit iff the max class probability reaches a certified threshold.
 
-    Parameters
-    ----------
-    target_fnr_exit, delta, method, grid_size, max_fpr_exit
-        See :class:`~stage1_pro.policies.base.ExitPolicy`.
+    Args:
+        target_fnr_exit, delta, method, grid_size, max_fpr_exit: see
+            :class:`~stage1_pro.policies.base.ExitPolicy`.
 
-    Attributes
-    ----------
-    grid_ : ndarray
-        Candidate thresholds, strictest (largest) first: quantiles of the ``val_select`` max
-        probability at coverage levels ``1/grid_size, ..., 1``.
-    exit_threshold_ : float
-        The deployed threshold (:data:`DEFER_ALL_THRESHOLD` when infeasible).
-    feasible_ : bool
-    certificate_, val_calib_metrics_, val_select_metrics_, sweep_results_ : dict / list
-        As written to ``thresholds.json``.
+    Attributes:
+        grid_ (ndarray): candidate thresholds, strictest (largest) first: quantiles of the
+            ``val_select`` max probability at coverage levels ``1/grid_size, ..., 1``.
+        exit_threshold_ (float): the deployed threshold (:data:`DEFER_ALL_THRESHOLD` when
+            infeasible).
+        feasible_ (bool): whether any grid point was certified.
+        certificate_, val_calib_metrics_, val_select_metrics_, sweep_results_ (dict / list): as
+            written to ``thresholds.json``.
 
-    Examples
-    --------
-    >>> policy = SoftmaxThresholdPolicy(target_fnr_exit=0.02, delta=0.1).fit(scores)  # doctest: +SKIP
-    >>> policy.decide(probs)  # doctest: +SKIP
-    array([ 1, -1,  0], dtype=int8)
+    Examples:
+        >>> policy = SoftmaxThresholdPolicy(target_fnr_exit=0.02, delta=0.1).fit(scores)  # doctest: +SKIP
+        >>> policy.decide(probs)  # doctest: +SKIP
+        array([ 1, -1,  0], dtype=int8)
     """
 
     def confidence(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Step 0 of the plan: make ``splits.json`` (same function as ``stage1-pro split``).
+"""Step 0: make ``splits.json`` (same function as ``stage1-pro split``).
 
 Usage: python stage1_pro/scripts/00_make_splits.py --data MANIFEST_OR_FOLDER --out splits.json [--seed N]
 """

@@ -1,4 +1,4 @@
-"""Step 20 of the plan: train one phase (same flags and function as ``stage1-pro train``)::
+"""Step 20: train one phase (same flags and function as ``stage1-pro train``)::
 
     python stage1_pro/scripts/20_train.py --phase 1 --exit_policy softmax \
         --data demo/manifest.csv --splits splits.json --out runs/p1

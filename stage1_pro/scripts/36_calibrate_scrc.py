@@ -1,4 +1,4 @@
-"""Step 36: certified SCRC-I / SCRC-T calibration -> scrcparams.json.
+"""Step 36: certified SCRC calibration (Pareto path by default; SCRC-I, SCRC-T) -> scrcparams.json.
 
 Same flags and behaviour as ``stage1-pro calibrate --policy scrc`` (it calls the same function,
 ``stage1_pro.calibrate.calibrate_policy``)::

@@ -7,7 +7,7 @@ it fully unfreezes a few blocks (usually the last one; the released ViT-L checkp
 other block, continues the source model's self-supervised objective on unlabeled in-domain
 images, and merges. Supervised training then starts from the merged backbone.
 
-What this module builds (``research/methods.md`` §4):
+What this module builds (``docs/methods.md`` §6):
 
 * **Objective: DINO self-distillation** (Caron et al., ICCV 2021, arXiv 2104.14294): a student
   and an EMA teacher (momentum 0.996 -> 1, cosine), multi-crop views (2 global + ``n_local``
@@ -320,32 +320,27 @@ class _Source:
 class ExPLoRA:
     """DINO-style extended pre-training of a timm ViT with ExPLoRA's parameter budget.
 
-    Parameters
-    ----------
-    unfrozen_blocks : int, default 1
-        Last blocks trained in full (``explora_unfrozen_blocks``).
-    lora_rank : int, default 8
-        Rank of the Q and V LoRA in every other block (``explora_lora_rank``); alpha = rank.
-    epochs : int, default 2
-    batch_size : int, default 64
-    lr : float, default 5e-4
-        Peak AdamW learning rate (DINO's 5e-4 per 256 images, scaled linearly by batch size
-        unless ``scale_lr=False``), 10 % linear warm-up then cosine decay.
-    weight_decay : float, default 0.04
-    n_local : int, default 4
-        Local crops per image.
-    out_dim, hidden_dim, bottleneck_dim : int
-        Projection head sizes (DINO: 65536 / 2048 / 256; 4096 prototypes here for small data).
-    teacher_momentum : float, default 0.996
-    clip_grad : float, default 3.0
-    seed : int, default 0
+    Args:
+        unfrozen_blocks: last blocks trained in full (``explora_unfrozen_blocks``; default 1).
+        lora_rank: rank of the Q and V LoRA in every other block (``explora_lora_rank``; default 8);
+            alpha = rank.
+        epochs: passes over the unlabeled images (default 2).
+        batch_size: images per step (default 64).
+        lr: peak AdamW learning rate (default 5e-4: DINO's 5e-4 per 256 images), 10 % linear
+            warm-up then cosine decay.
+        scale_lr: scale ``lr`` linearly by ``batch_size / 256`` (default True).
+        weight_decay: AdamW weight decay (default 0.04).
+        n_local: local crops per image (default 4).
+        out_dim, hidden_dim, bottleneck_dim: projection head sizes (DINO: 65536 / 2048 / 256;
+            defaults 4096 / 2048 / 256: 4096 prototypes for small data).
+        teacher_momentum: starting EMA momentum of the teacher (default 0.996, cosine to 1).
+        clip_grad: gradient-norm clip (default 3.0; 0 disables it).
+        seed: seed of the batch order, the crops and the head's initialisation (default 0).
 
-    Attributes
-    ----------
-    history_ : list of float
-        Mean DINO loss per epoch.
-    trainable_ : dict
-        Trainable parameter counts: ``unfrozen_blocks``, ``lora``, ``head``, ``total``.
+    Attributes:
+        history_ (list[float]): mean DINO loss per epoch.
+        trainable_ (dict): trainable parameter counts: ``unfrozen_blocks``, ``lora``, ``head``,
+            ``total``.
     """
 
     def __init__(
