@@ -165,7 +165,7 @@ def test_builtin_schema_and_script_match_the_spec(name: str) -> None:
     assert schema["properties"]["artifact"]["const"] == spec.artifact_kind
     assert schema["properties"]["policy"]["const"] == name
     script = (REPO / "stage1_pro" / "scripts" / spec.script).read_text()
-    assert f'main(["calibrate", "--policy", "{name}", *sys.argv[1:]])' in script
+    assert f'run_verb("calibrate", "--policy", "{name}")' in script
 
 
 def test_unknown_policy_lists_the_registered_ones() -> None:
