@@ -22,14 +22,25 @@ CONFUSION_PNG = "confusion.png"
 REPORT_FORMATS = ("html", "md")
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
+def format_value(x: Any, digits: int = 4, *, missing: str = "n/a", no: str = "no") -> str:
+    """A value as a table cell: ``missing`` for None, ``yes``/``no`` for booleans, floats to ``digits``.
+
+    Args:
+        x: the value.
+        digits: decimals of a float.
+        missing: the text of None.
+        no: the text of False (``NO`` where a refusal must stand out).
+    """
     if x is None:
-        return "n/a"
+        return missing
     if isinstance(x, bool):
-        return "yes" if x else "no"
+        return "yes" if x else no
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+_fmt = format_value  # the report templates' short name
 
 
 def new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
