@@ -38,46 +38,16 @@ import warnings
 import numpy as np
 
 from stage1_pro import audit
+from stage1_pro import simulation as sim
 from stage1_pro.certify import DEFAULT_PROCEDURE, PROCEDURES, certify
 from stage1_pro.defaults import DEFAULT_AUDIT_LEVEL, DEFAULT_MAX_FPR_EXIT
-from stage1_pro.simulation import (
-    INFORMATIVE_GATE_MODEL,
-    REFERENCE_MODEL,
-    TIES_MODEL,
-    audit_run,
-    fit_quietly,
-    make_scores,
-    procedure_comparison,
-    validity_run,
-)
 
 SECTIONS = ("procedures", "starved", "policies", "audit")
 
 
 def _mapie_threshold(scores_calib, grid: np.ndarray, target: float, delta: float) -> float | None:
     """MAPIE 1.6 BinaryClassificationController on our FNR_exit risk and the same grid."""
-    from mapie.risk_control import BinaryClassificationController, BinaryRisk
-
-    risk = BinaryRisk(
-        risk_occurrence=lambda y_true, y_pred: y_pred == 0,
-        risk_condition=lambda y_true, y_pred: (y_true == 1) & ~np.isnan(y_pred),
-        higher_is_better=False,
-    )
-
-    def predict(probs: np.ndarray, t: float) -> np.ndarray:
-        out = (probs[:, 1] >= probs[:, 0]).astype(float)
-        out[probs.max(axis=1) < t] = np.nan
-        return out
-
-    bcc = BinaryClassificationController(
-        predict_function=predict,
-        risk=risk,
-        target_level=target,
-        confidence_level=1 - delta,
-        best_predict_param_choice="abstention_rate",
-        list_predict_params=grid[:, None],
-        fwer_method="bonferroni_holm",
-    )
+    bcc = sim.mapie_fnr_controller(grid, target=target, delta=delta)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bcc.calibrate(scores_calib.probs, scores_calib.label)
@@ -88,7 +58,7 @@ def procedures_table(sizes, draws, target, delta, max_fpr, seed, use_mapie) -> d
     """Every procedure (and MAPIE) on the same grid and val_calib, per n (one softmax fit per draw)."""
     from threadpoolctl import threadpool_limits
 
-    model = REFERENCE_MODEL
+    model = sim.REFERENCE_MODEL
     methods = list(PROCEDURES) + (["mapie_holm"] if use_mapie else [])
     results = {}
     for n in sizes:
@@ -97,8 +67,8 @@ def procedures_table(sizes, draws, target, delta, max_fpr, seed, use_mapie) -> d
         t0 = time.perf_counter()
         with threadpool_limits(1, user_api="blas"):
             for _ in range(draws):
-                scores = make_scores(model, n, n, rng)
-                policy = fit_quietly(
+                scores = sim.make_scores(model, n, n, rng)
+                policy = sim.fit_quietly(
                     "softmax", scores, target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr
                 )
                 rates = model.threshold_rates(policy.grid_)
@@ -122,7 +92,7 @@ def procedures_table(sizes, draws, target, delta, max_fpr, seed, use_mapie) -> d
 
 def print_procedures(res, sizes, draws, delta) -> None:
     se3 = 3 * np.sqrt(delta * (1 - delta) / draws)
-    cov_or = REFERENCE_MODEL.oracle()
+    cov_or = sim.REFERENCE_MODEL.oracle()
     print(f"\n### Procedures, reference model: mean certified coverage (oracle {cov_or:.3f}) / violation "
           f"rate / certified rate ({draws} draws; violations must be <= {delta + se3:.3f})")  # fmt: skip
     print("| procedure | " + " | ".join(f"n={n}: cov | viol | certified" for n in sizes) + " |")
@@ -150,8 +120,9 @@ def starved_table(draws, target, delta, max_fpr, seed) -> None:
     print("| val_select | " + " | ".join(methods) + " |")
     print("|" + "---|" * (1 + len(methods)))
     for label, kw in cases:
-        r = procedure_comparison(REFERENCE_MODEL, methods, n_calib=5000, draws=draws, seed=seed,
-                                 target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr, **kw)  # fmt: skip
+        r = sim.procedure_comparison(sim.REFERENCE_MODEL, methods, n_calib=5000, draws=draws, seed=seed,
+                                     target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr,
+                                     **kw)  # fmt: skip
         cells = " | ".join(
             f"{r[m]['certified_rate']:.3f} / {r[m]['mean_coverage']:.3f} / {r[m]['violation_rate']:.3f}"
             for m in methods
@@ -160,20 +131,13 @@ def starved_table(draws, target, delta, max_fpr, seed) -> None:
 
 
 def policies_table(draws, target, delta, max_fpr, seed) -> None:
-    full = [
-        ("softmax", {}),
-        ("gate", {}),
-        ("gate", {"calibrator": "isotonic"}),
-        ("scrc", {}),
-        ("scrc", {"variant": "SCRC-I"}),
-        ("scrc", {"variant": "SCRC-T"}),
-    ]
+    full = sim.POLICY_VARIANTS
     main = [("softmax", {}), ("gate", {}), ("scrc", {})]
     cases = [
-        ("reference", REFERENCE_MODEL, 5000, full),
-        ("reference", REFERENCE_MODEL, 20000, main),
-        ("ties (prevalence 0.1)", TIES_MODEL, 20000, main),
-        ("informative gate", INFORMATIVE_GATE_MODEL, 5000, main),
+        ("reference", sim.REFERENCE_MODEL, 5000, full),
+        ("reference", sim.REFERENCE_MODEL, 20000, main),
+        ("ties (prevalence 0.1)", sim.TIES_MODEL, 20000, main),
+        ("informative gate", sim.INFORMATIVE_GATE_MODEL, 5000, main),
     ]
     print(
         f"\n### Every policy, default procedure ({draws} draws): mean coverage / violation rate / certified"
@@ -185,8 +149,9 @@ def policies_table(draws, target, delta, max_fpr, seed) -> None:
     for label, model, n, configs in cases:
         oracles = [model.oracle(target, max_fpr, rule) for rule in ("softmax", "gate", "two_dim")]
         for policy, params in configs:
-            r = validity_run(policy, model, n_calib=n, draws=draws, seed=seed + 7 * n, target_fnr_exit=target,
-                             delta=delta, max_fpr_exit=max_fpr, **params)  # fmt: skip
+            r = sim.validity_run(policy, model, n_calib=n, draws=draws, seed=seed + 7 * n,
+                                 target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr,
+                                 **params)  # fmt: skip
             name = policy + "".join(f" {v}" for v in params.values())
             print(
                 f"| {label} | {n} | {name} | {r['mean_coverage']:.3f} | {r['violation_rate']:.3f} | "
@@ -209,8 +174,8 @@ def audit_table(draws, target, delta, max_fpr, seed) -> None:
         print(f"| {n:,} | {cells} |")
     needed = ", ".join(f"{e:g}x: {audit.trials_for_power(target, e * target, level):,}" for e in effects)
     print(f"Exited test positives for power {audit.POWER_GOAL}: {needed}")
-    r = audit_run("softmax", REFERENCE_MODEL, n_calib=5000, n_test=5000, draws=draws, seed=seed,
-                  target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr)  # fmt: skip
+    r = sim.audit_run("softmax", sim.REFERENCE_MODEL, n_calib=5000, n_test=5000, draws=draws, seed=seed,
+                      target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr)  # fmt: skip
     se3 = 3 * np.sqrt(DEFAULT_AUDIT_LEVEL * (1 - DEFAULT_AUDIT_LEVEL) / max(r["valid_draws"], 1))
     print(
         f"\nEnd to end (reference model, val_calib 5,000, test 5,000, {r['valid_draws']} valid runs of "
@@ -247,7 +212,7 @@ def main() -> None:
         use_mapie = not args.no_mapie
     except ImportError:
         use_mapie = False
-    print(f"reference model: {REFERENCE_MODEL.describe()}; target FNR_exit {args.target}, max FPR_exit "
+    print(f"reference model: {sim.REFERENCE_MODEL.describe()}; target FNR_exit {args.target}, max FPR_exit "
           f"{args.max_fpr_exit}, delta {args.delta}")  # fmt: skip
     settings = (args.target, args.delta, args.max_fpr_exit, args.seed)
     if "procedures" in sections:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stage1_pro import storage
 from stage1_pro.errors import Stage1ProError
 
 PIPELINE_ROOT = "pipeline-root"
@@ -224,15 +224,8 @@ def format_summary(result: LocalRunResult) -> str:
 
 
 def _replace_dir(source: Path, dest: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with storage.staged_folder(dest, replace_contents=True) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class _Progress(io.TextIOBase):

@@ -37,7 +37,9 @@ Design notes
   Which failures Argo retries depends on the cluster (README "What is retried").
 """
 
+import inspect
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from kfp import dsl, kubernetes
@@ -118,6 +120,29 @@ def resolve_images(image: str | None = None, gpu_image: str | None = None) -> tu
     return cpu, gpu
 
 
+def run_parameters_signature(gpu_type_default: str) -> inspect.Signature:
+    """The pipeline function's signature: one typed parameter per run parameter, in table order.
+
+    Generated from :data:`stage1_pro.run_parameters.PARAMETERS` (names, types, defaults), so a
+    parameter is declared once; KFP reads the pipeline's inputs from this signature.
+
+    Args:
+        gpu_type_default: the default of ``gpu_type`` for this compile.
+    """
+    defaults = {**_D, "gpu_type": gpu_type_default}
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                p.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=p.type,
+                default=inspect.Parameter.empty if p.required else defaults[p.name],
+            )
+            for p in PARAMETERS
+        ]
+    )
+
+
 def policy_branches(exit_policy: Any, branch: Callable[[str], None]) -> None:
     """``dsl.If/Elif/.../Else`` on ``exit_policy``, one branch per registered policy, in order.
 
@@ -186,81 +211,47 @@ def build_pipeline(
     def uncached(task: Any) -> Any:
         return task.set_caching_options(enable_caching=False)
 
-    def stage1_pro(
-        data_uri: str,
-        phase: int = _D["phase"],
-        exit_policy: str = _D["exit_policy"],
-        target_fnr_exit: float = _D["target_fnr_exit"],
-        delta: float = _D["delta"],
-        max_fpr_exit: float = _D["max_fpr_exit"],
-        model_name: str = _D["model_name"],
-        weights_uri: str = _D["weights_uri"],
-        img_size: int = _D["img_size"],
-        epochs: int = _D["epochs"],
-        batch_size: int = _D["batch_size"],
-        lr: float = _D["lr"],
-        seed: int = _D["seed"],
-        gpu_type: str = gpu_type_default,
-        gpu_count: int = _D["gpu_count"],
-        prepare_shards: int = _D["prepare_shards"],
-        publish_prefix: str = _D["publish_prefix"],
-        champion_prefix: str = _D["champion_prefix"],
-        webhook_url: str = _D["webhook_url"],
-        config_overrides: dict = _D["config_overrides"],
-    ):
+    signature = run_parameters_signature(gpu_type_default)
+
+    def stage1_pro(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        params = SimpleNamespace(**bound.arguments)
         run_ids = {
             "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             "run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         }
         reported = cpu_task(
-            report_run(publish_prefix=publish_prefix, webhook_url=webhook_url, **run_ids), "report-run"
+            report_run(publish_prefix=params.publish_prefix, webhook_url=params.webhook_url, **run_ids),
+            "report-run",
         )
         uncached(reported)
         with dsl.ExitHandler(reported, name="stage1-pro-run"):
             checked = cpu_task(
-                check_config(
-                    data_uri=data_uri,
-                    phase=phase,
-                    exit_policy=exit_policy,
-                    target_fnr_exit=target_fnr_exit,
-                    delta=delta,
-                    max_fpr_exit=max_fpr_exit,
-                    model_name=model_name,
-                    weights_uri=weights_uri,
-                    img_size=img_size,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    seed=seed,
-                    gpu_type=gpu_type,
-                    gpu_count=gpu_count,
-                    prepare_shards=prepare_shards,
-                    publish_prefix=publish_prefix,
-                    champion_prefix=champion_prefix,
-                    webhook_url=webhook_url,
-                    config_overrides=config_overrides,
-                ),
+                check_config(**vars(params)),
                 "check-config",
             )
             uncached(checked)  # reads the starting weights' version: train's cache key
             # The dataset as an artifact: the UI shows its lineage. The URI is a pipeline parameter
             # (the backend resolves an importer URI from a parent-DAG input only, never a task output).
             dataset = dsl.importer(
-                artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False
+                artifact_uri=params.data_uri, artifact_class=dsl.Dataset, reimport=False
             ).set_display_name("dataset")
             dataset.after(checked)
             # Never cached: its output is the cache key of everything that reads the data.
             fp = uncached(cpu_task(fingerprint(dataset=dataset.output), "fingerprint"))
-            splits = cpu_task(split(dataset=dataset.output, data_fingerprint=fp.output, seed=seed), "split")
+            splits = cpu_task(
+                split(dataset=dataset.output, data_fingerprint=fp.output, seed=params.seed), "split"
+            )
             planned = cpu_task(
-                plan_shards(count=prepare_shards, preprocessing=checked.outputs["preprocessing"]),
+                plan_shards(count=params.prepare_shards, preprocessing=checked.outputs["preprocessing"]),
                 "plan-shards",
             )
             with dsl.ParallelFor(planned.output) as shard:
                 sliced = cpu_task(
                     prepare(
                         dataset=dataset.output,
-                        img_size=img_size,
+                        img_size=params.img_size,
                         splits=splits.outputs["splits"],
                         shard=shard,
                         workers=PREPARE_WORKERS,
@@ -275,7 +266,10 @@ def build_pipeline(
             # Before training: is the new data still like what the champion was certified on? Never
             # cached (latest may move); its output pins the champion version validate compares with.
             drifted = uncached(
-                cpu_task(drift_check(data_uri=data_uri, champion_prefix=champion_prefix), "drift-check")
+                cpu_task(
+                    drift_check(data_uri=params.data_uri, champion_prefix=params.champion_prefix),
+                    "drift-check",
+                )
             )
             drifted.after(fp)
 
@@ -285,7 +279,7 @@ def build_pipeline(
                 prepared=prepared.outputs["prepared"],
                 data_fingerprint=fp.output,
                 weights_version=checked.outputs["weights_version"],
-                gpu_count=gpu_count,
+                gpu_count=params.gpu_count,
             ).set_display_name("train")
             trained.set_container_image(train_image)
             gpus = checked.outputs["train_gpu_count"]
@@ -317,9 +311,9 @@ def build_pipeline(
                     calibrate(
                         scores=trained.outputs["scores"],
                         exit_policy=policy,
-                        target_fnr_exit=target_fnr_exit,
-                        delta=delta,
-                        max_fpr_exit=max_fpr_exit,
+                        target_fnr_exit=params.target_fnr_exit,
+                        delta=params.delta,
+                        max_fpr_exit=params.max_fpr_exit,
                     ),
                     "calibrate",
                     f"calibrate-{policy}",
@@ -328,7 +322,7 @@ def build_pipeline(
                     validate(
                         model=trained.outputs["model"],
                         policy=calibrated.outputs["policy"],
-                        data_uri=data_uri,
+                        data_uri=params.data_uri,
                         champion_uri=drifted.outputs["Output"],
                     ),
                     "validate",
@@ -358,11 +352,15 @@ def build_pipeline(
                             "record-bundle",
                         )
                     )
-                    with dsl.If(publish_prefix != "", name="publish-prefix-set"):
-                        cpu_task(publish(bundle=exported.outputs["bundle"], prefix=publish_prefix), "publish")
+                    with dsl.If(params.publish_prefix != "", name="publish-prefix-set"):
+                        cpu_task(
+                            publish(bundle=exported.outputs["bundle"], prefix=params.publish_prefix),
+                            "publish",
+                        )
 
-            policy_branches(exit_policy, branch)
+            policy_branches(params.exit_policy, branch)
 
+    stage1_pro.__signature__ = signature  # type: ignore[attr-defined]  # what KFP reads the inputs from
     stage1_pro.__doc__ = pipeline_docstring(PIPELINE_DESCRIPTION)
     return dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)(stage1_pro)
 

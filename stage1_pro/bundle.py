@@ -21,7 +21,6 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from stage1_pro.layout import (
 from stage1_pro.policy_registry import RegistryMapping, policy_specs
 from stage1_pro.provenance import sha256_file, utc_now
 from stage1_pro.score_reference import write_reference
+from stage1_pro.storage import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +318,7 @@ def export_bundle(
 
     model_sha = sha256_file(run / MODEL_FILE)
     version = version or default_version(model_sha)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         for name in copied:
             shutil.copyfile(run / name, tmp / name)
         write_reference(run / SCORES_FILE, run / policy_path.name, tmp / SCORE_REFERENCE_FILE)
@@ -353,12 +351,6 @@ def export_bundle(
         meta["files"] = {name: sha256_file(tmp / name) for name in sorted(os.listdir(tmp))}
         # bundle.json is validated on write and written last: its presence marks a complete bundle.
         write_artifact(tmp / BUNDLE_FILE, "bundle", meta)
-        if out.exists():
-            out.rmdir()  # empty (checked above); renaming onto an existing folder is not portable
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "exported %s bundle %s (policy %s, blessed=%s)", exit_policy, out, policy_path.name, meta["blessed"]
     )

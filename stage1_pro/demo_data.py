@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -106,24 +104,16 @@ def write_demo_dataset(out_dir: str | os.PathLike[str], *, per_digit: int | None
         raise DataError(
             f"{final_images} exists and was not written by demo-data; choose an empty --out folder"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{IMAGES_DIR}.", suffix=".tmp", dir=out))
     lines = [_MANIFEST_HEADER]
-    try:
+    with storage.staged_folder(final_images, replace_contents=True) as tmp:
         for i in rows.tolist():
             name = f"{i:05d}.png"
             buf = io.BytesIO()
             Image.fromarray(images[i]).save(buf, format="PNG")
             (tmp / name).write_bytes(buf.getvalue())
             lines.append(f"{IMAGES_DIR}/{name},{labels[i]},{digits[i]}")
-        # Manifest first out of the way, then swap the image folder in, then the new manifest.
+        # Manifest first out of the way, then the image folder swapped in, then the new manifest.
         manifest.unlink(missing_ok=True)
-        if final_images.exists():
-            shutil.rmtree(final_images)
-        os.replace(tmp, final_images)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     storage.write_text(manifest, "\n".join(lines) + "\n", content_type="text/csv")
     return manifest
 

@@ -1,17 +1,9 @@
 """The exit-policy registry: every fact about an exit policy, declared where the policy is defined.
 
 A policy class registers itself with :func:`register_policy`, in the style of timm's
-``@register_model``::
+``@register_model`` (:mod:`stage1_pro.policies.softmax` is a complete example)::
 
-    @register_policy(
-        "softmax",
-        artifact_kind="thresholds",
-        min_phase=1,
-        score_names=("probs",),
-        score_label="max class probability",
-        rule="exit iff max p >= exit_threshold",
-        script="25_threshold_sweep.py",
-    )
+    @register_policy("softmax", artifact_kind="thresholds", min_phase=1, score_names=("probs",), ...)
     class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy): ...
 
 Everything else derives from the :class:`PolicySpec` it records: the phase/policy matrix and the
@@ -306,7 +298,30 @@ def describe_policies() -> str:
 # live views: module constants that always show the current registry
 
 
-class RegistryMapping(Mapping[_K, _V]):
+class _RegistryView:
+    """What the live views share: their content, rebuilt by ``build`` when the registry changes."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._cached: tuple[int, Any] = (-1, None)
+
+    def _data(self) -> Any:
+        generation = registry_generation()
+        if self._cached[0] != generation:
+            self._cached = (generation, self._build())
+        return self._cached[1]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+    def __repr__(self) -> str:
+        return repr(self._data())
+
+
+class RegistryMapping(_RegistryView, Mapping[_K, _V]):
     """A read-only mapping rebuilt from the registry when it changes.
 
     Modules keep their established constants (``POLICY_FILES``, ``PHASE_POLICIES``...) as these
@@ -314,52 +329,23 @@ class RegistryMapping(Mapping[_K, _V]):
     """
 
     def __init__(self, build: Callable[[], Mapping[_K, _V]]) -> None:
-        self._build = build
-        self._cached: tuple[int, dict[_K, _V]] = (-1, {})
-
-    def _data(self) -> dict[_K, _V]:
-        generation = registry_generation()
-        if self._cached[0] != generation:
-            self._cached = (generation, dict(self._build()))
-        return self._cached[1]
+        super().__init__(lambda: dict(build()))
 
     def __getitem__(self, key: _K) -> _V:
         return self._data()[key]
 
-    def __iter__(self) -> Iterator[_K]:
-        return iter(self._data())
 
-    def __len__(self) -> int:
-        return len(self._data())
-
-    def __repr__(self) -> str:
-        return repr(self._data())
-
-
-class RegistrySequence(Sequence[_V]):
+class RegistrySequence(_RegistryView, Sequence[_V]):
     """A read-only tuple-like view rebuilt from the registry when it changes (as :class:`RegistryMapping`)."""
 
     def __init__(self, build: Callable[[], Sequence[_V]]) -> None:
-        self._build = build
-        self._cached: tuple[int, tuple[_V, ...]] = (-1, ())
-
-    def _data(self) -> tuple[_V, ...]:
-        generation = registry_generation()
-        if self._cached[0] != generation:
-            self._cached = (generation, tuple(self._build()))
-        return self._cached[1]
+        super().__init__(lambda: tuple(build()))
 
     def __getitem__(self, index: Any) -> Any:
         return self._data()[index]
 
-    def __len__(self) -> int:
-        return len(self._data())
-
     def __contains__(self, value: object) -> bool:
         return value in self._data()
-
-    def __iter__(self) -> Iterator[_V]:
-        return iter(self._data())
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Sequence) and not isinstance(other, str):
@@ -367,9 +353,6 @@ class RegistrySequence(Sequence[_V]):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return repr(self._data())
 
 
 __all__ = [

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -311,9 +310,7 @@ def pull(uri: str, dest_dir: str | os.PathLike[str]) -> Path:
     validate_artifact(meta, "bundle", bundle_uri)
     _check_complete(source, meta)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+    with storage.staged_folder(dest) as tmp:
         for name, digest in sorted(meta["files"].items()):
             if not is_plain_filename(name):  # schema-enforced; never join a path that could escape
                 raise ArtifactError(f"{bundle_uri}: file name {name!r} is not a bare file name")
@@ -327,12 +324,6 @@ def pull(uri: str, dest_dir: str | os.PathLike[str]) -> Path:
             (tmp / name).write_bytes(data)
         (tmp / BUNDLE_FILE).write_bytes(raw)
         verify_bundle(tmp)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("pulled %s -> %s", source, dest)
     return dest
 

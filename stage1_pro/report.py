@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+from collections.abc import Callable
 from typing import Any
 
 from stage1_pro import storage
@@ -21,14 +22,25 @@ CONFUSION_PNG = "confusion.png"
 REPORT_FORMATS = ("html", "md")
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
+def format_value(x: Any, digits: int = 4, *, missing: str = "n/a", no: str = "no") -> str:
+    """A value as a table cell: ``missing`` for None, ``yes``/``no`` for booleans, floats to ``digits``.
+
+    Args:
+        x: the value.
+        digits: decimals of a float.
+        missing: the text of None.
+        no: the text of False (``NO`` where a refusal must stand out).
+    """
     if x is None:
-        return "n/a"
+        return missing
     if isinstance(x, bool):
-        return "yes" if x else "no"
+        return "yes" if x else no
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+_fmt = format_value  # the report templates' short name
 
 
 def new_figure(width: float, height: float):  # -> matplotlib.figure.Figure
@@ -238,6 +250,9 @@ def render_html(validation: dict[str, Any], figures: dict[str, bytes]) -> str:
         body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in rows)
         return f"<table><tr>{head}</tr>{body}</table>"
 
+    def section(heading: str, text: str, body: str) -> str:
+        return f"<h2>{esc(heading)}</h2>\n<p>{esc(text)}</p>\n{body}"
+
     imgs = "".join(
         f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
         f"<figcaption>{esc(name)}</figcaption></figure>"
@@ -284,7 +299,7 @@ Rule: {esc(validation["rule"].get("description", ""))}</p>
 {table(_COMPARISON_HEADER, _comparison_rows(validation))}
 <h2>Metrics</h2>
 {table(("metric", "test", "val_calib"), _metric_rows(validation))}
-{_champion_html(validation, table)}
+{_champion_section(validation, table, section)}
 <h2>Certificate (from {esc(validation["policy_file"])})</h2>
 {table(("field", "value"), cert_rows)}
 <h2>Figures</h2>
@@ -294,13 +309,20 @@ Rule: {esc(validation["rule"].get("description", ""))}</p>
 """
 
 
-def _champion_html(validation: dict[str, Any], table: Any) -> str:
+def _champion_section(validation: dict[str, Any], table: Any, section: Callable[[str, str, str], str]) -> str:
+    """The champion-vs-challenger section of a report ("" without a champion).
+
+    Args:
+        validation: the validation record.
+        table: the report format's table writer ``(header, rows) -> str``.
+        section: the report format's section writer ``(heading, text, table) -> str``.
+    """
     text = _champion_text(validation)
     if not text:
         return ""
     rows = _champion_rows(validation)
     body = table(("metric", "challenger (this run)", "champion"), rows) if rows else ""
-    return f"<h2>Champion vs challenger (same test split)</h2>\n<p>{html.escape(text)}</p>\n{body}"
+    return section("Champion vs challenger (same test split)", text, body)
 
 
 def render_markdown(validation: dict[str, Any], figure_names: list[str]) -> str:
@@ -310,6 +332,9 @@ def render_markdown(validation: dict[str, Any], figure_names: list[str]) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
         return "\n".join(lines)
+
+    def section(heading: str, text: str, body: str) -> str:
+        return f"\n## {heading}\n\n{text}\n\n{body}\n"
 
     figs = "\n".join(f"![{name}]({name})" for name in figure_names)
     return f"""# Validation of the {validation["exit_policy"]} exit policy: {_verdict(validation)}
@@ -335,7 +360,7 @@ Rule: {validation["rule"].get("description", "")}
 ## Metrics
 
 {table(("metric", "test", "val_calib"), _metric_rows(validation))}
-{_champion_markdown(validation, table)}
+{_champion_section(validation, table, section)}
 ## Figures
 
 {figs}
@@ -350,15 +375,6 @@ def _preprocessing_line(model_info: dict[str, Any]) -> str:
         return "n/a (no model.json)"
     spec = PixelSpec.from_record(model_info["img_size"], model_info.get(RECORD_KEY), "model.json")
     return f"{spec.describe()}, EXIF orientation applied, RGB (`stage1_pro.preprocessing`)"
-
-
-def _champion_markdown(validation: dict[str, Any], table: Any) -> str:
-    text = _champion_text(validation)
-    if not text:
-        return ""
-    rows = _champion_rows(validation)
-    body = table(("metric", "challenger (this run)", "champion"), rows) if rows else ""
-    return f"\n## Champion vs challenger (same test split)\n\n{text}\n\n{body}\n"
 
 
 def render_model_card(

@@ -372,6 +372,56 @@ TIES_MODEL = GaussianScoreModel.from_logits(2.2, 1.5, prevalence=0.1, prob_level
 # --------------------------------------------------------------------------- validity harness
 
 
+#: Every built-in policy with each constructor variant the validity experiments run (bench and tests).
+POLICY_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("softmax", {}),
+    ("gate", {}),
+    ("gate", {"calibrator": "isotonic"}),
+    ("scrc", {}),
+    ("scrc", {"variant": "SCRC-I"}),
+    ("scrc", {"variant": "SCRC-T"}),
+)
+
+
+def mapie_fnr_controller(grid: Any, *, target: float, delta: float) -> Any:
+    """MAPIE's ``BinaryClassificationController`` for the softmax rule's FNR_exit on ``grid``.
+
+    The reference implementation the certificate is cross-checked against: exact binomial
+    p-values, Holm, FNR_exit only (no FPR_exit guard), the deployed threshold chosen for coverage.
+    Needs MAPIE (the ``dev`` extra).
+
+    Args:
+        grid: the candidate softmax thresholds.
+        target: the FNR_exit target.
+        delta: the failure probability.
+
+    Returns:
+        The controller; ``.calibrate(probs, label)`` certifies on val_calib.
+    """
+    from mapie.risk_control import BinaryClassificationController, BinaryRisk
+
+    risk = BinaryRisk(
+        risk_occurrence=lambda y_true, y_pred: y_pred == 0,
+        risk_condition=lambda y_true, y_pred: (y_true == 1) & ~np.isnan(y_pred),
+        higher_is_better=False,
+    )
+
+    def predict(probs: np.ndarray, t: float) -> np.ndarray:
+        out = (probs[:, 1] >= probs[:, 0]).astype(float)
+        out[probs.max(axis=1) < t] = np.nan
+        return out
+
+    return BinaryClassificationController(
+        predict_function=predict,
+        risk=risk,
+        target_level=target,
+        confidence_level=1 - delta,
+        best_predict_param_choice="abstention_rate",
+        list_predict_params=np.asarray(grid)[:, None],
+        fwer_method="bonferroni_holm",
+    )
+
+
 def make_scores(
     model: GaussianScoreModel,
     n_select: int,

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,16 +108,23 @@ def _gcs_error(uri: str, exc: Exception) -> StorageError:
     return StorageError(f"{uri}: GCS request failed: {exc}")
 
 
+@contextlib.contextmanager
+def _gcs_errors(uri: str) -> Iterator[None]:
+    """Raise a Google API error of the block as the :class:`StorageError` of :func:`_gcs_error`."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        yield
+    except gexc.GoogleAPIError as exc:
+        raise _gcs_error(uri, exc) from exc
+
+
 def read_bytes(uri: str | os.PathLike[str]) -> bytes:
     """Read a whole local file or GCS object."""
     uri = str(uri)
     if is_gcs(uri):
-        from google.api_core import exceptions as gexc
-
-        try:
+        with _gcs_errors(uri):
             return _blob(uri).download_as_bytes()
-        except gexc.GoogleAPIError as exc:
-            raise _gcs_error(uri, exc) from exc
     try:
         return Path(uri).read_bytes()
     except FileNotFoundError as exc:
@@ -138,15 +146,12 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes, content_type: str | No
     """Write ``data`` atomically to a local path (temp + rename) or as one GCS object."""
     uri = str(uri)
     if is_gcs(uri):
-        from google.api_core import exceptions as gexc
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        try:
+        with _gcs_errors(uri):
             _blob(uri).upload_from_string(
                 data, content_type=content_type or "application/octet-stream", retry=DEFAULT_RETRY
             )
-        except gexc.GoogleAPIError as exc:
-            raise _gcs_error(uri, exc) from exc
         return
     path = Path(uri)
     try:
@@ -267,6 +272,36 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+@contextlib.contextmanager
+def staged_folder(dest: str | os.PathLike[str], *, replace_contents: bool = False) -> Iterator[Path]:
+    """A new local folder to fill, renamed to ``dest`` when the block succeeds and removed if it fails.
+
+    The folder is a hidden sibling of ``dest`` (the same file system, so the swap is a rename):
+    ``dest`` is never left half-written.
+
+    Args:
+        dest: the local folder to create or replace (its parent is created).
+        replace_contents: remove an existing ``dest`` with everything in it; otherwise an existing
+            ``dest`` must be empty (the caller has checked), and a non-empty one fails the swap.
+
+    Yields:
+        The staging folder.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists() and replace_contents:
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.rmdir()  # renaming onto an existing folder is not portable
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text(uri: str | os.PathLike[str], text: str, content_type: str = "text/plain") -> None:
     """Write UTF-8 text atomically."""
     write_bytes(uri, text.encode("utf-8"), content_type=content_type)
@@ -276,12 +311,8 @@ def exists(uri: str | os.PathLike[str]) -> bool:
     """True when the local file/folder or the GCS object exists."""
     uri = str(uri)
     if is_gcs(uri):
-        from google.api_core import exceptions as gexc
-
-        try:
+        with _gcs_errors(uri):
             return _blob(uri).exists()
-        except gexc.GoogleAPIError as exc:
-            raise _gcs_error(uri, exc) from exc
     return Path(uri).exists()
 
 
@@ -294,15 +325,11 @@ def list_files(prefix: str | os.PathLike[str], recursive: bool = True) -> Iterat
     """
     prefix = str(prefix)
     if is_gcs(prefix):
-        from google.api_core import exceptions as gexc
-
         bucket, name = split_gcs(prefix)
         name = name.rstrip("/") + "/" if name else ""
-        try:
+        with _gcs_errors(prefix):
             listing = gcs_client().list_blobs(bucket, prefix=name, delimiter=None if recursive else "/")
             blobs = sorted(b.name for b in listing if not b.name.endswith("/"))
-        except gexc.GoogleAPIError as exc:
-            raise _gcs_error(prefix, exc) from exc
         for blob_name in blobs:
             yield f"{GCS_SCHEME}{bucket}/{blob_name}"
         return
@@ -333,17 +360,14 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, creat
     """
     src, dst = str(src), str(dst)
     if is_gcs(src) and is_gcs(dst) and not create_only:
-        from google.api_core import exceptions as gexc
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         source = _blob(src)
         target_bucket, target_name = split_gcs(dst)
-        try:
+        with _gcs_errors(src):
             source.bucket.copy_blob(
                 source, gcs_client().bucket(target_bucket), target_name, retry=DEFAULT_RETRY
             )
-        except gexc.GoogleAPIError as exc:
-            raise _gcs_error(src, exc) from exc
         return True
     if is_gcs(dst) and not is_gcs(src):
         from google.api_core import exceptions as gexc
@@ -378,13 +402,9 @@ def object_generation(uri: str) -> tuple[int, str]:
     Raises:
         StorageError: the object does not exist or cannot be read.
     """
-    from google.api_core import exceptions as gexc
-
     blob = _blob(uri)
-    try:
+    with _gcs_errors(uri):
         blob.reload()
-    except gexc.GoogleAPIError as exc:
-        raise _gcs_error(uri, exc) from exc
     return int(blob.generation), str(blob.crc32c)
 
 

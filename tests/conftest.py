@@ -158,6 +158,36 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_prepared(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The 200-image dataset, its splits and its shards at 32 px (prepared once): ``data``,
+    ``splits`` and ``prepared`` paths, read-only for the tests."""
+    from stage1_pro.prepare import prepare_dataset
+    from stage1_pro.splits import split_dataset
+
+    root = tmp_path_factory.mktemp("tiny-prepared")
+    splits = str(root / "splits.json")
+    split_dataset(str(tiny_dataset), splits, seed=0)
+    prepare_dataset(str(tiny_dataset), splits, str(root / "prepared"), 32, workers=1)
+    return {"data": str(tiny_dataset), "splits": splits, "prepared": str(root / "prepared")}
+
+
+@pytest.fixture(scope="session")
+def bundle_images(tiny_dataset: Path) -> list[Path]:
+    """48 image paths of the tiny dataset: what the bundle tests score and predict on."""
+    from bundle_helpers import tiny_images
+
+    return tiny_images(tiny_dataset, count=48)
+
+
+@pytest.fixture(scope="session")
+def bundle_model_dir(tmp_path_factory: pytest.TempPathFactory, bundle_images: list[Path]) -> Path:
+    """A tiny phase-6 network rescaled on :func:`bundle_images` (``bundle_helpers.build_tiny_model``)."""
+    from bundle_helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model"), bundle_images)
+
+
+@pytest.fixture(scope="session")
 def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The distribution's wheel as ``python -m build`` makes it (the backend from the dev extra)."""
     import sys

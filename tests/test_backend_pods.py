@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -358,25 +359,26 @@ def no_shm_mount(_: dict[str, Any], k8s: dict[str, Any]) -> None:
     del k8s["exec-train"]["emptyDirMounts"]
 
 
+def assert_caught(package: Package, env: str, mutation: Callable[..., None], pattern: str) -> None:
+    """The package runs as intended in ``env``, and ``mutation`` of it is refused with ``pattern``."""
+    assert problems(package, env) == []
+    found = problems(package.mutated(mutation), env)
+    assert any(re.search(pattern, p) for p in found), found
+
+
 @requires_kubectl
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_catches_an_int_accelerator_count(package: Package, env: str) -> None:
-    assert problems(package, env) == []
-    found = problems(package.mutated(int_accelerator_count), env)
-    assert any(re.search(r"/train: nvidia.com/gpu limit 0, check-config asked for 1", p) for p in found), (
-        found
+    assert_caught(
+        package, env, int_accelerator_count, r"/train: nvidia.com/gpu limit 0, check-config asked for 1"
     )
 
 
 @requires_kubectl
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_catches_an_eight_cpu_prepare_on_the_cpu_pool(package: Package, env: str) -> None:
-    assert problems(package, env) == []
-    found = problems(package.mutated(eight_cpu_prepare), env)
-    assert any(
-        re.search(r"fits no node: default-pool \(e2-standard-8\): Insufficient cpu \(requests 8\.\d+", p)
-        for p in found
-    ), found
+    pattern = r"fits no node: default-pool \(e2-standard-8\): Insufficient cpu \(requests 8\.\d+"
+    assert_caught(package, env, eight_cpu_prepare, pattern)
 
 
 def untyped_shard_items(spec: dict[str, Any], _: dict[str, Any]) -> None:
@@ -401,12 +403,8 @@ def test_each_prepare_pod_gets_its_shard_item_as_a_struct(package: Package) -> N
 @requires_kubectl
 @pytest.mark.parametrize("env", ENVIRONMENTS)
 def test_catches_a_missing_shm_mount(package: Package, env: str) -> None:
-    assert problems(package, env) == []
-    found = problems(package.mutated(no_shm_mount), env)
-    assert any(
-        re.search(r"/train: /dev/shm is 0 MiB .* the loader \(2 workers, batch 256, 224 px\) needs", p)
-        for p in found
-    ), found
+    pattern = r"/train: /dev/shm is 0 MiB .* the loader \(2 workers, batch 256, 224 px\) needs"
+    assert_caught(package, env, no_shm_mount, pattern)
 
 
 # ---- Argo's retries ------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_cli_prints_summary_and_scripts_call_the_same_function(run_dir, tmp_path
     # the gate and SCRC scripts are the same verb with their policy
     for name, policy in (("33_calibrate_gate.py", "gate"), ("36_calibrate_scrc.py", "scrc")):
         text = (REPO / "stage1_pro/scripts" / name).read_text()
-        assert f'main(["calibrate", "--policy", "{policy}", *sys.argv[1:]])' in text
+        assert f'run_verb("calibrate", "--policy", "{policy}")' in text
 
 
 def test_cli_run_dir_takes_policy_and_target_from_config(run_dir, tmp_path, capsys) -> None:

@@ -341,28 +341,13 @@ def test_matches_mapie_binary_classification_controller() -> None:
     """Same grid, same data: MAPIE 1.6's Holm-certified point and p-values equal ours."""
     import warnings
 
-    mapie_rc = pytest.importorskip("mapie.risk_control")
-    from stage1_pro.simulation import GaussianScoreModel
+    pytest.importorskip("mapie.risk_control")
+    from stage1_pro.simulation import GaussianScoreModel, mapie_fnr_controller
 
     data = GaussianScoreModel().sample(5000, np.random.default_rng(4))
     probs, y = data["probs"], data["label"]
     grid = np.linspace(0.95, 0.999, 25)
-    risk = mapie_rc.BinaryRisk(
-        risk_occurrence=lambda y_true, y_pred: y_pred == 0,
-        risk_condition=lambda y_true, y_pred: (y_true == 1) & ~np.isnan(y_pred),
-        higher_is_better=False,
-    )
-
-    def predict(x: np.ndarray, t: float) -> np.ndarray:
-        out = (x[:, 1] >= x[:, 0]).astype(float)
-        out[x.max(axis=1) < t] = np.nan
-        return out
-
-    bcc = mapie_rc.BinaryClassificationController(
-        predict_function=predict, risk=risk, target_level=0.02, confidence_level=0.9,
-        best_predict_param_choice="abstention_rate", list_predict_params=grid[:, None],
-        fwer_method="bonferroni_holm",
-    )  # fmt: skip
+    bcc = mapie_fnr_controller(grid, target=0.02, delta=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bcc.calibrate(probs, y)

@@ -227,3 +227,44 @@ def test_readme_verb_table_lists_every_verb() -> None:
     text = (REPO / "README.md").read_text()
     table = text.split("## CLI verbs", 1)[1].split("\n## ", 1)[0]
     assert re.findall(r"^\| `([a-z-]+)` \|", table, re.M) == list(COMMANDS)
+
+
+@pytest.mark.parametrize(
+    ("verb", "function", "positional", "cli_only"),
+    [
+        ("validate", "stage1_pro.validate:validate_run", {"run"}, set()),
+        ("drift", "stage1_pro.drift:check_drift", {"bundle", "data", "out"}, {"json"}),
+    ],
+)
+def test_forwarded_options_reach_every_parameter(
+    verb: str, function: str, positional: set[str], cli_only: set[str]
+) -> None:
+    """Every option of the verb lands in a parameter of its library function, and every keyword-only
+    parameter gets an option: an option renamed on one side alone would otherwise be dropped."""
+    import importlib
+    import inspect
+
+    from stage1_pro.cli import build_parser
+    from stage1_pro.cli.options import forwarded_options
+
+    module, name = function.split(":")
+    func = getattr(importlib.import_module(module), name)
+    parser, _ = build_parser(verb)
+    required = [a.option_strings[0] for a in parser._actions if a.required]
+    args = parser.parse_args([x for flag in required for x in (flag, "X")])
+    forwarded = forwarded_options(func, args)
+    keyword_only = {n for n, p in inspect.signature(func).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    options = set(vars(args)) - {"verbose"} - positional - cli_only
+    assert set(forwarded) == options <= keyword_only
+    assert keyword_only - options <= {"out_dir"}  # drift's --out, passed by name
+
+
+def test_forwarded_options_prefers_renamed_values() -> None:
+    import argparse
+
+    from stage1_pro.cli.options import forwarded_options
+
+    def work(path: str, *, out_dir: str = "", level: float = 0.1, seed: int = 0) -> None: ...
+
+    args = argparse.Namespace(path="p", out="o", level=0.2, unrelated=True)
+    assert forwarded_options(work, args, out_dir=args.out) == {"out_dir": "o", "level": 0.2}

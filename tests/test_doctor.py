@@ -19,7 +19,6 @@ doctor prints one line and exits 2.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import socket
@@ -34,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 import yaml
+from http_helpers import send_json
 
 from stage1_pro import cluster
 from stage1_pro.cli import main
@@ -57,12 +57,7 @@ class Loopback:
                 status, payload = handle(
                     self.command, unquote(url.path), {k: v[0] for k, v in parse_qs(url.query).items()}
                 )
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, payload)
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -47,6 +47,16 @@ def drift(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str
     return code, out.out, out.err
 
 
+def champion_drift(
+    champion_world: dict, capsys: pytest.CaptureFixture[str], data: Path, out: Path
+) -> tuple[int, str, dict]:
+    """``stage1-pro drift`` of ``data`` against the champion bundle: exit code, stdout, drift.json."""
+    code, stdout, _ = drift(
+        capsys, "--bundle", str(champion_world["bundle"]), "--data", str(data), "--out", str(out)
+    )
+    return code, stdout, read_artifact(out / DRIFT_FILE, "drift")
+
+
 def test_bundle_carries_its_val_calib_score_reference(champion_world: dict) -> None:
     bundle, run = champion_world["bundle"], champion_world["run"]
     meta = verify_bundle(bundle)
@@ -66,12 +76,9 @@ def test_new_images_like_val_calib_are_consistent(
 ) -> None:
     same = transformed(champion_world, tmp_path / "same", lambda im: im)
     out = tmp_path / "report"
-    code, stdout, _ = drift(
-        capsys, "--bundle", str(champion_world["bundle"]), "--data", str(same), "--out", str(out)
-    )
+    code, stdout, report = champion_drift(champion_world, capsys, same, out)
     assert code == 0, stdout
     assert stdout.startswith("CONSISTENT: 400 new images vs 400 val_calib images of bundle champ")
-    report = read_artifact(out / DRIFT_FILE, "drift")
     assert report["drift"] is False and report["n_new"] == 400 and report["plot_file"] == DRIFT_PLOT_FILE
     assert [t["name"] for t in report["tests"]] == ["exit_score", "p_positive", "exit_rate"]
     assert all(t["level"] == pytest.approx(0.01 / 3) for t in report["tests"])
@@ -89,13 +96,9 @@ def test_shifted_images_are_detected(
     champion_world: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, transform
 ) -> None:
     shifted = transformed(champion_world, tmp_path / name, transform)
-    out = tmp_path / "report"
-    code, stdout, _ = drift(
-        capsys, "--bundle", str(champion_world["bundle"]), "--data", str(shifted), "--out", str(out)
-    )
+    code, stdout, report = champion_drift(champion_world, capsys, shifted, tmp_path / "report")
     assert code == 3, stdout
     assert stdout.startswith("DRIFT DETECTED: 400 new images")
-    report = read_artifact(out / DRIFT_FILE, "drift")
     assert report["drift"] and any(t["drift"] and t["p_value"] <= t["level"] for t in report["tests"])
     print(stdout)  # which test moved, for the log
 
@@ -108,15 +111,7 @@ def test_a_changed_class_balance_is_detected(
     positives = [p for p, y in zip(champion_world["new"], labels, strict=True) if y == 1]
     manifest = tmp_path / "new.csv"
     manifest.write_text("uri\n" + "".join(f"{p}\n" for p in positives), encoding="utf-8")
-    code, stdout, _ = drift(
-        capsys,
-        "--bundle",
-        str(champion_world["bundle"]),
-        "--data",
-        str(manifest),
-        "--out",
-        str(tmp_path / "r"),
-    )
+    code, stdout, _ = champion_drift(champion_world, capsys, manifest, tmp_path / "r")
     assert code == 3, stdout
     assert f"DRIFT DETECTED: {len(positives)} new images" in stdout
     assert "DRIFT  p_positive" in stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import build_tiny_model, make_run, tiny_images
+from bundle_helpers import make_run
 
 from stage1_pro.artifacts import read_artifact
 from stage1_pro.bundle import POLICY_FILES, verify_bundle
@@ -38,16 +38,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def images(tiny_dataset: Path) -> list[Path]:
-    return tiny_images(tiny_dataset, count=40)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, images: list[Path]) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model"), images)
-
-
 def cli(*args: str) -> int:
     return main([str(a) for a in args])
 
@@ -55,13 +45,13 @@ def cli(*args: str) -> int:
 @pytest.mark.parametrize("policy", list(CASES))
 def test_scores_to_predictions(
     policy: str,
-    model_dir: Path,
-    images: list[Path],
+    bundle_model_dir: Path,
+    bundle_images: list[Path],
     gcs_emulator,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    run = make_run(tmp_path / "run", model_dir, policy=policy, calibrate=False)
+    run = make_run(tmp_path / "run", bundle_model_dir, policy=policy, calibrate=False)
     assert cli("calibrate", "--run", run, "--policy", policy, *CASES[policy]) == 0
     assert cli("validate", "--run", run) == 0  # blessed
     assert cli("export", "--run", run, "--out", tmp_path / "bundle", "--version", f"{policy}-1") == 0
@@ -88,18 +78,20 @@ def test_scores_to_predictions(
     assert matrix.sum(axis=0).tolist() == [int((want == d).sum()) for d in (0, 1, -1)]
 
     # 2. real images through the network
-    assert cli("predict", "--bundle", pulled, "--json", "--batch-size", "16", *images) == 0
+    assert cli("predict", "--bundle", pulled, "--json", "--batch-size", "16", *bundle_images) == 0
     rows = json.loads(capsys.readouterr().out)
     model = load_model(run)
     with torch.no_grad():
         out = model(
-            preprocess(PreprocessSpec.from_model_info(read_artifact(run / "model.json", "model")), images)
+            preprocess(
+                PreprocessSpec.from_model_info(read_artifact(run / "model.json", "model")), bundle_images
+            )
         )
     probs = torch.softmax(out["logits"], dim=1).numpy().astype(np.float64)
     gate = out["gate_logit"].numpy().astype(np.float64)
     expected = np.asarray(reference.decide(probs, gate))
     names = {1: "exit-positive", 0: "exit-negative", -1: "defer"}
     assert [r["decision"] for r in rows] == [names[int(d)] for d in expected]
-    assert [r["source"] for r in rows] == [str(p) for p in images]
+    assert [r["source"] for r in rows] == [str(p) for p in bundle_images]
     np.testing.assert_allclose([r["p_positive"] for r in rows], probs[:, 1], atol=1e-5)
     assert len(set(expected.tolist())) >= 2, "the tiny network should give mixed decisions"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import build_tiny_model, make_run, tiny_images
+from bundle_helpers import make_run
 
 from stage1_pro.artifacts import read_artifact, write_artifact
 from stage1_pro.bundle import export_bundle
@@ -25,21 +25,11 @@ from stage1_pro.provenance import sha256_file
 
 
 @pytest.fixture(scope="module")
-def images(tiny_dataset: Path) -> list[Path]:
-    return tiny_images(tiny_dataset, count=48)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, images: list[Path]) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model"), images)
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str, Path]:
+def bundles(tmp_path_factory: pytest.TempPathFactory, bundle_model_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bundles")
     out = {}
     for policy in ("softmax", "gate"):
-        run = make_run(root / f"run-{policy}", model_dir, policy=policy)
+        run = make_run(root / f"run-{policy}", bundle_model_dir, policy=policy)
         out[policy] = export_bundle(run, root / policy, version=f"{policy}-1")
     return out
 
@@ -68,19 +58,19 @@ def refresh_checksums(bundle: Path) -> None:
 
 @pytest.mark.parametrize("policy", ["softmax", "gate"])
 def test_decisions_are_the_policy_on_the_model_probabilities(
-    bundles: dict[str, Path], images: list[Path], policy: str
+    bundles: dict[str, Path], bundle_images: list[Path], policy: str
 ) -> None:
     bundle = bundles[policy]
     predictor = load_bundle(bundle)
-    preds = predictor.predict(images, batch_size=16)
-    probs, gate = bare_outputs(bundle, images)
+    preds = predictor.predict(bundle_images, batch_size=16)
+    probs, gate = bare_outputs(bundle, bundle_images)
     expected = load_policy(str(bundle / read_artifact(bundle / "bundle.json", "bundle")["policy_file"]))
     want = np.asarray(expected.decide(probs, gate))
     got = np.array([p.decision for p in preds])
     assert len(set(want.tolist())) >= 2, "the test model should give mixed decisions"
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose([p.probs for p in preds], probs, atol=1e-5)
-    assert [p.source for p in preds] == [str(p) for p in images]
+    assert [p.source for p in preds] == [str(p) for p in bundle_images]
     if policy == "gate":
         np.testing.assert_allclose([p.gate_logit for p in preds], gate, atol=1e-5)
         assert all(p.gate_prob is not None and 0.0 <= p.gate_prob <= 1.0 for p in preds)
@@ -88,13 +78,13 @@ def test_decisions_are_the_policy_on_the_model_probabilities(
         assert all(p.gate_prob is None for p in preds)
 
 
-def test_input_forms_agree(bundles: dict[str, Path], images: list[Path]) -> None:
+def test_input_forms_agree(bundles: dict[str, Path], bundle_images: list[Path]) -> None:
     predictor = load_bundle(bundles["softmax"])
-    by_path = predictor.predict(images[:8])
-    pil = [decode_image(p) for p in images[:8]]
+    by_path = predictor.predict(bundle_images[:8])
+    pil = [decode_image(p) for p in bundle_images[:8]]
     by_image = predictor.predict(pil, batch_size=3)
     by_tensor = predictor.predict(predictor.preprocess(pil))
-    single = predictor.predict(str(images[0]))
+    single = predictor.predict(str(bundle_images[0]))
     for a, b, c in zip(by_path, by_image, by_tensor, strict=True):
         assert a.decision == b.decision == c.decision
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
@@ -117,26 +107,26 @@ def test_prediction_fields() -> None:
     }  # fmt: skip
 
 
-def test_config_threshold_is_never_used(bundle: Path, images: list[Path]) -> None:
-    before = load_bundle(bundle).predict(images)
+def test_config_threshold_is_never_used(bundle: Path, bundle_images: list[Path]) -> None:
+    before = load_bundle(bundle).predict(bundle_images)
     config = read_artifact(bundle / "config.json", "config")
     for legacy in (0.0, 0.5, 1.0):
         write_artifact(
             bundle / "config.json", "config", {**config, "legacy_exit_threshold_for_logging": legacy}
         )
         refresh_checksums(bundle)  # a consistent bundle, so load_bundle accepts it
-        after = load_bundle(bundle).predict(images)
+        after = load_bundle(bundle).predict(bundle_images)
         assert [p.decision for p in after] == [p.decision for p in before]
 
 
-def test_changing_the_policy_file_changes_decisions(bundle: Path, images: list[Path]) -> None:
+def test_changing_the_policy_file_changes_decisions(bundle: Path, bundle_images: list[Path]) -> None:
     """The counterpart of the test above: the policy file *is* what decides."""
-    before = [p.decision for p in load_bundle(bundle).predict(images)]
+    before = [p.decision for p in load_bundle(bundle).predict(bundle_images)]
     policy = read_artifact(bundle / "thresholds.json", "thresholds")
     write_artifact(bundle / "thresholds.json", "thresholds", {**policy, "exit_threshold": 1.5})
     refresh_checksums(bundle)
-    after = [p.decision for p in load_bundle(bundle).predict(images)]
-    assert after == [-1] * len(images) != before
+    after = [p.decision for p in load_bundle(bundle).predict(bundle_images)]
+    assert after == [-1] * len(bundle_images) != before
 
 
 @pytest.mark.parametrize("name", ["thresholds.json", "model_best.pth"])
@@ -184,25 +174,27 @@ def test_gate_policy_needs_a_gate_head(bundles: dict[str, Path], tmp_path: Path)
 
 
 def test_corrupt_image_is_named_and_skipped_on_request(
-    bundles: dict[str, Path], images: list[Path], tmp_path: Path
+    bundles: dict[str, Path], bundle_images: list[Path], tmp_path: Path
 ) -> None:
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     missing = tmp_path / "missing.png"
     predictor = load_bundle(bundles["softmax"])
     with pytest.raises(DataError, match=r"corrupt.png: cannot decode image"):
-        predictor.predict([images[0], bad, images[1]])
-    preds = predictor.predict([images[0], bad, images[1], missing, images[2]], batch_size=2, skip_bad=True)
+        predictor.predict([bundle_images[0], bad, bundle_images[1]])
+    preds = predictor.predict(
+        [bundle_images[0], bad, bundle_images[1], missing, bundle_images[2]], batch_size=2, skip_bad=True
+    )
     assert [p.source for p in preds] == [
-        str(images[0]),
+        str(bundle_images[0]),
         str(bad),
-        str(images[1]),
+        str(bundle_images[1]),
         str(missing),
-        str(images[2]),
+        str(bundle_images[2]),
     ]
     assert [p.error is None for p in preds] == [True, False, True, False, True]
     assert "corrupt.png" in preds[1].error and "missing.png" in preds[3].error
-    good = predictor.predict([images[0], images[1], images[2]])
+    good = predictor.predict([bundle_images[0], bundle_images[1], bundle_images[2]])
     assert [p.decision for p in preds if p.error is None] == [p.decision for p in good]
 
 
@@ -220,7 +212,9 @@ def test_bad_inputs(bundles: dict[str, Path]) -> None:
         load_bundle(Path(bundles["softmax"]).parent / "nope")
 
 
-def test_input_it_was_not_calibrated_for_is_refused(bundles: dict[str, Path], images: list[Path]) -> None:
+def test_input_it_was_not_calibrated_for_is_refused(
+    bundles: dict[str, Path], bundle_images: list[Path]
+) -> None:
     predictor = load_bundle(bundles["softmax"])  # 32 px
     calibrated = (
         "this bundle was calibrated on 32 x 32 RGB inputs \\(32 px, squash, bilinear, JPEG draft decoding"
@@ -232,22 +226,24 @@ def test_input_it_was_not_calibrated_for_is_refused(bundles: dict[str, Path], im
             predictor.predict(tensor)
     with pytest.raises(DataError, match=r"a tensor input must be float .*got uint8 \(1, 3, 32, 32\)"):
         predictor.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    assert len(predictor.predict(predictor.preprocess(images[:2]))) == 2  # the spec's own tensors pass
+    assert len(predictor.predict(predictor.preprocess(bundle_images[:2]))) == 2  # the spec's own tensors pass
 
 
-def test_bytes_and_model_outputs_agree_with_paths(bundles: dict[str, Path], images: list[Path]) -> None:
+def test_bytes_and_model_outputs_agree_with_paths(
+    bundles: dict[str, Path], bundle_images: list[Path]
+) -> None:
     predictor = load_bundle(bundles["gate"])
-    by_path = predictor.predict(images[:6])
-    by_bytes = predictor.predict([p.read_bytes() for p in images[:6]], batch_size=4)
-    single = predictor.predict(images[0].read_bytes())
-    probs, gate = predictor.model_outputs(images[:6], batch_size=4)
+    by_path = predictor.predict(bundle_images[:6])
+    by_bytes = predictor.predict([p.read_bytes() for p in bundle_images[:6]], batch_size=4)
+    single = predictor.predict(bundle_images[0].read_bytes())
+    probs, gate = predictor.model_outputs(bundle_images[:6], batch_size=4)
     np.testing.assert_array_equal([p.probs for p in by_bytes], [p.probs for p in by_path])
     assert single[0].probs == by_path[0].probs and by_bytes[0].source is None
     np.testing.assert_array_equal(probs, [p.probs for p in by_path])
     np.testing.assert_array_equal(gate, [p.gate_logit for p in by_path])
     assert predictor.model_outputs([])[0].shape == (0, 2)
     with pytest.raises(DataError, match=r"missing.png: file not found"):
-        predictor.model_outputs([images[0], images[0].parent / "missing.png"])
+        predictor.model_outputs([bundle_images[0], bundle_images[0].parent / "missing.png"])
 
 
 def test_serving_unlike_the_scores_is_warned(
@@ -278,22 +274,22 @@ def test_bundle_readme_states_the_preprocessing(bundles: dict[str, Path]) -> Non
     assert 'image.draft("RGB", (32, 32))' in readme and "resize the whole image to 32 x 32" in readme
 
 
-def test_predictor_from_parts_needs_no_bundle(bundles: dict[str, Path], images: list[Path]) -> None:
+def test_predictor_from_parts_needs_no_bundle(bundles: dict[str, Path], bundle_images: list[Path]) -> None:
     """Predictor is usable on any model + policy (what load_bundle assembles after its checks)."""
     bundle = bundles["softmax"]
     predictor = Predictor(
         load_model(bundle), load_policy(str(bundle / "thresholds.json")), read_artifact(bundle / "model.json")
     )
     assert predictor.version is None
-    got = [p.decision for p in predictor.predict(images)]
-    assert got == [p.decision for p in load_bundle(bundle).predict(images)]
+    got = [p.decision for p in predictor.predict(bundle_images)]
+    assert got == [p.decision for p in load_bundle(bundle).predict(bundle_images)]
 
 
 def test_cli_predict_table_json_and_skip_bad(
-    bundles: dict[str, Path], images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bundles: dict[str, Path], bundle_images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bundle = str(bundles["softmax"])
-    paths = [str(p) for p in images[:3]]
+    paths = [str(p) for p in bundle_images[:3]]
     assert main(["predict", "--bundle", bundle, *paths]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["image", "decision", "p_positive", "gate_prob"]

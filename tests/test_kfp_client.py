@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from http_helpers import send_json
 
 from stage1_pro import __version__
 from stage1_pro.cli import main
@@ -223,12 +224,7 @@ def kfp_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
             status, payload = fake.handle(
                 self.command, url.path, query, body, self.headers.get("Content-Type", "")
             )
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, payload)
 
         do_GET = do_POST = do_DELETE = _serve  # noqa: N815
 

@@ -8,35 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_helpers import tiny_config
 
 from stage1_pro.cli import main
-from stage1_pro.config import Stage1ProConfig
 from stage1_pro.errors import ConfigError, DataError
-from stage1_pro.splits import split_dataset
 from stage1_pro.training import engine, train
 from stage1_pro.training.loaders import ClassBalancedBatchSampler
 
-TINY = {"model_name": "test_efficientnet", "pretrained": False, "img_size": 32, "batch_size": 32, "epochs": 1,
-        "num_workers": 0, "lr": 3e-3, "log_every": 1000}  # fmt: skip
 
-
-def _config(**kw) -> Stage1ProConfig:
-    return Stage1ProConfig(**{**TINY, **kw})
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from stage1_pro.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("phases-tiny")
-    splits = str(root / "splits.json")
-    split_dataset(str(tiny_dataset), splits, seed=0)
-    prepare_dataset(str(tiny_dataset), splits, str(root / "prepared"), 32, workers=1)
-    return {"data": str(tiny_dataset), "splits": splits, "prepared": str(root / "prepared")}
-
-
-def _train(tiny: dict[str, str], out: Path, **kw) -> dict:
-    return train(_config(**kw), prepared_uri=tiny["prepared"], splits_uri=tiny["splits"], out_dir=str(out))
+def _train(tiny_prepared: dict[str, str], out: Path, **kw) -> dict:
+    return train(
+        tiny_config(**kw),
+        prepared_uri=tiny_prepared["prepared"],
+        splits_uri=tiny_prepared["splits"],
+        out_dir=str(out),
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,23 +64,23 @@ def test_balanced_sampler_needs_both_classes() -> None:
 # refused before any work
 
 
-def test_phase4_refuses_a_non_vit_before_any_work(tiny, tmp_path) -> None:
+def test_phase4_refuses_a_non_vit_before_any_work(tiny_prepared, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"phase 4 \(ExPLoRA\) needs a ViT backbone.*test_efficientnet"):
-        _train(tiny, tmp_path / "run", phase=4)
+        _train(tiny_prepared, tmp_path / "run", phase=4)
     assert not (tmp_path / "run").exists()
 
 
-def test_phase6_refuses_a_too_small_crt_batch_before_any_work(tiny, tmp_path) -> None:
+def test_phase6_refuses_a_too_small_crt_batch_before_any_work(tiny_prepared, tmp_path) -> None:
     with pytest.raises(
         ConfigError, match=r"crt_batch_size=100 is too small for target_fnr_exit=0.02.*>= 196"
     ):
-        _train(tiny, tmp_path / "run", phase=6, crt_batch_size=100)
+        _train(tiny_prepared, tmp_path / "run", phase=6, crt_batch_size=100)
     assert not (tmp_path / "run").exists()
 
 
-def test_doran_is_refused_with_the_reason(tiny, tmp_path) -> None:
+def test_doran_is_refused_with_the_reason(tiny_prepared, tmp_path) -> None:
     with pytest.raises(Exception, match=r"DoRAN .*abstract"):
-        _train(tiny, tmp_path / "run", phase=2, peft_method="doran")
+        _train(tiny_prepared, tmp_path / "run", phase=2, peft_method="doran")
     assert not (tmp_path / "run").exists()
 
 
@@ -103,7 +89,9 @@ def test_doran_is_refused_with_the_reason(tiny, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_phase5_runs_two_passes_per_update_and_checkpoints_the_ema(tiny, tmp_path, monkeypatch) -> None:
+def test_phase5_runs_two_passes_per_update_and_checkpoints_the_ema(
+    tiny_prepared, tmp_path, monkeypatch
+) -> None:
     calls = []
     real = engine.default_train_step
 
@@ -112,8 +100,8 @@ def test_phase5_runs_two_passes_per_update_and_checkpoints_the_ema(tiny, tmp_pat
         return real(state, x, y, accum)
 
     monkeypatch.setattr(engine, "default_train_step", counting)
-    summary = _train(tiny, tmp_path / "run", phase=5, exit_policy="gate", grad_accum_steps=2)
-    n_batches = len(json.loads(Path(tiny["splits"]).read_text())["indices"]["train"]) // 32
+    summary = _train(tiny_prepared, tmp_path / "run", phase=5, exit_policy="gate", grad_accum_steps=2)
+    n_batches = len(json.loads(Path(tiny_prepared["splits"]).read_text())["indices"]["train"]) // 32
     assert len(calls) == 2 * n_batches  # pass at w for each micro-batch, then again at w + eps
     assert calls.count(False) == n_batches  # the second passes run the loss in eval mode
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=True)
@@ -122,16 +110,16 @@ def test_phase5_runs_two_passes_per_update_and_checkpoints_the_ema(tiny, tmp_pat
 
 
 @pytest.mark.slow
-def test_phase6_trains_with_conformal_risk_loss_and_calibrates_scrc(tiny, tmp_path) -> None:
+def test_phase6_trains_with_conformal_risk_loss_and_calibrates_scrc(tiny_prepared, tmp_path) -> None:
     from stage1_pro.calibrate import calibrate_policy
     from stage1_pro.scores import load_scores
 
     out = tmp_path / "run"
     # target 0.1: the CRC threshold needs 9 positives per pseudo-calibration half, batches of >= 36
-    assert main(["train", "--prepared", tiny["prepared"], "--splits", tiny["splits"], "--out", str(out),
-                 "--model-name", "test_efficientnet", "--pretrained", "false", "--img-size", "32",
-                 "--batch-size", "32", "--num-workers", "0", "--epochs", "2", "--phase", "6",
-                 "--exit_policy", "scrc", "--target-fnr-exit", "0.1"]) == 0  # fmt: skip
+    assert main(["train", "--prepared", tiny_prepared["prepared"], "--splits", tiny_prepared["splits"],
+                 "--out", str(out), "--model-name", "test_efficientnet", "--pretrained", "false",
+                 "--img-size", "32", "--batch-size", "32", "--num-workers", "0", "--epochs", "2",
+                 "--phase", "6", "--exit_policy", "scrc", "--target-fnr-exit", "0.1"]) == 0  # fmt: skip
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train_crt", "train_feasible", "train_k_star", "train_lambda_softmax", "val_loss"} <= set(header)
     scores = load_scores(str(out / "scores.npz"))
@@ -141,7 +129,7 @@ def test_phase6_trains_with_conformal_risk_loss_and_calibrates_scrc(tiny, tmp_pa
 
 
 @pytest.mark.slow
-def test_phase4_extends_a_vit_saves_the_backbone_and_reuses_it(tiny, tmp_path) -> None:
+def test_phase4_extends_a_vit_saves_the_backbone_and_reuses_it(tiny_prepared, tmp_path) -> None:
     import timm
 
     from stage1_pro.training.explora import load_extended_backbone
@@ -152,7 +140,7 @@ def test_phase4_extends_a_vit_saves_the_backbone_and_reuses_it(tiny, tmp_path) -
         "explora_unfrozen_blocks": 1,
         "explora_lora_rank": 4,
     }
-    summary = _train(tiny, tmp_path / "run", phase=4, **vit)
+    summary = _train(tiny_prepared, tmp_path / "run", phase=4, **vit)
     art = tmp_path / "run" / "explora"
     info = json.loads((art / "explora.json").read_text())
     assert (
@@ -164,10 +152,11 @@ def test_phase4_extends_a_vit_saves_the_backbone_and_reuses_it(tiny, tmp_path) -
     timm.create_model("test_vit", num_classes=0, img_size=32).load_state_dict(state, strict=True)
     assert summary["phase"] == 4
     # a second run reuses the artifact instead of pre-training again
-    reused = _train(tiny, tmp_path / "run2", phase=4, explora_backbone=str(art), **vit)
+    reused = _train(tiny_prepared, tmp_path / "run2", phase=4, explora_backbone=str(art), **vit)
     assert reused["phase"] == 4 and not (tmp_path / "run2" / "explora").exists()
     with pytest.raises(
         ConfigError, match="made for test_vit at 32 px, but this run trains test_vit at 48 px"
     ):
-        train(_config(phase=4, img_size=48, explora_backbone=str(art), **vit), data_uri=tiny["data"],
-              splits_uri=tiny["splits"], out_dir=str(tmp_path / "run3"))  # fmt: skip
+        train(tiny_config(phase=4, img_size=48, explora_backbone=str(art), **vit),
+              data_uri=tiny_prepared["data"], splits_uri=tiny_prepared["splits"],
+              out_dir=str(tmp_path / "run3"))  # fmt: skip

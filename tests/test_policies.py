@@ -25,16 +25,11 @@ from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, NotFittedError
 from stage1_pro.policies.gate import apply_calibrator, fit_calibrator, platt_fit
 from stage1_pro.policies.scrc import LAMBDA2_GRID, crc_lambda2, dkw_epsilon, exit_rule, pareto_front
 from stage1_pro.scores import Scores
-from stage1_pro.simulation import GaussianScoreModel, make_scores
+from stage1_pro.simulation import POLICY_VARIANTS, GaussianScoreModel, make_scores
 
 MODEL = GaussianScoreModel()
 CONFIGS = [
-    ("softmax", {}),
-    ("gate", {}),
-    ("gate", {"calibrator": "isotonic"}),
-    ("scrc", {}),
-    ("scrc", {"variant": "SCRC-I"}),
-    ("scrc", {"variant": "SCRC-T"}),
+    *POLICY_VARIANTS,
     ("scrc", {"selection_score": "max_prob"}),
     ("scrc", {"variant": "SCRC-I", "selection_score": "margin"}),
 ]

@@ -23,14 +23,12 @@ from bundle_helpers import build_tiny_model, make_run, tiny_images
 from stage1_pro import schemas
 from stage1_pro.artifacts import DEFAULT_FILENAMES, POLICY_ARTIFACT_KINDS, read_artifact, validate_artifact
 from stage1_pro.bundle import POLICY_FILES
-from stage1_pro.certify import quantile_grid
 from stage1_pro.cli import main
 from stage1_pro.config import EXIT_POLICIES, PHASE_POLICIES, Stage1ProConfig
-from stage1_pro.decisions import DEFER, argmax_class
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT, PHASES
+from stage1_pro.defaults import PHASES
 from stage1_pro.errors import ArtifactError, ConfigError
 from stage1_pro.policies import POLICIES, create_policy, get_policy_class, load_policy
-from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
+from stage1_pro.policies.base import ConfidenceThresholdPolicy
 from stage1_pro.policy_registry import (
     PolicyOption,
     get_spec,
@@ -57,61 +55,25 @@ class MarginPolicy(ConfidenceThresholdPolicy):
     constructor option for ``stage1-pro calibrate --margin-score``.
     """
 
-    def __init__(
-        self,
-        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
-        delta: float = DEFAULT_DELTA,
-        method: str | None = None,
-        grid_size: int = 200,
-        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
-        score: str = "margin",
-    ) -> None:
-        super().__init__(
-            target_fnr_exit=target_fnr_exit,
-            delta=delta,
-            method=method,
-            grid_size=grid_size,
-            max_fpr_exit=max_fpr_exit,
-        )
-        self.score = score
+    score: str = "margin"
 
     def confidence(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
         p = np.asarray(probs, dtype=np.float64)
         margin = np.abs(p[:, 1] - p[:, 0])
         return margin**2 if self.score == "squared" else margin
 
-    def _fit_select(self, select: Any) -> None:
-        self.grid_ = quantile_grid(self.confidence(select.probs), self.grid_size)
-
-    def _set_deployed(self, j: int | None) -> None:
-        self.exit_threshold_ = DEFER_ALL_THRESHOLD if j is None else float(self.grid_[j])
-
     def _grid_rule(self) -> str:
         return f"val_select {self.score} quantiles at coverage levels j/{self.grid_size}, ties removed"
-
-    def decide(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
-        self._check_fitted()
-        p, _ = check_probs(probs, gate_logit)
-        if not self.feasible_:
-            return np.full(p.shape[0], DEFER, dtype=np.int8)
-        out = argmax_class(p)
-        out[self.confidence(p) < self.exit_threshold_] = DEFER
-        return out
 
     def _rule_text(self) -> str:
         return f"exit iff {self.score} >= {self.exit_threshold_:.6g}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self._common_dict(), "exit_threshold": float(self.exit_threshold_), "score": self.score}
+        return {**super().to_dict(), "score": self.score}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MarginPolicy:
-        c = d["certificate"]
-        policy = cls(**cls._params_from_dict(d), score=d["score"])
-        policy._restore_common(d)
-        policy.grid_ = np.asarray(c["grid"], dtype=np.float64)
-        policy.exit_threshold_ = float(d["exit_threshold"])
-        return policy
+    def _params_from_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._params_from_dict(d), "score": d["score"]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -203,7 +165,7 @@ def test_builtin_schema_and_script_match_the_spec(name: str) -> None:
     assert schema["properties"]["artifact"]["const"] == spec.artifact_kind
     assert schema["properties"]["policy"]["const"] == name
     script = (REPO / "stage1_pro" / "scripts" / spec.script).read_text()
-    assert f'main(["calibrate", "--policy", "{name}", *sys.argv[1:]])' in script
+    assert f'run_verb("calibrate", "--policy", "{name}")' in script
 
 
 def test_unknown_policy_lists_the_registered_ones() -> None:

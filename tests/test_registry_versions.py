@@ -232,13 +232,18 @@ def test_same_version_name_raced_by_two_bundles(
 # versions and rollback through the CLI
 
 
-def test_cli_versions_table(
-    bundles: dict[str, Path], prefix: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _publish_mixed_registry(bundles: dict[str, Path], prefix: str) -> None:
+    """v1, v2 (latest), the unblessed u1, and v9 with no bundle.json (an unfinished publish)."""
     registry.publish(bundles["v1"], prefix)
     registry.publish(bundles["v2"], prefix)
     registry.publish(bundles["u1"], prefix, allow_unblessed=True)
     storage.write_bytes(storage.join(prefix, "v9", "model_best.pth"), b"an unfinished publish")
+
+
+def test_cli_versions_table(
+    bundles: dict[str, Path], prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _publish_mixed_registry(bundles, prefix)
     assert main(["versions", prefix]) == 0
     out = capsys.readouterr().out
     lines = {line.lstrip("* ").split()[0]: line for line in out.splitlines() if line.strip()}
@@ -288,10 +293,7 @@ def test_cli_rollback(
 def test_rollback_refuses_bad_targets(
     bundles: dict[str, Path], prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    registry.publish(bundles["v1"], prefix)
-    registry.publish(bundles["v2"], prefix)
-    registry.publish(bundles["u1"], prefix, allow_unblessed=True)
-    storage.write_bytes(storage.join(prefix, "v9", "model_best.pth"), b"an unfinished publish")
+    _publish_mixed_registry(bundles, prefix)
 
     def refused(version: str, message: str) -> None:
         assert main(["rollback", prefix, "--to", version]) == 2

@@ -181,6 +181,18 @@ def _artifact(cls: type, uri: Path) -> Any:
     return cls(name=uri.name, uri=str(uri), metadata={})
 
 
+def _report_run(status: Any, report_file: Path, webhook_url: str, publish_prefix: str = "") -> None:
+    """The report-run component's function for run RUN_ID, writing its report to ``report_file``."""
+    report_run.python_func(
+        status=status,
+        publish_prefix=publish_prefix,
+        webhook_url=webhook_url,
+        run_id=RUN_ID,
+        run_name=RUN_NAME,
+        report=_artifact(dsl.Artifact, report_file),
+    )
+
+
 @pytest.fixture(scope="module")
 def validated_and_exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A validated run (validation.json) and its exported bundle, as validate and export leave them."""
@@ -227,14 +239,7 @@ def test_record_outcome_and_report_run_end_to_end(
         error_code=None,
         error_message=None,
     )
-    report_run.python_func(
-        status=status,
-        publish_prefix="",
-        webhook_url=webhook.url,
-        run_id=RUN_ID,
-        run_name=RUN_NAME,
-        report=_artifact(dsl.Artifact, report_file),
-    )
+    _report_run(status, report_file, webhook.url)
     report = json.loads(report_file.read_text())
     assert report["state"] == "succeeded" and report["blessed"] is verdict["blessed"]
     assert report["bundle_uri"] == str(bundle) and report["exit_policy"] == "softmax"
@@ -250,14 +255,7 @@ def test_report_run_of_a_run_that_failed_early_and_a_broken_webhook(tmp_path: Pa
     webhook.statuses = [403]
     status = dsl.PipelineTaskFinalStatus("FAILED", "stage1-pro-x7k2p", "exit-handler-1", None, None)
     with pytest.raises(WebhookError, match=r"refused the run report: HTTP 403"):
-        report_run.python_func(
-            status=status,
-            publish_prefix="gs://b/bundles",
-            webhook_url=webhook.url,
-            run_id=RUN_ID,
-            run_name=RUN_NAME,
-            report=_artifact(dsl.Artifact, report_file),
-        )
+        _report_run(status, report_file, webhook.url, publish_prefix="gs://b/bundles")
     report = json.loads(report_file.read_text())  # written (and logged) before the POST
     assert report["state"] == "failed" and report["blessed"] is None and report["published_uri"] is None
 

@@ -68,3 +68,27 @@ def test_uri_helpers() -> None:
     assert storage.join("gs://b/run/", "/splits.json") == "gs://b/run/splits.json"
     assert storage.join("gs://b", "a", "c.json") == "gs://b/a/c.json"
     assert storage.join("/tmp/run", "a", "c.json") == "/tmp/run/a/c.json"
+
+
+def test_staged_folder_swaps_in_whole_or_not_at_all(tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "bundle"
+    with storage.staged_folder(dest) as tmp:
+        (tmp / "a.txt").write_text("new")
+        assert not dest.exists()  # nothing visible until the block succeeds
+    assert [p.name for p in dest.iterdir()] == ["a.txt"]
+
+    replacing = storage.staged_folder(dest, replace_contents=True)
+    with pytest.raises(RuntimeError, match="half way"), replacing as tmp:
+        (tmp / "b.txt").write_text("partial")
+        raise RuntimeError("half way")
+    assert [p.name for p in dest.iterdir()] == ["a.txt"]  # the old folder, untouched
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["bundle"]  # no staging folder left
+
+    with storage.staged_folder(dest, replace_contents=True) as tmp:
+        (tmp / "c.txt").write_text("newer")
+    assert [p.name for p in dest.iterdir()] == ["c.txt"]
+
+    with pytest.raises(OSError), storage.staged_folder(dest) as tmp:  # a non-empty dest is not replaced
+        (tmp / "d.txt").write_text("refused")
+    assert [p.name for p in dest.iterdir()] == ["c.txt"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["bundle"]

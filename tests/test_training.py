@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_helpers import tiny_config
 
 from stage1_pro.artifacts import read_artifact
 from stage1_pro.cli import main
@@ -18,42 +19,15 @@ from stage1_pro.errors import ConfigError, DataError
 from stage1_pro.splits import split_dataset
 from stage1_pro.training import engine, train
 
-TINY = {
-    "model_name": "test_efficientnet",
-    "pretrained": False,
-    "img_size": 32,
-    "batch_size": 32,
-    "epochs": 1,
-    "num_workers": 0,
-    "lr": 3e-3,
-    "log_every": 1000,
-}
 
-
-def _config(**kw) -> Stage1ProConfig:
-    return Stage1ProConfig(**{**TINY, **kw})
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The 200-image dataset, its splits and its shards at 32 px (prepared once)."""
-    from stage1_pro.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("train-tiny")
-    splits = str(root / "splits.json")
-    split_dataset(str(tiny_dataset), splits, seed=0)
-    prepare_dataset(str(tiny_dataset), splits, str(root / "prepared"), 32, workers=1)
-    return {"data": str(tiny_dataset), "splits": splits, "prepared": str(root / "prepared")}
-
-
-def _cli(tiny: dict[str, str], out: Path, *flags: str) -> int:
+def _cli(tiny_prepared: dict[str, str], out: Path, *flags: str) -> int:
     return main(
         [
             "train",
             "--prepared",
-            tiny["prepared"],
+            tiny_prepared["prepared"],
             "--splits",
-            tiny["splits"],
+            tiny_prepared["splits"],
             "--out",
             str(out),
             "--model-name",
@@ -75,9 +49,9 @@ def _cli(tiny: dict[str, str], out: Path, *flags: str) -> int:
 # refused before any work
 
 
-def test_phase_policy_mismatch_fails_before_any_work(tiny, tmp_path, capsys) -> None:
+def test_phase_policy_mismatch_fails_before_any_work(tiny_prepared, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    assert _cli(tiny, out, "--phase", "1", "--exit_policy", "gate") == 2
+    assert _cli(tiny_prepared, out, "--phase", "1", "--exit_policy", "gate") == 2
     err = capsys.readouterr().err
     assert "exit_policy" in err and "gate needs phase >= 3" in err
     assert not out.exists()
@@ -85,7 +59,7 @@ def test_phase_policy_mismatch_fails_before_any_work(tiny, tmp_path, capsys) -> 
 
 @pytest.mark.parametrize(("phase", "name"), [(4, "ExPLoRA"), (5, "F-SAM"), (6, "conformal risk training")])
 def test_unbuilt_phases_fail_clearly_and_run_nothing(
-    tiny, tmp_path, capsys, monkeypatch, phase: int, name: str
+    tiny_prepared, tmp_path, capsys, monkeypatch, phase: int, name: str
 ) -> None:
     from dataclasses import replace
 
@@ -97,26 +71,26 @@ def test_unbuilt_phases_fail_clearly_and_run_nothing(
     )
     monkeypatch.delitem(phases.PHASE_MODULES, phase, raising=False)
     out = tmp_path / "run"
-    assert _cli(tiny, out, "--phase", str(phase), "--exit-policy", "gate") == 2
+    assert _cli(tiny_prepared, out, "--phase", str(phase), "--exit-policy", "gate") == 2
     err = capsys.readouterr().err
     assert f"phase {phase} ({name}) is not built yet" in err and "no other phase is run in its place" in err
     assert not out.exists()
 
 
-def test_phase_two_needs_adapters_and_data_needs_one_source(tiny, tmp_path) -> None:
+def test_phase_two_needs_adapters_and_data_needs_one_source(tiny_prepared, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"phase 2 \(peft\) trains with finetune_mode peft, not 'full'"):
         train(
-            _config(phase=2, finetune_mode="full"),
-            prepared_uri=tiny["prepared"],
-            splits_uri=tiny["splits"],
+            tiny_config(phase=2, finetune_mode="full"),
+            prepared_uri=tiny_prepared["prepared"],
+            splits_uri=tiny_prepared["splits"],
             out_dir=str(tmp_path / "a"),
         )
     with pytest.raises(ConfigError, match="pass exactly one of --data"):
         train(
-            _config(),
-            data_uri=tiny["data"],
-            prepared_uri=tiny["prepared"],
-            splits_uri=tiny["splits"],
+            tiny_config(),
+            data_uri=tiny_prepared["data"],
+            prepared_uri=tiny_prepared["prepared"],
+            splits_uri=tiny_prepared["splits"],
             out_dir=str(tmp_path / "b"),
         )
     with pytest.raises(ConfigError, match="batch_size=64 does not split over 3 processes"):
@@ -126,16 +100,16 @@ def test_phase_two_needs_adapters_and_data_needs_one_source(tiny, tmp_path) -> N
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_prepared_at_another_size_is_refused(tiny, tmp_path) -> None:
+def test_prepared_at_another_size_is_refused(tiny_prepared, tmp_path) -> None:
     with pytest.raises(
         ConfigError,
         match=r"was prepared with img_size=32 but the config has img_size=48; train with --img-size 32, or "
         r"re-run `stage1-pro prepare` with --img-size 48",
     ):
         train(
-            _config(img_size=48),
-            prepared_uri=tiny["prepared"],
-            splits_uri=tiny["splits"],
+            tiny_config(img_size=48),
+            prepared_uri=tiny_prepared["prepared"],
+            splits_uri=tiny_prepared["splits"],
             out_dir=str(tmp_path),
         )
 
@@ -160,7 +134,7 @@ def test_phase_one_run_directory(tiny_dataset: Path, tmp_path) -> None:
     broken = Path(dataset.uris[test_rows[0]])
     broken.write_bytes(b"not an image")
     out = tmp_path / "run"
-    summary = train(_config(epochs=2), data_uri=str(manifest), splits_uri=str(splits), out_dir=str(out))
+    summary = train(tiny_config(epochs=2), data_uri=str(manifest), splits_uri=str(splits), out_dir=str(out))
 
     for name in (
         "config.json",
@@ -200,7 +174,7 @@ def test_phase_one_run_directory(tiny_dataset: Path, tmp_path) -> None:
     # probability near 1 then carries about 8 significant bits, not 24).
     from stage1_pro.training.distributed import resolve_device
 
-    config = _config(epochs=2)
+    config = tiny_config(epochs=2)
     scored_in = engine.resolve_amp(config, resolve_device(config.device)) or torch.float32
     model = load_model(out)
     images = [dataset.uris[i] for i in test.index[:8]]
@@ -220,9 +194,11 @@ def _final_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoints" / "last.pth", weights_only=True)["module"]
 
 
-def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path, monkeypatch) -> None:
-    config = _config(epochs=3, augment="shift", phase=3, exit_policy="gate", selective_dual_lr=0.1)
-    kwargs = {"prepared_uri": tiny["prepared"], "splits_uri": tiny["splits"]}
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(
+    tiny_prepared, tmp_path, monkeypatch
+) -> None:
+    config = tiny_config(epochs=3, augment="shift", phase=3, exit_policy="gate", selective_dual_lr=0.1)
+    kwargs = {"prepared_uri": tiny_prepared["prepared"], "splits_uri": tiny_prepared["splits"]}
     train(config, out_dir=str(tmp_path / "straight"), **kwargs)
 
     real_epoch = engine.train_one_epoch
@@ -255,24 +231,32 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path
     ).read_bytes()
 
 
-def test_resume_from_another_config_is_refused(tiny, tmp_path) -> None:
-    kwargs = {"prepared_uri": tiny["prepared"], "splits_uri": tiny["splits"], "out_dir": str(tmp_path)}
-    train(_config(), **kwargs)
+def test_resume_from_another_config_is_refused(tiny_prepared, tmp_path) -> None:
+    kwargs = {
+        "prepared_uri": tiny_prepared["prepared"],
+        "splits_uri": tiny_prepared["splits"],
+        "out_dir": str(tmp_path),
+    }
+    train(tiny_config(), **kwargs)
     with pytest.raises(
         ConfigError, match=r"different config or data.*lr: 0\.003 \(checkpoint\) vs 0\.001 \(now\)"
     ):
-        train(_config(lr=1e-3), **kwargs)
-    summary = train(_config(lr=1e-3), resume=False, **kwargs)  # --no-resume starts over
+        train(tiny_config(lr=1e-3), **kwargs)
+    summary = train(tiny_config(lr=1e-3), resume=False, **kwargs)  # --no-resume starts over
     assert summary["best_epoch"] == 1
     assert read_artifact(tmp_path / "config.json", "config")["lr"] == 1e-3
 
 
-def test_finished_run_is_not_retrained(tiny, tmp_path, monkeypatch) -> None:
-    kwargs = {"prepared_uri": tiny["prepared"], "splits_uri": tiny["splits"], "out_dir": str(tmp_path)}
-    train(_config(), **kwargs)
+def test_finished_run_is_not_retrained(tiny_prepared, tmp_path, monkeypatch) -> None:
+    kwargs = {
+        "prepared_uri": tiny_prepared["prepared"],
+        "splits_uri": tiny_prepared["splits"],
+        "out_dir": str(tmp_path),
+    }
+    train(tiny_config(), **kwargs)
     before = (tmp_path / "model_best.pth").read_bytes()
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: pytest.fail("retrained a finished run"))
-    train(_config(num_workers=1), **kwargs)  # a runtime-only setting may differ (e.g. a KFP retry)
+    train(tiny_config(num_workers=1), **kwargs)  # a runtime-only setting may differ (e.g. a KFP retry)
     assert (tmp_path / "model_best.pth").read_bytes() == before
 
 
@@ -280,7 +264,7 @@ def test_finished_run_is_not_retrained(tiny, tmp_path, monkeypatch) -> None:
 # frozen backbone (cached features) and PEFT
 
 
-def test_frozen_backbone_trains_heads_on_cached_features(tiny, tmp_path, monkeypatch) -> None:
+def test_frozen_backbone_trains_heads_on_cached_features(tiny_prepared, tmp_path, monkeypatch) -> None:
     from stage1_pro.models import create_model
     from stage1_pro.models.stage1 import Stage1Model
 
@@ -292,8 +276,13 @@ def test_frozen_backbone_trains_heads_on_cached_features(tiny, tmp_path, monkeyp
         return real(self, x)
 
     monkeypatch.setattr(Stage1Model, "forward_features", counting)
-    config = _config(finetune_mode="frozen", head_epochs=4, batch_size=16)
-    train(config, prepared_uri=tiny["prepared"], splits_uri=tiny["splits"], out_dir=str(tmp_path))
+    config = tiny_config(finetune_mode="frozen", head_epochs=4, batch_size=16)
+    train(
+        config,
+        prepared_uri=tiny_prepared["prepared"],
+        splits_uri=tiny_prepared["splits"],
+        out_dir=str(tmp_path),
+    )
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert len(rows) == 4
     n_batches = -(-100 // 32) + -(-30 // 32)  # one pass over train (100) and val_select (30), eval batch 32
@@ -307,13 +296,13 @@ def test_frozen_backbone_trains_heads_on_cached_features(tiny, tmp_path, monkeyp
     assert not torch.equal(best["heads.classifier.weight"], init["heads.classifier.weight"])
 
 
-def test_phase_two_exports_merged_weights(tiny, tmp_path) -> None:
+def test_phase_two_exports_merged_weights(tiny_prepared, tmp_path) -> None:
     from stage1_pro.models import load_model
 
     train(
-        _config(phase=2, model_name="test_vit", peft_method="lora", lr=1e-2),
-        prepared_uri=tiny["prepared"],
-        splits_uri=tiny["splits"],
+        tiny_config(phase=2, model_name="test_vit", peft_method="lora", lr=1e-2),
+        prepared_uri=tiny_prepared["prepared"],
+        splits_uri=tiny_prepared["splits"],
         out_dir=str(tmp_path),
     )
     best = torch.load(tmp_path / "model_best.pth", weights_only=True)
@@ -350,12 +339,12 @@ def test_phase_three_gate_trains_and_does_not_collapse(demo_dataset: Path, tmp_p
     assert {"val_gate_coverage", "val_gate_fnr_exit", "val_soft_fnr"} <= set(rows[0])
 
 
-def test_empty_train_split_is_a_clear_error(tiny, tmp_path) -> None:
+def test_empty_train_split_is_a_clear_error(tiny_prepared, tmp_path) -> None:
     with pytest.raises(DataError, match="fewer than one batch of 256; lower --batch-size"):
         train(
-            _config(batch_size=256),
-            prepared_uri=tiny["prepared"],
-            splits_uri=tiny["splits"],
+            tiny_config(batch_size=256),
+            prepared_uri=tiny_prepared["prepared"],
+            splits_uri=tiny_prepared["splits"],
             out_dir=str(tmp_path),
         )
 
@@ -369,12 +358,12 @@ def test_adamw_groups_and_warmup_cosine_schedule() -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     model[0].requires_grad_(False)
-    opt = create_optimizer(model, _config(lr=0.1, weight_decay=0.05))
+    opt = create_optimizer(model, tiny_config(lr=0.1, weight_decay=0.05))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.05 and [p.shape for p in decayed["params"]] == [(2, 8)]
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # LayerNorm weight/bias, Linear bias
     assert opt.defaults["fused"] and not opt.defaults["foreach"]  # the fused kernel on CPU too
-    sched = create_scheduler(opt, _config(epochs=2, warmup_epochs=0.5), updates_per_epoch=4)
+    sched = create_scheduler(opt, tiny_config(epochs=2, warmup_epochs=0.5), updates_per_epoch=4)
     lrs = []
     for _ in range(8):
         lrs.append(opt.param_groups[0]["lr"])

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from stage1_pro import __version__
 
@@ -127,6 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_PROG} {verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def run_verb(*verb_args: str) -> NoReturn:
+    """Run ``stage1-pro VERB_ARGS... <this process's arguments>`` and exit with its status.
+
+    The one body of every ``stage1_pro/scripts/*.py`` wrapper: a script is a verb (and for the
+    calibrate scripts, its policy) with the same flags and behaviour.
+
+    Args:
+        verb_args: the verb and any arguments the script fixes, e.g. ``"calibrate", "--policy", "gate"``.
+    """
+    sys.exit(main([*verb_args, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,22 +69,11 @@ def run(args: argparse.Namespace) -> int:
     import json
     import os
 
+    from stage1_pro.cli.options import forwarded_options
     from stage1_pro.drift import check_drift, summary_lines
     from stage1_pro.layout import DRIFT_FILE, DRIFT_PLOT_FILE, DRIFT_REPORT_FILE
 
-    report = check_drift(
-        args.bundle,
-        args.data,
-        out_dir=args.out,
-        level=args.level,
-        shift=args.shift,
-        power=args.power,
-        max_images=args.max_images,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        skip_bad=args.skip_bad,
-    )
+    report = check_drift(args.bundle, args.data, **forwarded_options(check_drift, args, out_dir=args.out))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -86,23 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stage1_pro.cli.options import forwarded_options
     from stage1_pro.validate import validate_run
 
-    v = validate_run(
-        args.run,
-        policy_file=args.policy_file,
-        champion=args.champion,
-        audit_level=args.audit_level,
-        audit_effect=args.audit_effect,
-        min_coverage=args.min_coverage,
-        min_exit_accuracy=args.min_exit_accuracy,
-        champion_tolerance=args.champion_tolerance,
-        report_format=args.report_format,
-        data=args.data,
-        batch_size=args.batch_size,
-        device=args.device,
-        baseline=args.baseline,
-    )
+    v = validate_run(args.run, **forwarded_options(validate_run, args))
     for c in v["checks"]:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']:<18} {c['message']}")
     for c in v["diagnostics"]:

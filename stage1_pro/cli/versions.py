@@ -23,13 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+    from stage1_pro.report import format_value
+
+    return format_value(value, missing="-", no="NO")
 
 
 def table(rows: list) -> str:

@@ -21,13 +21,14 @@ round-trip through the validated artifact I/O (:func:`stage1_pro.artifacts.write
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from stage1_pro.decisions import argmax_class
+from stage1_pro.decisions import DEFER, argmax_class
 from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.provenance import utc_now
 
@@ -74,6 +75,7 @@ def check_probs(
     return p, g
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class ExitPolicy(ABC):
     """Base class of the certified exit policies (softmax, gate, SCRC).
 
@@ -97,19 +99,23 @@ class ExitPolicy(ABC):
     #: Name of the grid value in ``sweep_results`` rows.
     grid_key: ClassVar[str] = "threshold"
 
-    def __init__(
-        self,
-        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
-        delta: float = DEFAULT_DELTA,
-        method: str | None = None,
-        grid_size: int = 200,
-        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
-    ) -> None:
-        self.target_fnr_exit = target_fnr_exit
-        self.delta = delta
-        self.max_fpr_exit = max_fpr_exit
-        self.method = method
-        self.grid_size = grid_size
+    # The constructor parameters, in signature order; the constructor itself is generated
+    # (a dataclass) and only stores them, as scikit-learn asks.
+    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT
+    delta: float = DEFAULT_DELTA
+    method: str | None = None
+    grid_size: int = 200
+    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Generate each subclass's constructor from its annotated class attributes.
+
+        A policy declares only its own parameters (``calibrator: str = "platt"``) and redeclares
+        a base one to change its default; the generated ``__init__`` lists every parameter
+        explicitly, so :meth:`get_params` and the registry's option check see them all.
+        """
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(cls, eq=False, repr=False)
 
     # ------------------------------------------------------------------ parameters
     def get_params(self) -> dict[str, Any]:
@@ -427,8 +433,24 @@ class ConfidenceThresholdPolicy(ExitPolicy):
     calibrated gate probability).
     """
 
-    def _grid_counts(self, scores: Any) -> Any:
+    #: Name of the deployed threshold: the fitted attribute ``<name>_`` and the policy file's field.
+    threshold_field: ClassVar[str] = "exit_threshold"
+
+    def deployed_threshold(self) -> float:
+        """The deployed threshold (:data:`DEFER_ALL_THRESHOLD` when infeasible)."""
+        self._check_fitted()
+        return float(getattr(self, f"{self.threshold_field}_"))
+
+    def _fit_select(self, select: Any) -> None:
         # Imported here: stage1_pro.metrics (imported by certify) imports this module's constants.
+        from stage1_pro.certify import quantile_grid
+
+        self.grid_ = quantile_grid(self.confidence(select.probs, select.gate_logit), self.grid_size)
+
+    def _set_deployed(self, j: int | None) -> None:
+        setattr(self, f"{self.threshold_field}_", DEFER_ALL_THRESHOLD if j is None else float(self.grid_[j]))
+
+    def _grid_counts(self, scores: Any) -> Any:
         from stage1_pro.certify import threshold_counts
 
         conf = self.confidence(scores.probs, scores.gate_logit)
@@ -436,3 +458,32 @@ class ConfidenceThresholdPolicy(ExitPolicy):
 
     def _grid_values(self) -> np.ndarray:
         return self.grid_
+
+    def decide(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
+        """Decisions (int8): the argmax class where ``confidence >= threshold``, else -1 (defer).
+
+        Args:
+            probs: class probabilities, shape (n, 2).
+            gate_logit: the gate head's logits, shape (n,); required when the policy reads them.
+
+        Returns:
+            One of EXIT_POSITIVE, EXIT_NEGATIVE or DEFER per image.
+        """
+        threshold = self.deployed_threshold()
+        p, g = check_probs(probs, gate_logit, need_gate=self.spec.needs_gate)
+        if not self.feasible_:
+            return np.full(p.shape[0], DEFER, dtype=np.int8)
+        out = argmax_class(p)
+        out[self.confidence(p, g) < threshold] = DEFER
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self._common_dict(), self.threshold_field: self.deployed_threshold()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConfidenceThresholdPolicy:
+        policy = cls(**cls._params_from_dict(d))
+        policy._restore_common(d)
+        policy.grid_ = np.asarray(d["certificate"]["grid"], dtype=np.float64)
+        setattr(policy, f"{cls.threshold_field}_", float(d[cls.threshold_field]))
+        return policy

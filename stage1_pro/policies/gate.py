@@ -21,11 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from stage1_pro.certify import quantile_grid
-from stage1_pro.decisions import DEFER, argmax_class
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
+from stage1_pro.decisions import argmax_class
 from stage1_pro.errors import ConfigError, DataError
-from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
+from stage1_pro.policies.base import ConfidenceThresholdPolicy
 from stage1_pro.policy_registry import PolicyOption, register_policy
 
 CALIBRATORS: tuple[str, ...] = ("platt", "isotonic")
@@ -142,23 +140,9 @@ class GatePolicy(ConfidenceThresholdPolicy):
         gate_threshold_ (float): deployed threshold (:data:`DEFER_ALL_THRESHOLD` when infeasible).
     """
 
-    def __init__(
-        self,
-        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
-        delta: float = DEFAULT_DELTA,
-        method: str | None = None,
-        grid_size: int = 200,
-        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
-        calibrator: str = "platt",
-    ) -> None:
-        super().__init__(
-            target_fnr_exit=target_fnr_exit,
-            delta=delta,
-            method=method,
-            grid_size=grid_size,
-            max_fpr_exit=max_fpr_exit,
-        )
-        self.calibrator = calibrator
+    threshold_field = "gate_threshold"
+
+    calibrator: str = "platt"
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -188,10 +172,7 @@ class GatePolicy(ConfidenceThresholdPolicy):
     def _fit_select(self, select: Any) -> None:
         correct = argmax_class(select.probs) == select.label
         self.calibrator_params_ = fit_calibrator(self.calibrator, select.gate_logit, correct, select.source)
-        self.grid_ = quantile_grid(self.calibrated(select.gate_logit), self.grid_size)
-
-    def _set_deployed(self, j: int | None) -> None:
-        self.gate_threshold_ = DEFER_ALL_THRESHOLD if j is None else float(self.grid_[j])
+        super()._fit_select(select)
 
     def _grid_rule(self) -> str:
         return (
@@ -199,33 +180,22 @@ class GatePolicy(ConfidenceThresholdPolicy):
             f"levels j/{self.grid_size}, ties removed"
         )
 
-    def decide(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
-        """Decisions (int8): the argmax class where the calibrated gate >= ``gate_threshold_``."""
-        self._check_fitted()
-        p, g = check_probs(probs, gate_logit, need_gate=True)
-        if not self.feasible_:
-            return np.full(p.shape[0], DEFER, dtype=np.int8)
-        out = argmax_class(p)
-        out[self.calibrated(g) < self.gate_threshold_] = DEFER
-        return out
-
     def _rule_text(self) -> str:
         return f"exit iff {self.calibrator}(gate_logit) >= {self.gate_threshold_:.6g}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **self._common_dict(),
-            "gate_threshold": float(self.gate_threshold_),
+            **super().to_dict(),
             "calibrator_type": self.calibrator,
             "calibrator_params": self.calibrator_params_,
         }
 
     @classmethod
+    def _params_from_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._params_from_dict(d), "calibrator": d["calibrator_type"]}
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GatePolicy:
-        c = d["certificate"]
-        policy = cls(**cls._params_from_dict(d), calibrator=d["calibrator_type"])
-        policy._restore_common(d)
-        policy.grid_ = np.asarray(c["grid"], dtype=np.float64)
+        policy = super().from_dict(d)
         policy.calibrator_params_ = d["calibrator_params"]
-        policy.gate_threshold_ = float(d["gate_threshold"])
-        return policy
+        return policy  # type: ignore[return-value]

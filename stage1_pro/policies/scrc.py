@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 
 from stage1_pro.decisions import DEFER, argmax_class
-from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.policies.base import ExitPolicy, check_probs
 from stage1_pro.policies.gate import CALIBRATORS, apply_calibrator, fit_calibrator
@@ -161,27 +160,10 @@ class SCRCPolicy(ExitPolicy):
 
     grid_key = "xi"
 
-    def __init__(
-        self,
-        target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
-        delta: float = DEFAULT_DELTA,
-        method: str | None = None,
-        grid_size: int = 100,
-        max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
-        variant: str = "pareto",
-        selection_score: str = "gate",
-        gate_calibrator: str = "platt",
-    ) -> None:
-        super().__init__(
-            target_fnr_exit=target_fnr_exit,
-            delta=delta,
-            method=method,
-            grid_size=grid_size,
-            max_fpr_exit=max_fpr_exit,
-        )
-        self.variant = variant
-        self.selection_score = selection_score
-        self.gate_calibrator = gate_calibrator
+    grid_size: int = 100
+    variant: str = "pareto"
+    selection_score: str = "gate"
+    gate_calibrator: str = "platt"
 
     def _check_params(self) -> None:
         super()._check_params()

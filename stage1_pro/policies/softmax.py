@@ -13,9 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stage1_pro.certify import quantile_grid
-from stage1_pro.decisions import DEFER, argmax_class
-from stage1_pro.policies.base import DEFER_ALL_THRESHOLD, ConfidenceThresholdPolicy, check_probs
+from stage1_pro.policies.base import ConfidenceThresholdPolicy
 from stage1_pro.policy_registry import register_policy
 
 
@@ -54,36 +52,8 @@ class SoftmaxThresholdPolicy(ConfidenceThresholdPolicy):
         """Softmax response ``max(p0, p1)`` (``gate_logit`` is ignored)."""
         return np.asarray(probs, dtype=np.float64).max(axis=1)
 
-    def _fit_select(self, select: Any) -> None:
-        self.grid_ = quantile_grid(self.confidence(select.probs), self.grid_size)
-
-    def _set_deployed(self, j: int | None) -> None:
-        self.exit_threshold_ = DEFER_ALL_THRESHOLD if j is None else float(self.grid_[j])
-
     def _grid_rule(self) -> str:
         return f"val_select max-probability quantiles at coverage levels j/{self.grid_size}, ties removed"
 
-    def decide(self, probs: Any, gate_logit: Any | None = None) -> np.ndarray:
-        """Decisions (int8): the argmax class where ``max p >= exit_threshold_``, else -1 (defer)."""
-        self._check_fitted()
-        p, _ = check_probs(probs, gate_logit)
-        out = argmax_class(p)
-        if not self.feasible_:
-            return np.full(p.shape[0], DEFER, dtype=np.int8)
-        out[self.confidence(p) < self.exit_threshold_] = DEFER
-        return out
-
     def _rule_text(self) -> str:
         return f"exit iff max p >= {self.exit_threshold_:.6g}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self._common_dict(), "exit_threshold": float(self.exit_threshold_)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SoftmaxThresholdPolicy:
-        c = d["certificate"]
-        policy = cls(**cls._params_from_dict(d))
-        policy._restore_common(d)
-        policy.grid_ = np.asarray(c["grid"], dtype=np.float64)
-        policy.exit_threshold_ = float(d["exit_threshold"])
-        return policy

@@ -3,9 +3,7 @@
 Usage: python stage1_pro/scripts/00_make_splits.py --data MANIFEST_OR_FOLDER --out splits.json [--seed N]
 """
 
-import sys
-
-from stage1_pro.cli import main
+from stage1_pro.cli import run_verb
 
 if __name__ == "__main__":
-    sys.exit(main(["split", *sys.argv[1:]]))
+    run_verb("split")

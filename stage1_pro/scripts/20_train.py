@@ -4,9 +4,7 @@
         --data demo/manifest.csv --splits splits.json --out runs/p1
 """
 
-import sys
-
-from stage1_pro.cli import main
+from stage1_pro.cli import run_verb
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run_verb("train")

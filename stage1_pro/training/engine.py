@@ -179,6 +179,29 @@ class TrainJob:
     def run_dir(self) -> RunDir:
         return RunDir(self.out_dir)
 
+    def predict(
+        self,
+        forward: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        dataset: torch.utils.data.Dataset,
+        rows: np.ndarray,
+        prepare_input: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        num_workers: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """:func:`~stage1_pro.training.scoring.predict` with this job's evaluation batch, device,
+        autocast dtype and ranks (``num_workers``: default :attr:`loader_workers`)."""
+        return predict(
+            forward,
+            dataset,
+            rows,
+            batch_size=self.eval_batch,
+            device=self.device,
+            prepare_input=prepare_input,
+            amp_dtype=self.amp_dtype,
+            dist_info=self.dist,
+            num_workers=self.loader_workers if num_workers is None else num_workers,
+        )
+
 
 # ------------------------------------------------------------------------------------------
 # network input
@@ -555,16 +578,8 @@ def cache_features(
     model.eval()
     features = {}
     for name in CACHED_SPLITS:
-        out = predict(
-            lambda x: {"features": model.forward_features(x)},
-            shards,
-            split_rows.rows[name],
-            batch_size=job.eval_batch,
-            device=job.device,
-            prepare_input=to_input,
-            amp_dtype=job.amp_dtype,
-            dist_info=job.dist,
-            num_workers=job.loader_workers,
+        out = job.predict(
+            lambda x: {"features": model.forward_features(x)}, shards, split_rows.rows[name], to_input
         )
         features[name] = torch.from_numpy(out["features"])
     _LOG.info(
@@ -715,16 +730,8 @@ def validate(job: TrainJob, state: TrainState, data: TrainingData, labels: np.nd
     """Metrics of the trained module on ``val_select`` (see :func:`~.epoch_metrics.epoch_metrics`)."""
     state.module.eval()
     with eager():  # blocks compiled for the training step are not compiled again for validation
-        outputs = predict(
-            state.module,
-            data.val,
-            data.val_rows,
-            batch_size=job.eval_batch,
-            device=job.device,
-            prepare_input=data.to_input,
-            amp_dtype=job.amp_dtype,
-            dist_info=job.dist,
-            num_workers=data.loader_workers,
+        outputs = job.predict(
+            state.module, data.val, data.val_rows, data.to_input, num_workers=data.loader_workers
         )
     return epoch_metrics(outputs, labels, state.loss_fn, job.config)
 
@@ -798,20 +805,7 @@ def score_best(
     if job.device.type == "cuda":
         plain = plain.to(memory_format=torch.channels_last)
     to_input = InputTransform.for_model(info, job.device)
-    outputs = {
-        name: predict(
-            plain,
-            shards,
-            split_rows.rows[name],
-            batch_size=job.eval_batch,
-            device=job.device,
-            prepare_input=to_input,
-            amp_dtype=job.amp_dtype,
-            dist_info=job.dist,
-            num_workers=job.loader_workers,
-        )
-        for name in SCORED_SPLITS
-    }
+    outputs = {name: job.predict(plain, shards, split_rows.rows[name], to_input) for name in SCORED_SPLITS}
     summary = {}
     if job.dist.is_main:
         summary = score_splits(job.run_dir.scores, outputs, split_rows.index, split_rows.label)
