@@ -120,9 +120,9 @@ def starved_table(draws, target, delta, max_fpr, seed) -> None:
     print("| val_select | " + " | ".join(methods) + " |")
     print("|" + "---|" * (1 + len(methods)))
     for label, kw in cases:
-        r = sim.procedure_comparison(sim.REFERENCE_MODEL, methods, n_calib=5000, draws=draws, seed=seed,
-                                     target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr,
-                                     **kw)  # fmt: skip
+        experiment = sim.Experiment(n_calib=5000, draws=draws, seed=seed, target_fnr_exit=target, delta=delta,
+                                    max_fpr_exit=max_fpr, **kw)  # fmt: skip
+        r = sim.procedure_comparison(sim.REFERENCE_MODEL, methods, experiment)
         cells = " | ".join(
             f"{r[m]['certified_rate']:.3f} / {r[m]['mean_coverage']:.3f} / {r[m]['violation_rate']:.3f}"
             for m in methods
@@ -149,9 +149,9 @@ def policies_table(draws, target, delta, max_fpr, seed) -> None:
     for label, model, n, configs in cases:
         oracles = [model.oracle(target, max_fpr, rule) for rule in ("softmax", "gate", "two_dim")]
         for policy, params in configs:
-            r = sim.validity_run(policy, model, n_calib=n, draws=draws, seed=seed + 7 * n,
-                                 target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr,
-                                 **params)  # fmt: skip
+            experiment = sim.Experiment(n_calib=n, draws=draws, seed=seed + 7 * n, target_fnr_exit=target,
+                                        delta=delta, max_fpr_exit=max_fpr)  # fmt: skip
+            r = sim.validity_run(policy, model, experiment, **params)
             name = policy + "".join(f" {v}" for v in params.values())
             print(
                 f"| {label} | {n} | {name} | {r['mean_coverage']:.3f} | {r['violation_rate']:.3f} | "
@@ -174,8 +174,9 @@ def audit_table(draws, target, delta, max_fpr, seed) -> None:
         print(f"| {n:,} | {cells} |")
     needed = ", ".join(f"{e:g}x: {audit.trials_for_power(target, e * target, level):,}" for e in effects)
     print(f"Exited test positives for power {audit.POWER_GOAL}: {needed}")
-    r = sim.audit_run("softmax", sim.REFERENCE_MODEL, n_calib=5000, n_test=5000, draws=draws, seed=seed,
-                      target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr)  # fmt: skip
+    experiment = sim.Experiment(n_calib=5000, draws=draws, seed=seed, target_fnr_exit=target, delta=delta,
+                                max_fpr_exit=max_fpr)  # fmt: skip
+    r = sim.audit_run("softmax", sim.REFERENCE_MODEL, experiment, n_test=5000)
     se3 = 3 * np.sqrt(DEFAULT_AUDIT_LEVEL * (1 - DEFAULT_AUDIT_LEVEL) / max(r["valid_draws"], 1))
     print(
         f"\nEnd to end (reference model, val_calib 5,000, test 5,000, {r['valid_draws']} valid runs of "
