@@ -41,15 +41,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import integrate, special, stats
 
+from stage1_pro import defaults
 from stage1_pro.decisions import DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
-from stage1_pro.defaults import (
-    DEFAULT_DELTA,
-    DEFAULT_MAX_FPR_EXIT,
-    DEFAULT_TARGET_FNR_EXIT,
-    check_delta,
-    check_max_fpr_exit,
-    check_target,
-)
+from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
 
 #: A rule's decisions as a function of (probs (n, 2), gate_logit (n,)): what every policy's ``decide`` is.
 Decide = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -527,9 +521,9 @@ class Experiment:
     max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT
 
     def __post_init__(self) -> None:
-        check_target(self.target_fnr_exit)
-        check_delta(self.delta)
-        check_max_fpr_exit(self.max_fpr_exit)
+        defaults.check_target(self.target_fnr_exit)
+        defaults.check_delta(self.delta)
+        defaults.check_max_fpr_exit(self.max_fpr_exit)
         if self.draws < 1 or self.n_calib < 1:
             raise ValueError(f"draws={self.draws} and n_calib={self.n_calib} must both be at least 1")
         if self.n_select is not None and self.n_select < 0:
