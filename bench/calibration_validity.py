@@ -45,6 +45,11 @@ from stage1_pro.defaults import DEFAULT_AUDIT_LEVEL, DEFAULT_MAX_FPR_EXIT
 SECTIONS = ("procedures", "starved", "policies", "audit")
 
 
+def _experiment(target: float, delta: float, max_fpr: float, **plan) -> sim.Experiment:
+    """An experiment under the bench's certificate settings; ``plan``: its n_calib, draws, seed, ..."""
+    return sim.Experiment(target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr, **plan)
+
+
 def _mapie_threshold(scores_calib, grid: np.ndarray, target: float, delta: float) -> float | None:
     """MAPIE 1.6 BinaryClassificationController on our FNR_exit risk and the same grid."""
     bcc = sim.mapie_fnr_controller(grid, target=target, delta=delta)
@@ -56,35 +61,29 @@ def _mapie_threshold(scores_calib, grid: np.ndarray, target: float, delta: float
 
 def procedures_table(sizes, draws, target, delta, max_fpr, seed, use_mapie) -> dict:
     """Every procedure (and MAPIE) on the same grid and val_calib, per n (one softmax fit per draw)."""
-    from threadpoolctl import threadpool_limits
-
     model = sim.REFERENCE_MODEL
     methods = list(PROCEDURES) + (["mapie_holm"] if use_mapie else [])
     results = {}
     for n in sizes:
-        rng = np.random.default_rng(seed + n)
+        experiment = _experiment(target, delta, max_fpr, n_calib=n, draws=draws, seed=seed + n)
         acc = {m: {"viol": [], "cov": [], "cert": []} for m in methods}
         t0 = time.perf_counter()
-        with threadpool_limits(1, user_api="blas"):
-            for _ in range(draws):
-                scores = sim.make_scores(model, n, n, rng)
-                policy = sim.fit_quietly(
-                    "softmax", scores, target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr
-                )
-                rates = model.threshold_rates(policy.grid_)
-                for m in methods:
-                    if m == "mapie_holm":
-                        t = _mapie_threshold(scores.subset("val_calib"), policy.grid_, target, delta)
-                        j = None if t is None else int(np.nonzero(policy.grid_ == t)[0][0])
-                    else:
-                        j = certify(
-                            policy.calib_counts_, target=target, delta=delta, max_fpr=max_fpr, method=m,
-                            select=policy.select_counts_,
-                        ).deployed  # fmt: skip
-                    acc[m]["cert"].append(j is not None)
-                    acc[m]["cov"].append(0.0 if j is None else float(rates.coverage[j]))
-                    bad = j is not None and (rates.fnr[j] > target or rates.fpr[j] > max_fpr)
-                    acc[m]["viol"].append(bool(bad))
+        for scores in experiment.score_draws(model):
+            policy = sim.fit_quietly("softmax", scores, **experiment.certificate)
+            rates = model.threshold_rates(policy.grid_)
+            for m in methods:
+                if m == "mapie_holm":
+                    t = _mapie_threshold(scores.subset("val_calib"), policy.grid_, target, delta)
+                    j = None if t is None else int(np.nonzero(policy.grid_ == t)[0][0])
+                else:
+                    j = certify(
+                        policy.calib_counts_, target=target, delta=delta, max_fpr=max_fpr, method=m,
+                        select=policy.select_counts_,
+                    ).deployed  # fmt: skip
+                acc[m]["cert"].append(j is not None)
+                acc[m]["cov"].append(0.0 if j is None else float(rates.coverage[j]))
+                bad = j is not None and any(experiment.violates(sim.RuleRates(*(r[j] for r in rates))))
+                acc[m]["viol"].append(bad)
         results[n] = {m: {k: float(np.mean(v)) for k, v in a.items()} for m, a in acc.items()}
         print(f"  n={n}: {draws} draws in {time.perf_counter() - t0:.0f} s", flush=True)
     return results
@@ -120,9 +119,8 @@ def starved_table(draws, target, delta, max_fpr, seed) -> None:
     print("| val_select | " + " | ".join(methods) + " |")
     print("|" + "---|" * (1 + len(methods)))
     for label, kw in cases:
-        r = sim.procedure_comparison(sim.REFERENCE_MODEL, methods, n_calib=5000, draws=draws, seed=seed,
-                                     target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr,
-                                     **kw)  # fmt: skip
+        experiment = _experiment(target, delta, max_fpr, n_calib=5000, draws=draws, seed=seed, **kw)
+        r = sim.procedure_comparison(sim.REFERENCE_MODEL, methods, experiment)
         cells = " | ".join(
             f"{r[m]['certified_rate']:.3f} / {r[m]['mean_coverage']:.3f} / {r[m]['violation_rate']:.3f}"
             for m in methods
@@ -149,9 +147,8 @@ def policies_table(draws, target, delta, max_fpr, seed) -> None:
     for label, model, n, configs in cases:
         oracles = [model.oracle(target, max_fpr, rule) for rule in ("softmax", "gate", "two_dim")]
         for policy, params in configs:
-            r = sim.validity_run(policy, model, n_calib=n, draws=draws, seed=seed + 7 * n,
-                                 target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr,
-                                 **params)  # fmt: skip
+            experiment = _experiment(target, delta, max_fpr, n_calib=n, draws=draws, seed=seed + 7 * n)
+            r = sim.validity_run(policy, model, experiment, **params)
             name = policy + "".join(f" {v}" for v in params.values())
             print(
                 f"| {label} | {n} | {name} | {r['mean_coverage']:.3f} | {r['violation_rate']:.3f} | "
@@ -174,8 +171,8 @@ def audit_table(draws, target, delta, max_fpr, seed) -> None:
         print(f"| {n:,} | {cells} |")
     needed = ", ".join(f"{e:g}x: {audit.trials_for_power(target, e * target, level):,}" for e in effects)
     print(f"Exited test positives for power {audit.POWER_GOAL}: {needed}")
-    r = sim.audit_run("softmax", sim.REFERENCE_MODEL, n_calib=5000, n_test=5000, draws=draws, seed=seed,
-                      target_fnr_exit=target, delta=delta, max_fpr_exit=max_fpr)  # fmt: skip
+    experiment = _experiment(target, delta, max_fpr, n_calib=5000, draws=draws, seed=seed)
+    r = sim.audit_run("softmax", sim.REFERENCE_MODEL, experiment, n_test=5000)
     se3 = 3 * np.sqrt(DEFAULT_AUDIT_LEVEL * (1 - DEFAULT_AUDIT_LEVEL) / max(r["valid_draws"], 1))
     print(
         f"\nEnd to end (reference model, val_calib 5,000, test 5,000, {r['valid_draws']} valid runs of "

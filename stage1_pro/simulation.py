@@ -34,13 +34,14 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import integrate, special, stats
 
+from stage1_pro import defaults
 from stage1_pro.decisions import DEFER, EXIT_NEGATIVE, EXIT_POSITIVE
 from stage1_pro.defaults import DEFAULT_DELTA, DEFAULT_MAX_FPR_EXIT, DEFAULT_TARGET_FNR_EXIT
 
@@ -488,57 +489,137 @@ def _one_blas_thread() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _violates(rates: RuleRates, target: float, max_fpr: float) -> tuple[bool, bool]:
-    """(FNR_exit above the target, FPR_exit above the guard); an undefined rate violates nothing."""
-    return bool(rates.fnr > target), bool(rates.fpr > max_fpr)
+@dataclass(frozen=True, kw_only=True)
+class Experiment:
+    """A repeated-calibration experiment: how its draws are made and the certificate they are judged by.
+
+    Every validity harness (:func:`validity_run`, :func:`procedure_comparison`, :func:`audit_run`)
+    takes one, so the same experiment gives the same draws in each of them.
+
+    Args:
+        n_calib: val_calib images per draw.
+        n_select: val_select images per draw; ``None``: ``n_calib``.
+        draws: independent (val_select, val_calib) draws.
+        seed: seed of the draws' random generator (the same seed gives the same draws).
+        select_positives: ``False`` draws a val_select without positives (a starved split).
+        target_fnr_exit: the FNR_exit bound of the certificate.
+        delta: the certificate's failure probability.
+        max_fpr_exit: the FPR_exit guard of the certificate.
+
+    Raises:
+        ConfigError: a certificate setting outside its valid range (see :mod:`stage1_pro.defaults`).
+        ValueError: ``draws`` or ``n_calib`` below 1, or ``n_select`` below 0.
+    """
+
+    n_calib: int
+    n_select: int | None = None
+    draws: int = 1000
+    seed: int = 0
+    select_positives: bool = True
+    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT
+    delta: float = DEFAULT_DELTA
+    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT
+
+    def __post_init__(self) -> None:
+        defaults.check_target(self.target_fnr_exit)
+        defaults.check_delta(self.delta)
+        defaults.check_max_fpr_exit(self.max_fpr_exit)
+        if self.draws < 1 or self.n_calib < 1:
+            raise ValueError(f"draws={self.draws} and n_calib={self.n_calib} must both be at least 1")
+        if self.n_select is not None and self.n_select < 0:
+            raise ValueError(f"n_select={self.n_select} must be at least 0 (None: n_calib)")
+
+    @property
+    def certificate(self) -> dict[str, float]:
+        """The certificate settings as policy constructor parameters."""
+        return {
+            "target_fnr_exit": self.target_fnr_exit,
+            "delta": self.delta,
+            "max_fpr_exit": self.max_fpr_exit,
+        }
+
+    def policy_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A policy's constructor parameters: :attr:`certificate` plus the policy's own ``params``.
+
+        Raises:
+            ValueError: ``params`` sets a certificate setting (it belongs to the experiment, which
+                also judges the draws by it).
+        """
+        clash = sorted(set(params) & set(self.certificate))
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} set as policy parameters; set them on the experiment instead: "
+                f"Experiment(..., {clash[0]}=...)"
+            )
+        return {**self.certificate, **params}
+
+    def violates(self, rates: RuleRates) -> tuple[bool, bool]:
+        """(FNR_exit above the target, FPR_exit above the guard); an undefined rate violates nothing."""
+        return bool(rates.fnr > self.target_fnr_exit), bool(rates.fpr > self.max_fpr_exit)
+
+    def score_draws(self, model: GaussianScoreModel, n_test: int = 0) -> Iterator[Any]:
+        """The experiment's ``draws`` independent draws from ``model``, one :func:`make_scores` each.
+
+        BLAS is limited to one thread while the draws are consumed (see :func:`_one_blas_thread`).
+
+        Args:
+            model: the score model to draw from.
+            n_test: test images per draw (0: no test split).
+
+        Yields:
+            A :class:`~stage1_pro.scores.Scores` with val_select, val_calib (and test) per draw.
+        """
+        rng = np.random.default_rng(self.seed)
+        n_select = self.n_calib if self.n_select is None else self.n_select
+        with _one_blas_thread():
+            for _ in range(self.draws):
+                yield make_scores(
+                    model, n_select, self.n_calib, rng, n_test=n_test, select_positives=self.select_positives
+                )
 
 
 def validity_run(
     policy: str,
     model: GaussianScoreModel,
+    experiment: Experiment,
     *,
-    n_calib: int,
-    n_select: int | None = None,
-    draws: int = 1000,
-    seed: int = 0,
-    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
-    delta: float = DEFAULT_DELTA,
-    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
-    select_positives: bool = True,
     every_certified_point: bool = False,
     **params: Any,
 ) -> dict[str, Any]:
-    """Calibrate ``policy`` on ``draws`` independent (val_select, val_calib) draws from ``model``.
+    """Calibrate ``policy`` on each draw of ``experiment`` from ``model`` and judge its deployed rule.
 
     A draw *violates* when its deployed rule's true FNR_exit exceeds the target or its true
-    FPR_exit exceeds ``max_fpr_exit`` (the joint certificate's event). Returns the violation rate
-    with its Monte-Carlo standard error at rate delta, the two rates apart, the mean true
-    coverage of the deployed rule (0 when infeasible), the certified and infeasible fractions
-    and, with ``every_certified_point`` (SCRC only), the fraction of draws where *any* certified
-    path point violates (``fwer``), which bounds every SCRC-T batch's rule.
+    FPR_exit exceeds ``max_fpr_exit`` (the joint certificate's event).
+
+    Args:
+        policy: a registered policy name (``softmax``, ``gate``, ``scrc``).
+        model: the score model the draws come from.
+        experiment: the draws and the certificate settings.
+        every_certified_point: also check every certified path point (SCRC only), which bounds
+            every SCRC-T batch's rule.
+        **params: the policy's own constructor parameters (not the certificate settings).
+
+    Returns:
+        ``draws``; ``violation_rate`` with its Monte-Carlo standard error at rate delta
+        (``mc_se``); ``fnr_violation_rate`` and ``fpr_violation_rate`` apart; the deployed rule's
+        ``mean_coverage`` (0 when infeasible) with ``coverage_se``; ``certified_rate`` and
+        ``infeasible_rate``; ``fwer``: the fraction of draws where *any* certified path point
+        violates (``None`` without ``every_certified_point``).
     """
-    rng = np.random.default_rng(seed)
-    settings = {"target_fnr_exit": target_fnr_exit, "delta": delta, "max_fpr_exit": max_fpr_exit, **params}
+    settings = experiment.policy_params(params)
     fnr_bad, fpr_bad, coverages, feasible, fwer = [], [], [], [], []
-    with _one_blas_thread():
-        for _ in range(draws):
-            scores = make_scores(
-                model,
-                n_calib if n_select is None else n_select,
-                n_calib,
-                rng,
-                select_positives=select_positives,
-            )
-            est = fit_quietly(policy, scores, **settings)
-            rates = policy_rates(est, model)
-            bad_fnr, bad_fpr = _violates(rates, target_fnr_exit, max_fpr_exit)
-            fnr_bad.append(bad_fnr)
-            fpr_bad.append(bad_fpr)
-            coverages.append(rates.coverage)
-            feasible.append(bool(est.feasible_))
-            if every_certified_point:
-                points = (policy_rates(est, model, p) for p in est.certified_path_)
-                fwer.append(any(any(_violates(r, target_fnr_exit, max_fpr_exit)) for r in points))
+    for scores in experiment.score_draws(model):
+        est = fit_quietly(policy, scores, **settings)
+        rates = policy_rates(est, model)
+        bad_fnr, bad_fpr = experiment.violates(rates)
+        fnr_bad.append(bad_fnr)
+        fpr_bad.append(bad_fpr)
+        coverages.append(rates.coverage)
+        feasible.append(bool(est.feasible_))
+        if every_certified_point:
+            points = (policy_rates(est, model, p) for p in est.certified_path_)
+            fwer.append(any(any(experiment.violates(r)) for r in points))
+    draws, delta = experiment.draws, experiment.delta
     joint = np.logical_or(fnr_bad, fpr_bad)
     return {
         "draws": draws,
@@ -555,57 +636,41 @@ def validity_run(
 
 
 def procedure_comparison(
-    model: GaussianScoreModel,
-    methods: tuple[str, ...],
-    *,
-    n_calib: int,
-    n_select: int | None = None,
-    draws: int = 1000,
-    seed: int = 0,
-    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
-    delta: float = DEFAULT_DELTA,
-    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
-    select_positives: bool = True,
+    model: GaussianScoreModel, methods: tuple[str, ...], experiment: Experiment
 ) -> dict[str, dict[str, float]]:
-    """Every procedure of ``methods`` on the same draws: the softmax policy's grid and counts are
-    fitted once per draw, then each procedure certifies them (a paired comparison).
+    """Every certification procedure of ``methods`` on the same draws (a paired comparison).
 
-    Returns, per method: ``violation_rate``, ``mean_coverage`` (0 when infeasible) and
-    ``certified_rate``.
+    The softmax policy's grid and counts are fitted once per draw, then each procedure certifies them.
+
+    Args:
+        model: the score model the draws come from.
+        methods: names of :data:`stage1_pro.certify.PROCEDURES`.
+        experiment: the draws and the certificate settings.
+
+    Returns:
+        Per method: ``violation_rate``, ``mean_coverage`` (0 when infeasible) and ``certified_rate``.
     """
     from stage1_pro.certify import certify
 
-    rng = np.random.default_rng(seed)
     out: dict[str, dict[str, list]] = {m: {"violation": [], "coverage": [], "certified": []} for m in methods}
-    with _one_blas_thread():
-        for _ in range(draws):
-            scores = make_scores(
-                model,
-                n_calib if n_select is None else n_select,
-                n_calib,
-                rng,
-                select_positives=select_positives,
+    for scores in experiment.score_draws(model):
+        policy = fit_quietly("softmax", scores, **experiment.certificate)
+        rates = model.threshold_rates(policy.grid_)
+        for m in methods:
+            cert = certify(
+                policy.calib_counts_,
+                target=experiment.target_fnr_exit,
+                delta=experiment.delta,
+                max_fpr=experiment.max_fpr_exit,
+                method=m,
+                select=policy.select_counts_,
             )
-            policy = fit_quietly(
-                "softmax", scores, target_fnr_exit=target_fnr_exit, delta=delta, max_fpr_exit=max_fpr_exit
+            j = cert.deployed
+            out[m]["certified"].append(j is not None)
+            out[m]["coverage"].append(0.0 if j is None else float(rates.coverage[j]))
+            out[m]["violation"].append(
+                j is not None and any(experiment.violates(RuleRates(*(r[j] for r in rates))))
             )
-            rates = model.threshold_rates(policy.grid_)
-            for m in methods:
-                cert = certify(
-                    policy.calib_counts_,
-                    target=target_fnr_exit,
-                    delta=delta,
-                    max_fpr=max_fpr_exit,
-                    method=m,
-                    select=policy.select_counts_,
-                )
-                j = cert.deployed
-                out[m]["certified"].append(j is not None)
-                out[m]["coverage"].append(0.0 if j is None else float(rates.coverage[j]))
-                bad = j is not None and any(
-                    _violates(RuleRates(*(r[j] for r in rates)), target_fnr_exit, max_fpr_exit)
-                )
-                out[m]["violation"].append(bad)
     return {
         m: {
             "violation_rate": float(np.mean(v["violation"])),
@@ -619,22 +684,31 @@ def procedure_comparison(
 def audit_run(
     policy: str,
     model: GaussianScoreModel,
+    experiment: Experiment,
     *,
-    n_calib: int,
     n_test: int,
-    draws: int = 1000,
-    seed: int = 0,
-    target_fnr_exit: float = DEFAULT_TARGET_FNR_EXIT,
-    delta: float = DEFAULT_DELTA,
-    max_fpr_exit: float = DEFAULT_MAX_FPR_EXIT,
     audit_level: float | None = None,
     **params: Any,
 ) -> dict[str, Any]:
-    """Calibrate, deploy and audit on a fresh test split, ``draws`` times; among the draws whose
-    deployed rule is truly valid (both true rates within their bounds), how often the audit
-    refuses (``false_refusal_rate``, to compare with ``audit_level``) and how often the old rules
-    would have: "test FNR_exit <= target" (``point_estimate_refusal_rate``) and "its
-    Clopper-Pearson upper bound at delta <= target" (``upper_bound_refusal_rate``).
+    """Calibrate, deploy and audit on a fresh test split, once per draw of ``experiment``.
+
+    Among the draws whose deployed rule is truly valid (both true rates within their bounds),
+    how often the audit refuses (``false_refusal_rate``, to compare with ``audit_level``) and how
+    often the old rules would have: "test FNR_exit <= target" (``point_estimate_refusal_rate``)
+    and "its Clopper-Pearson upper bound at delta <= target" (``upper_bound_refusal_rate``).
+
+    Args:
+        policy: a registered policy name.
+        model: the score model the draws come from.
+        experiment: the draws and the certificate settings.
+        n_test: test images per draw.
+        audit_level: the audit's level; ``None``: :data:`~stage1_pro.defaults.DEFAULT_AUDIT_LEVEL`.
+        **params: the policy's own constructor parameters (not the certificate settings).
+
+    Returns:
+        ``draws``, ``valid_draws``, ``false_refusal_rate`` with its Monte-Carlo standard error
+        (``mc_se``), ``point_estimate_refusal_rate``, ``upper_bound_refusal_rate`` and
+        ``mean_power`` (the rates are ``nan`` when no draw is valid).
     """
     from stage1_pro import audit
     from stage1_pro.decisions import argmax_class
@@ -642,26 +716,24 @@ def audit_run(
     from stage1_pro.metrics import exit_metrics
 
     level = DEFAULT_AUDIT_LEVEL if audit_level is None else audit_level
-    rng = np.random.default_rng(seed)
-    settings = {"target_fnr_exit": target_fnr_exit, "delta": delta, "max_fpr_exit": max_fpr_exit, **params}
+    settings = experiment.policy_params(params)
+    target = experiment.target_fnr_exit
     refusals, point_refusals, bound_refusals, powers = [], [], [], []
-    with _one_blas_thread():
-        for _ in range(draws):
-            scores = make_scores(model, n_calib, n_calib, rng, n_test=n_test)
-            est = fit_quietly(policy, scores, **settings)
-            if not est.feasible_ or any(_violates(policy_rates(est, model), target_fnr_exit, max_fpr_exit)):
-                continue
-            test = scores.subset("test")
-            m = exit_metrics(est.decide(test.probs, test.gate_logit), test.label,
-                             predictions=argmax_class(test.probs), delta=delta)  # fmt: skip
-            a = audit.audit(m, target=target_fnr_exit, max_fpr=max_fpr_exit, level=level)
-            refusals.append(a["refused"])
-            powers.append(a["power"])
-            point_refusals.append(m["fnr_exit"] is not None and m["fnr_exit"] > target_fnr_exit)
-            bound_refusals.append(m["n_exited_positives"] == 0 or m["fnr_exit_upper_bound"] > target_fnr_exit)
+    for scores in experiment.score_draws(model, n_test=n_test):
+        est = fit_quietly(policy, scores, **settings)
+        if not est.feasible_ or any(experiment.violates(policy_rates(est, model))):
+            continue
+        test = scores.subset("test")
+        m = exit_metrics(est.decide(test.probs, test.gate_logit), test.label,
+                         predictions=argmax_class(test.probs), delta=experiment.delta)  # fmt: skip
+        a = audit.audit(m, target=target, max_fpr=experiment.max_fpr_exit, level=level)
+        refusals.append(a["refused"])
+        powers.append(a["power"])
+        point_refusals.append(m["fnr_exit"] is not None and m["fnr_exit"] > target)
+        bound_refusals.append(m["n_exited_positives"] == 0 or m["fnr_exit_upper_bound"] > target)
     n_valid = len(refusals)
     return {
-        "draws": draws,
+        "draws": experiment.draws,
         "valid_draws": n_valid,
         "false_refusal_rate": float(np.mean(refusals)) if n_valid else float("nan"),
         "mc_se": float(np.sqrt(level * (1 - level) / max(n_valid, 1))),

@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 
 from stage1_pro.decisions import DEFER
+from stage1_pro.errors import ConfigError
 from stage1_pro.simulation import (
     INFORMATIVE_GATE_MODEL,
     REFERENCE_MODEL,
     TIES_MODEL,
+    Experiment,
     GaussianScoreModel,
     fit_quietly,
     make_scores,
     policy_rates,
+    validity_run,
 )
 
 MODELS = {"reference": REFERENCE_MODEL, "ties": TIES_MODEL, "informative gate": INFORMATIVE_GATE_MODEL}
@@ -100,3 +103,43 @@ def test_the_gate_is_correlated_with_but_not_equal_to_the_class_probability() ->
     # without positives in val_select (a starved split)
     starved = make_scores(GaussianScoreModel(), 300, 300, np.random.default_rng(1), select_positives=False)
     assert starved.subset("val_select").label.sum() == 0 and len(starved.subset("val_select")) == 300
+
+
+def test_an_experiment_draws_its_plan_reproducibly() -> None:
+    """Every harness loops over Experiment.score_draws: the planned sizes, a starved val_select on
+    request, and the same draws for the same seed (so paired comparisons across harnesses hold)."""
+    plan = Experiment(n_calib=200, n_select=50, draws=3, seed=7, select_positives=False)
+    draws = list(plan.score_draws(REFERENCE_MODEL, n_test=20))
+    assert len(draws) == 3
+    for scores in draws:
+        assert [len(scores.subset(s)) for s in ("val_select", "val_calib", "test")] == [50, 200, 20]
+        assert scores.subset("val_select").label.sum() == 0
+    again = list(plan.score_draws(REFERENCE_MODEL, n_test=20))
+    assert all(np.array_equal(a.probs, b.probs) for a, b in zip(draws, again, strict=True))
+    other = next(Experiment(n_calib=200, n_select=50, draws=1, seed=8).score_draws(REFERENCE_MODEL))
+    assert not np.array_equal(other.subset("val_calib").probs, draws[0].subset("val_calib").probs)
+    default_select = next(Experiment(n_calib=120, draws=1).score_draws(REFERENCE_MODEL))
+    assert len(default_select.subset("val_select")) == 120
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"target_fnr_exit": 0.5}, ConfigError, "target_fnr_exit=0.5 is outside the valid range"),
+        ({"delta": 0.0}, ConfigError, "delta=0.0 is outside the valid range"),
+        ({"max_fpr_exit": 2.0}, ConfigError, "max_fpr_exit=2.0 is outside the valid range"),
+        ({"draws": 0}, ValueError, "draws=0 and n_calib=100 must both be at least 1"),
+        ({"n_select": -1}, ValueError, "n_select=-1 must be at least 0"),
+    ],
+)
+def test_a_bad_experiment_names_the_setting(settings: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        Experiment(n_calib=100, **settings)
+
+
+def test_certificate_settings_belong_to_the_experiment_not_the_policy() -> None:
+    """The experiment judges the draws by its own target: a policy parameter setting another is refused."""
+    with pytest.raises(
+        ValueError, match=r"delta set as policy parameters; .*Experiment\(\.\.\., delta=\.\.\.\)"
+    ):
+        validity_run("softmax", REFERENCE_MODEL, Experiment(n_calib=100, draws=1), delta=0.05)

@@ -22,6 +22,7 @@ from stage1_pro.certify import GridCounts
 from stage1_pro.simulation import (
     REFERENCE_MODEL,
     TIES_MODEL,
+    Experiment,
     audit_run,
     fit_quietly,
     make_scores,
@@ -44,7 +45,7 @@ MODELS = {"reference": (REFERENCE_MODEL, 3000), "ties": (TIES_MODEL, 10000)}
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_violation_rate_within_delta(model: str, policy: str) -> None:
     sim, n_calib = MODELS[model]
-    r = validity_run(policy, sim, n_calib=n_calib, draws=DRAWS, seed=11)
+    r = validity_run(policy, sim, Experiment(n_calib=n_calib, draws=DRAWS, seed=11))
     assert r["violation_rate"] <= bound(DRAWS), r
     assert r["certified_rate"] > 0.5  # the check is not vacuous: policies do deploy
 
@@ -55,9 +56,7 @@ def test_scrc_t_every_certified_point() -> None:
     r = validity_run(
         "scrc",
         REFERENCE_MODEL,
-        n_calib=3000,
-        draws=draws,
-        seed=12,
+        Experiment(n_calib=3000, draws=draws, seed=12),
         variant="SCRC-T",
         every_certified_point=True,
     )
@@ -84,9 +83,10 @@ def test_starved_val_select_certifies_at_least_as_often_as_holm(select: str) -> 
     point at >= delta/m), and much more often than the learned start alone."""
     kw = {"n_select": 1000, "select_positives": False} if select == "no positives" else {"n_select": 30}
     r = procedure_comparison(
-        REFERENCE_MODEL, ("split_fallback_sequence", "holm", "split_fixed_sequence"), n_calib=5000, draws=20,
-        seed=3, **kw,
-    )  # fmt: skip
+        REFERENCE_MODEL,
+        ("split_fallback_sequence", "holm", "split_fixed_sequence"),
+        Experiment(n_calib=5000, draws=20, seed=3, **kw),
+    )
     default, holm, learned = (r[m] for m in ("split_fallback_sequence", "holm", "split_fixed_sequence"))
     assert default["certified_rate"] >= holm["certified_rate"] > 0.5
     assert default["mean_coverage"] > holm["mean_coverage"]
@@ -96,7 +96,7 @@ def test_starved_val_select_certifies_at_least_as_often_as_holm(select: str) -> 
 def test_audit_false_refusals_of_valid_runs() -> None:
     """Calibrate, deploy, audit a fresh test split: among truly valid runs the audit refuses at most
     level + 3 s.e., and less often than the old point-estimate rule."""
-    r = audit_run("softmax", REFERENCE_MODEL, n_calib=3000, n_test=3000, draws=100, seed=5)
+    r = audit_run("softmax", REFERENCE_MODEL, Experiment(n_calib=3000, draws=100, seed=5), n_test=3000)
     assert r["valid_draws"] >= 80
     assert r["false_refusal_rate"] <= bound(r["valid_draws"], 0.05), r
     assert r["point_estimate_refusal_rate"] > r["false_refusal_rate"], r

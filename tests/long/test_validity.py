@@ -18,7 +18,14 @@ import math
 import pytest
 
 from stage1_pro.certify import PROCEDURES
-from stage1_pro.simulation import REFERENCE_MODEL, TIES_MODEL, audit_run, procedure_comparison, validity_run
+from stage1_pro.simulation import (
+    REFERENCE_MODEL,
+    TIES_MODEL,
+    Experiment,
+    audit_run,
+    procedure_comparison,
+    validity_run,
+)
 
 pytestmark = pytest.mark.long
 
@@ -35,7 +42,7 @@ def bound(level: float = DELTA, draws: int = DRAWS) -> float:
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_joint_violation_rate_within_delta(model: str, policy: str) -> None:
     sim, n_calib = MODELS[model]
-    r = validity_run(policy, sim, n_calib=n_calib, draws=DRAWS, seed=2026)
+    r = validity_run(policy, sim, Experiment(n_calib=n_calib, draws=DRAWS, seed=2026))
     print(model, policy, n_calib, r)
     assert r["violation_rate"] <= bound(), r
     assert r["mean_coverage"] > 0.3, r  # deploys something useful on most draws
@@ -46,7 +53,7 @@ def test_joint_violation_rate_within_delta(model: str, policy: str) -> None:
 
 
 def test_default_coverage_at_20000() -> None:
-    r = validity_run("softmax", REFERENCE_MODEL, n_calib=20000, draws=DRAWS, seed=2027)
+    r = validity_run("softmax", REFERENCE_MODEL, Experiment(n_calib=20000, draws=DRAWS, seed=2027))
     print("reference softmax 20000", r)
     assert r["violation_rate"] <= bound(), r
     assert r["mean_coverage"] >= 0.77, r
@@ -54,13 +61,15 @@ def test_default_coverage_at_20000() -> None:
 
 @pytest.mark.parametrize("delta", [0.05, 0.2])
 def test_other_deltas(delta: float) -> None:
-    r = validity_run("softmax", REFERENCE_MODEL, n_calib=5000, draws=DRAWS, seed=7, delta=delta)
+    r = validity_run("softmax", REFERENCE_MODEL, Experiment(n_calib=5000, draws=DRAWS, seed=7, delta=delta))
     print("delta", delta, r)
     assert r["violation_rate"] <= bound(delta), r
 
 
 def test_every_procedure_is_valid() -> None:
-    r = procedure_comparison(REFERENCE_MODEL, tuple(PROCEDURES), n_calib=5000, draws=DRAWS, seed=9)
+    r = procedure_comparison(
+        REFERENCE_MODEL, tuple(PROCEDURES), Experiment(n_calib=5000, draws=DRAWS, seed=9)
+    )
     for method, m in r.items():
         print(method, m)
         assert m["violation_rate"] <= bound(), (method, m)
@@ -70,13 +79,13 @@ def test_every_procedure_is_valid() -> None:
 def test_starved_val_select_certifies_at_least_as_often_as_holm(select: str) -> None:
     kw = {"n_select": 1000, "select_positives": False} if select == "no positives" else {"n_select": 30}
     methods = ("split_fallback_sequence", "holm", "split_fixed_sequence")
-    r = procedure_comparison(REFERENCE_MODEL, methods, n_calib=5000, draws=DRAWS, seed=4, **kw)
+    r = procedure_comparison(REFERENCE_MODEL, methods, Experiment(n_calib=5000, draws=DRAWS, seed=4, **kw))
     print(select, r)
     assert r["split_fallback_sequence"]["certified_rate"] >= r["holm"]["certified_rate"]
     assert r["split_fallback_sequence"]["violation_rate"] <= bound()
 
 
 def test_audit_false_refusals_of_valid_runs() -> None:
-    r = audit_run("softmax", REFERENCE_MODEL, n_calib=5000, n_test=5000, draws=DRAWS, seed=6)
+    r = audit_run("softmax", REFERENCE_MODEL, Experiment(n_calib=5000, draws=DRAWS, seed=6), n_test=5000)
     print("audit", r)
     assert r["false_refusal_rate"] <= bound(0.05, r["valid_draws"]), r
