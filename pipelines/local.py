@@ -10,6 +10,7 @@ written to ``OUT/summary.json``.
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import logging
@@ -247,9 +248,14 @@ class _Progress(io.TextIOBase):
         self._stdout = sys.stdout
         self._filtered: list[logging.Handler] = []
         self._root_level = logging.NOTSET
+        self._print = builtins.print
 
     def __enter__(self) -> _Progress:
         sys.stdout = self
+        # kfp.local indents task output by swapping builtins.print (logging_utils.indented_print);
+        # with a dsl.ParallelFor, threads interleave the swaps and one can leave the indenting print
+        # installed after the run. Restore the caller's print on the way out.
+        self._print = builtins.print
         # kfp.local's orchestrator also logs through the root logger ("Skipping conditional task
         # ..."); keep those records in the log file rather than on the user's console.
         # kfp.local swaps the root logger's handlers around every task (local_logger_context) and,
@@ -268,6 +274,7 @@ class _Progress(io.TextIOBase):
             handler.removeFilter(self._kfp_records)
         root.handlers[:] = self._filtered
         root.setLevel(self._root_level)
+        builtins.print = self._print
         self.flush()
         sys.stdout = self._stdout
 

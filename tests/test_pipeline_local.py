@@ -466,3 +466,20 @@ def test_progress_restores_the_root_logger_and_leaves_no_filter_behind(tmp_path:
         logging.getLogger("kfp.local.x").info("after the run")  # no closed-file error
     finally:
         root.handlers[:] = saved
+
+
+def test_progress_restores_print(tmp_path: Path) -> None:
+    """kfp.local indents task output by swapping ``builtins.print``; threads of a dsl.ParallelFor can
+    leave the indenting print installed (seen: a later CLI's output indented by four spaces in the
+    same process). After a run the caller's print is back."""
+    import builtins
+
+    from stage1_pro.pipelines.local import _Progress
+
+    mine = builtins.print
+    try:
+        with (tmp_path / "run.log").open("w") as log, _Progress(log, lambda _line: None, False):
+            builtins.print = lambda *a, **k: mine("    ", *a, **k)  # what a racing task leaves
+        assert builtins.print is mine
+    finally:
+        builtins.print = mine
