@@ -55,6 +55,7 @@ def validate(
         written_files,
     )
     from stage1_pro.layout import RunDir
+    from stage1_pro.report import format_value
     from stage1_pro.validate import validate_run
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -75,7 +76,8 @@ def validate(
     test = result["test_metrics"]
     print(
         f"[stage1-pro] validate ({result['exit_policy']}): blessed={blessed}; test coverage "
-        f"{test['coverage']:.4f}, FNR_exit {test['fnr_exit']}"
+        f"{test['coverage']:.4f}, FNR_exit {format_value(test['fnr_exit'])}, "
+        f"FPR_exit {format_value(test.get('fpr_exit'))}"
     )
     champion = result.get("champion") or {}
     if "test_metrics" in champion:

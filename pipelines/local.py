@@ -55,6 +55,9 @@ class LocalRunResult:
     test_fnr_exit_upper_bound: float | None
     certified_fnr_exit_upper_bound: float | None
     target_fnr_exit: float
+    test_fpr_exit: float | None
+    certified_fpr_exit_upper_bound: float | None
+    max_fpr_exit: float
     delta: float
     bundle: str | None
     failed_checks: list[str]
@@ -179,6 +182,9 @@ def collect_result(run_dir: Path, out: Path, seconds: float, tasks: Mapping[str,
         test_fnr_exit_upper_bound=test.get("fnr_exit_upper_bound"),
         certified_fnr_exit_upper_bound=(validation.get("certificate") or {}).get("upper_bound"),
         target_fnr_exit=float(validation["target_fnr_exit"]),
+        test_fpr_exit=test.get("fpr_exit"),
+        certified_fpr_exit_upper_bound=(validation.get("certificate") or {}).get("fpr_upper_bound"),
+        max_fpr_exit=float(validation["max_fpr_exit"]),
         delta=float(validation["delta"]),
         bundle=str(bundle_dest) if bundles else None,
         failed_checks=[f"{c['name']}: {c['message']}" for c in validation["checks"] if not c["passed"]],
@@ -209,6 +215,12 @@ def format_summary(result: LocalRunResult) -> str:
             "certified FNR_exit <=",
             num(result.certified_fnr_exit_upper_bound),
             f"on val_calib with probability >= {confidence}; target {result.target_fnr_exit:g}",
+        ),
+        ("FPR_exit (test)", num(result.test_fpr_exit), "exited negatives called positive (the guard)"),
+        (
+            "certified FPR_exit <=",
+            num(result.certified_fpr_exit_upper_bound),
+            f"certified with FNR_exit; guard max_fpr_exit {result.max_fpr_exit:g}",
         ),
         ("blessed", "yes" if result.blessed else "NO", "; ".join(result.failed_checks)),
         (

@@ -151,7 +151,8 @@ def test_run_local_gate_phase3(medium_dataset: Path, tmp_path: Path) -> None:
     assert any(line.strip().startswith("ok  calibrate-2") for line in lines)
     images = sorted(medium_dataset.parent.glob("images/*.png"))[::250]
     check_bundle_pulls_and_predicts(Path(result.bundle), "gate", registry, tmp_path / "pulled", images)
-    assert "certified FNR_exit <=" in format_summary(result)
+    summary = format_summary(result)
+    assert "certified FNR_exit <=" in summary and "guard max_fpr_exit 0.5" in summary, summary
 
 
 @pytest.mark.slow
