@@ -5,7 +5,8 @@ kfp_server_api talks through urllib3 directly, so request-mocking libraries do n
 socket server does, and exercises the SDK's own serialisation. The server stands in for the KFP
 API server (``ml-pipeline``): where its behaviour matters (which call creates which versions, name
 fallbacks, conflicts), it mirrors kubeflow/pipelines ``backend/src/apiserver/server`` at tag 2.17.0
-(``pipeline_server.go``, ``pipeline_upload_server.go``, ``api_converter.go``), cited per route.
+(``pipeline_server.go``, ``pipeline_upload_server.go``, ``api_converter.go``, ``api_util.go``,
+``template/v2_template.go``, ``resource/resource_manager.go``), cited per route.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import re
 import threading
 from collections.abc import Iterator
+from email import policy as email_policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from google.protobuf import json_format
 from http_helpers import send_json
+from kfp.pipeline_spec import pipeline_spec_pb2
 
 from stage1_pro import __version__
 from stage1_pro.cli import main
@@ -63,6 +68,9 @@ class FakeKFP:
         self.runs: dict[str, dict] = {}
         self.recurring: dict[str, dict] = {}
         self.uploads: list[bytes] = []
+        # ListPipelineVersions returns each version's spec (storage/pipeline_store.go selects the
+        # PipelineSpec column); False stands in for a server that leaves it out of lists.
+        self.list_returns_spec = True
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
 
@@ -82,9 +90,14 @@ class FakeKFP:
             ("GET", r"/healthz", lambda: {"multi_user": False}),
             ("GET", r"/pipelines", lambda: self._list("pipelines", self.pipelines.values(), query)),
             ("POST", r"/pipelines", lambda: self._create_pipeline(payload)),
-            ("POST", r"/pipelines/upload", lambda: self._upload(query, body)),
-            ("POST", r"/pipelines/upload_version", lambda: self._upload_version(query, body)),
+            ("POST", r"/pipelines/upload", lambda: self._upload(query, body, ctype)),
+            ("POST", r"/pipelines/upload_version", lambda: self._upload_version(query, body, ctype)),
             ("GET", r"/pipelines/(?P<pid>[^/]+)/versions", lambda pid: self._list_versions(pid, query)),
+            (
+                "GET",
+                r"/pipelines/(?P<pid>[^/]+)/versions/(?P<vid>[^/]+)",
+                lambda pid, vid: self._get_version(pid, vid),
+            ),
             ("GET", r"/experiments", lambda: self._list("experiments", self.experiments.values(), query)),
             ("POST", r"/experiments", lambda: self._create("experiments", "experiment_id", payload)),
             ("POST", r"/runs", lambda: self._create("runs", "run_id", payload)),
@@ -139,17 +152,18 @@ class FakeKFP:
             raise RefusedError(400, 3, "name is required")
         return self._new_pipeline(name, payload.get("namespace", ""), payload.get("description", ""))
 
-    def _upload(self, query: dict[str, str], body: bytes) -> dict:
+    def _upload(self, query: dict[str, str], body: bytes, ctype: str) -> dict:
         # UploadPipeline (pipeline_upload_server.go uploadPipeline): the pipeline AND a first version
         # with the pipeline's name, display name and description.
+        spec = stored_spec(uploaded_file(body, ctype))
         self.uploads.append(body)
         pipeline = self._new_pipeline(query["name"], query.get("namespace", ""), query.get("description", ""))
         self.versions[pipeline["pipeline_id"]].append(
-            self._version(pipeline["pipeline_id"], query["name"], query.get("description", ""))
+            self._version(pipeline["pipeline_id"], query["name"], spec, query.get("description", ""))
         )
         return pipeline
 
-    def _upload_version(self, query: dict[str, str], body: bytes) -> dict:
+    def _upload_version(self, query: dict[str, str], body: bytes, ctype: str) -> dict:
         # UploadPipelineVersion (pipeline_upload_server.go uploadPipelineVersion): the name is the
         # name, else display_name, else the file name (buildPipelineName); a taken name is 409.
         pid = query["pipelineid"]
@@ -158,28 +172,44 @@ class FakeKFP:
         name = query.get("name") or query.get("display_name") or "pipeline.yaml"
         if any(v["name"] == name for v in self.versions[pid]):
             raise RefusedError(409, 6, "Failed to create a pipeline version")
+        spec = stored_spec(uploaded_file(body, ctype))
         self.uploads.append(body)
-        version = self._version(pid, name, query.get("description", ""))
+        version = self._version(pid, name, spec, query.get("description", ""))
         self.versions[pid].append(version)
         return version
 
-    def _version(self, pid: str, name: str, description: str = "") -> dict:
+    def _version(self, pid: str, name: str, spec: str, description: str = "") -> dict:
         version = {
             "pipeline_id": pid,
             "pipeline_version_id": self.new_id("version"),
             "name": name,
             "display_name": name,
             "created_at": self.stamp(),
+            "spec_yaml": spec,  # the stored PipelineSpec column, not part of the API answer
         }
         if description:
             version["description"] = description
         return version
 
+    def _answer(self, version: dict, with_spec: bool = True) -> dict:
+        # toApiPipelineVersion (api_converter.go): the stored YAML back as a struct.
+        answer = {k: v for k, v in version.items() if k != "spec_yaml"}
+        if with_spec:
+            answer["pipeline_spec"] = spec_struct(version["spec_yaml"])
+        return answer
+
+    def _get_version(self, pid: str, vid: str) -> dict:
+        # GetPipelineVersion (pipeline_server.go getPipelineVersion).
+        for version in self.versions.get(pid, []):
+            if version["pipeline_version_id"] == vid:
+                return self._answer(version)
+        raise RefusedError(404, 5, f"pipeline version {vid} not found")
+
     def _list_versions(self, pid: str, query: dict[str, str]) -> dict:
         found = [v for v in self.versions.get(pid, []) if self._matches(v, query)]
         # page through one item at a time, to exercise the client's paging
         start = int(query.get("page_token") or 0)
-        page = found[start : start + 1]
+        page = [self._answer(v, self.list_returns_spec) for v in found[start : start + 1]]
         token = str(start + 1) if start + 1 < len(found) else ""
         return {"pipeline_versions": page, "total_size": len(found), "next_page_token": token}
 
@@ -202,6 +232,44 @@ class FakeKFP:
 
     def requests(self, method: str, fragment: str = "") -> list[dict[str, Any]]:
         return [r for r in self.log if r["method"] == method and fragment in r["path"]]
+
+
+def uploaded_file(body: bytes, ctype: str) -> bytes:
+    """The ``uploadfile`` part of a multipart/form-data upload."""
+    message = BytesParser(policy=email_policy.HTTP).parsebytes(
+        f"Content-Type: {ctype}\r\n\r\n".encode() + body
+    )
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "uploadfile":
+            return part.get_payload(decode=True)
+    raise RefusedError(400, 3, "no uploadfile in the request")
+
+
+def stored_spec(package: bytes) -> str:
+    """The spec as the API server stores it: each YAML document parsed into its proto, then written
+    back as protojson-as-YAML, the platform spec after ``\n---\n`` (template/v2_template.go
+    ``NewV2SpecTemplate`` and ``Bytes``, called by resource_manager.go ``CreatePipelineVersion``)."""
+    pipeline_spec, platform_spec = None, None
+    for doc in yaml.safe_load_all(package):
+        if isinstance(doc, dict) and doc.get("pipelineInfo", {}).get("name") and doc.get("root"):
+            pipeline_spec = json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())
+        elif isinstance(doc, dict) and "kubernetes" in doc.get("platforms", {}):
+            platform_spec = json_format.ParseDict(doc, pipeline_spec_pb2.PlatformSpec())
+    if pipeline_spec is None:
+        raise RefusedError(400, 3, "Invalid input error: no pipeline spec is provided")
+    docs = [json_format.MessageToDict(pipeline_spec)]
+    if platform_spec is not None:
+        docs.append(json_format.MessageToDict(platform_spec))
+    return "\n---\n".join(yaml.safe_dump(d, sort_keys=True) for d in docs)
+
+
+def spec_struct(stored: str) -> dict:
+    """A stored spec as the API returns it: the pipeline spec alone, or ``pipeline_spec`` and
+    ``platform_spec`` side by side (api_util.go ``YamlStringToPipelineSpecStruct``)."""
+    docs = [yaml.safe_load(text) for text in stored.split("\n---\n")]
+    platform = [d for d in docs if "platforms" in d]
+    pipeline = next(d for d in docs if "platforms" not in d)
+    return {"pipeline_spec": pipeline, "platform_spec": platform[0]} if platform else pipeline
 
 
 @pytest.fixture
