@@ -396,6 +396,94 @@ def test_upload_after_a_failed_version_upload_completes_the_empty_pipeline(
     assert [v["name"] for v in fake.versions[result.pipeline_id]] == [version_name_for(package)]
 
 
+def rewritten(package: Path, out: Path, change: Any = None) -> Path:
+    """``package`` written again by PyYAML (other layout, no comments), with ``change(docs)`` applied."""
+    docs = list(yaml.safe_load_all(package.read_text()))
+    if change is not None:
+        change(docs)
+    out.write_text("# rebuilt\n" + yaml.safe_dump_all(docs, sort_keys=False, width=60))
+    return out
+
+
+def with_default_caching_spelled_out(docs: list[dict]) -> None:
+    """``cachingOptions: {}`` as ``{enableCache: false}``: the same proto; the server stores ``{}``."""
+    for component in [docs[0]["root"], *docs[0]["components"].values()]:
+        for task in component.get("dag", {}).get("tasks", {}).values():
+            if task.get("cachingOptions") == {}:
+                task["cachingOptions"] = {"enableCache": False}
+
+
+@pytest.mark.parametrize("list_returns_spec", [True, False], ids=["spec-in-list", "spec-by-get"])
+def test_named_version_is_reused_for_the_same_spec(
+    kfp_server: tuple[str, FakeKFP],
+    package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    list_returns_spec: bool,
+) -> None:
+    host, fake = kfp_server
+    fake.list_returns_spec = list_returns_spec
+    client = connect(host)
+    first = upload(client, package, "p", version="v1")
+    (stored,) = fake.versions[first.pipeline_id]
+    assert "\n---\nplatforms:" in stored["spec_yaml"], "both documents kept, as the server does"
+    assert "PIPELINE DEFINITION" not in stored["spec_yaml"], "stored as parsed, not as uploaded"
+
+    same = rewritten(package, tmp_path / "same.yaml", with_default_caching_spelled_out)
+    assert same.read_bytes() != package.read_bytes()
+    again = upload(client, same, "p", version="v1")
+    assert again.reused_version and again.version_id == first.version_id
+    assert len(fake.uploads) == 1
+    assert bool(fake.requests("GET", "/versions/version-")) is not list_returns_spec
+
+    assert main(["upload", "--host", host, "--name", "p", "--package", str(same), "--version", "v1"]) == 0
+    assert "reused existing version of 'p'" in capsys.readouterr().out
+    assert len(fake.uploads) == 1
+
+
+def _new_train_image(docs: list[dict]) -> None:
+    docs[0]["deploymentSpec"]["executors"]["exec-train"]["container"]["image"] += "-edited"
+
+
+def _new_run_as_user(docs: list[dict]) -> None:
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors["exec-calibrate"]["securityContext"]["runAsUser"] = "10002"
+
+
+@pytest.mark.parametrize(
+    "change", [_new_train_image, _new_run_as_user], ids=["pipeline-spec", "platform-spec"]
+)
+def test_named_version_with_a_changed_spec_is_refused(
+    kfp_server: tuple[str, FakeKFP],
+    package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: Any,
+) -> None:
+    """Reusing a version by name alone would leave the old spec running while the user believes the
+    edited one is live."""
+    host, fake = kfp_server
+    client = connect(host)
+    first = upload(client, package, "p", version="v1")
+    edited = rewritten(package, tmp_path / "edited.yaml", change)
+
+    with pytest.raises(KFPError) as refused:
+        upload(client, edited, "p", version="v1")
+    message = str(refused.value)
+    assert f"pipeline 'p' already has a version 'v1' ({first.version_id})" in message
+    assert "different pipeline spec" in message
+    assert "Pick another --version, or omit it to get a content-derived name" in message
+
+    command = ["upload", "--host", host, "--name", "p", "--package", str(edited), "--version", "v1"]
+    assert main(command) == 2
+    assert "Pick another --version, or omit it" in capsys.readouterr().err
+    assert len(fake.uploads) == 1 and len(fake.versions[first.pipeline_id]) == 1, "nothing uploaded"
+
+    # the fix the message names: without --version the edited package gets its own version
+    fresh = upload(client, edited, "p")
+    assert not fresh.reused_version and fresh.version_name == version_name_for(edited)
+
+
 def test_version_name_is_content_derived(package: Path, tmp_path: Path) -> None:
     from stage1_pro import __version__
 
