@@ -263,7 +263,7 @@ def _package_specs(package: str | os.PathLike[str]) -> tuple[dict, dict | None]:
             pipeline_spec = doc
         elif "kubernetes" in (doc.get("platforms") or {}):
             platform_spec = doc
-    return _normalised(pipeline_spec or {}, platform_spec)
+    return _normalised(pipeline_spec or {}, platform_spec, str(package))
 
 
 def _stored_specs(stored: Mapping[str, Any] | None) -> tuple[dict, dict | None]:
@@ -272,12 +272,12 @@ def _stored_specs(stored: Mapping[str, Any] | None) -> tuple[dict, dict | None]:
     platform spec (backend/src/apiserver/server/api_util.go, ``YamlStringToPipelineSpecStruct``)."""
     stored = dict(stored or {})
     if set(stored) == {"pipeline_spec", "platform_spec"}:
-        return _normalised(stored["pipeline_spec"], stored["platform_spec"])
-    return _normalised(stored, None)
+        return _normalised(stored["pipeline_spec"], stored["platform_spec"], "the stored spec")
+    return _normalised(stored, None, "the stored spec")
 
 
 def _normalised(
-    pipeline_spec: Mapping[str, Any], platform_spec: Mapping[str, Any] | None
+    pipeline_spec: Mapping[str, Any], platform_spec: Mapping[str, Any] | None, source: str
 ) -> tuple[dict, dict | None]:
     """Both specs through their protos and back, as the server's protojson round trip does.
 
@@ -290,7 +290,10 @@ def _normalised(
         try:
             return json_format.MessageToDict(json_format.ParseDict(spec, message, ignore_unknown_fields=True))
         except json_format.ParseError as exc:
-            raise KFPError(f"cannot compare pipeline specs: {exc}") from exc
+            raise KFPError(
+                f"{source} is not a valid KFP pipeline package ({exc}); recompile it with "
+                "'stage1-pro compile'"
+            ) from exc
 
     pipeline = through(pipeline_spec, pipeline_spec_pb2.PipelineSpec())
     platform = through(platform_spec, pipeline_spec_pb2.PlatformSpec()) if platform_spec else None

@@ -484,6 +484,18 @@ def test_named_version_with_a_changed_spec_is_refused(
     assert not fresh.reused_version and fresh.version_name == version_name_for(edited)
 
 
+def test_named_version_against_a_package_that_is_no_pipeline_spec(
+    kfp_server: tuple[str, FakeKFP], package: Path, tmp_path: Path
+) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    upload(client, package, "p", version="v1")
+    broken = rewritten(package, tmp_path / "broken.yaml", lambda docs: docs[0].update(schemaVersion=[2]))
+    with pytest.raises(KFPError, match=rf"{re.escape(str(broken))} is not a valid KFP pipeline package"):
+        upload(client, broken, "p", version="v1")
+    assert len(fake.uploads) == 1
+
+
 def test_version_name_is_content_derived(package: Path, tmp_path: Path) -> None:
     from stage1_pro import __version__
 
