@@ -3,7 +3,9 @@
 - :func:`upload`: the first upload creates the pipeline (empty) and its first version; later ones
   add a version to it. A version is named after the package's content
   (``<stage1-pro version>-<sha256[:12]>``), so uploading the same package again reuses the
-  existing version instead of adding a duplicate.
+  existing version instead of adding a duplicate. A name given explicitly that is already taken
+  is reused only when that version stores the same spec; otherwise the upload is refused (a
+  version is immutable, and reusing it would run the old spec).
 - :func:`submit_run`: one run, from a package or from an uploaded version, parameters checked
   locally first (:func:`stage1_pro.run_parameters.check_parameters`). Its default name carries the
   date and the data's fingerprint (:func:`run_name_for`) and its description the settings that
@@ -184,10 +186,13 @@ def upload(
             version; the pipeline's own description for the pipeline).
 
     Returns:
-        The version; ``reused_version`` when a version of that name already existed.
+        The version; ``reused_version`` when a version of that name already held the same
+        pipeline spec (and platform spec) as ``package``.
 
     Raises:
-        KFPError: the server refused a request or cannot be reached.
+        KFPError: the server refused a request or cannot be reached, or a version named
+            ``version`` already exists with a different spec (a version is immutable: reusing it
+            would run the old spec).
     """
     from kfp_server_api import V2beta1Pipeline
 
@@ -208,6 +213,7 @@ def upload(
             client.list_pipeline_versions, "pipeline_versions", version, pipeline_id=pipeline_id
         )
         if existing:
+            _check_same_spec(client, existing[0], package, name)
             return Uploaded(pipeline_id, existing[0].pipeline_version_id, version, False, True)
     created = _call(
         client.upload_pipeline_version,
@@ -217,6 +223,81 @@ def upload(
         description=description or version_description(package),
     )
     return Uploaded(pipeline_id, created.pipeline_version_id, version, created_pipeline, False)
+
+
+def _check_same_spec(client: Any, existing: Any, package: str | os.PathLike[str], name: str) -> None:
+    """Raise :class:`KFPError` unless version ``existing`` stores the spec ``package`` holds.
+
+    ``ListPipelineVersions`` returns each version's spec; a server that leaves it out is asked
+    with ``GetPipelineVersion``.
+    """
+    stored = existing.pipeline_spec
+    if not stored:
+        stored = _call(
+            client.get_pipeline_version, existing.pipeline_id, existing.pipeline_version_id
+        ).pipeline_spec
+    if _stored_specs(stored) != _package_specs(package):
+        raise KFPError(
+            f"pipeline {name!r} already has a version {existing.display_name!r} "
+            f"({existing.pipeline_version_id}) with a different pipeline spec than {package}; a "
+            "version cannot be changed, and reusing it would run the old spec. Pick another "
+            "--version, or omit it to get a content-derived name"
+        )
+
+
+def _package_specs(package: str | os.PathLike[str]) -> tuple[dict, dict | None]:
+    """(pipeline spec, platform spec or None) of a package, as the API server keeps them.
+
+    The server parses each YAML document into its proto (``PipelineSpec``, ``PlatformSpec``) and
+    stores the protojson of each (kubeflow/pipelines backend/src/apiserver/template/v2_template.go,
+    ``NewV2SpecTemplate`` and ``Bytes``): comments, key order and fields set to their default
+    value (``enableCache: false``) do not survive, so they do not count as a change.
+    """
+    import yaml
+
+    pipeline_spec, platform_spec = None, None
+    for doc in yaml.safe_load_all(Path(package).read_text(encoding="utf-8")):
+        if not isinstance(doc, dict):
+            continue
+        if "pipelineInfo" in doc and "root" in doc:
+            pipeline_spec = doc
+        elif "kubernetes" in (doc.get("platforms") or {}):
+            platform_spec = doc
+    return _normalised(pipeline_spec or {}, platform_spec, str(package))
+
+
+def _stored_specs(stored: Mapping[str, Any] | None) -> tuple[dict, dict | None]:
+    """(pipeline spec, platform spec or None) of a version's ``pipeline_spec`` as the server returns
+    it: the pipeline spec alone, or ``{pipeline_spec, platform_spec}`` when the package had a
+    platform spec (backend/src/apiserver/server/api_util.go, ``YamlStringToPipelineSpecStruct``)."""
+    stored = dict(stored or {})
+    if set(stored) == {"pipeline_spec", "platform_spec"}:
+        return _normalised(stored["pipeline_spec"], stored["platform_spec"], "the stored spec")
+    return _normalised(stored, None, "the stored spec")
+
+
+def _normalised(
+    pipeline_spec: Mapping[str, Any], platform_spec: Mapping[str, Any] | None, source: str
+) -> tuple[dict, dict | None]:
+    """Both specs through their protos and back, as the server's protojson round trip does.
+
+    Unknown fields are ignored: the server's protos may be newer than this SDK's.
+    """
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    def through(spec: Mapping[str, Any], message: Any) -> dict:
+        try:
+            return json_format.MessageToDict(json_format.ParseDict(spec, message, ignore_unknown_fields=True))
+        except json_format.ParseError as exc:
+            raise KFPError(
+                f"{source} is not a valid KFP pipeline package ({exc}); recompile it with "
+                "'stage1-pro compile'"
+            ) from exc
+
+    pipeline = through(pipeline_spec, pipeline_spec_pb2.PipelineSpec())
+    platform = through(platform_spec, pipeline_spec_pb2.PlatformSpec()) if platform_spec else None
+    return pipeline, platform
 
 
 def find_version(client: Any, name: str, version: str | None = None) -> Uploaded:

@@ -5,7 +5,8 @@ kfp_server_api talks through urllib3 directly, so request-mocking libraries do n
 socket server does, and exercises the SDK's own serialisation. The server stands in for the KFP
 API server (``ml-pipeline``): where its behaviour matters (which call creates which versions, name
 fallbacks, conflicts), it mirrors kubeflow/pipelines ``backend/src/apiserver/server`` at tag 2.17.0
-(``pipeline_server.go``, ``pipeline_upload_server.go``, ``api_converter.go``), cited per route.
+(``pipeline_server.go``, ``pipeline_upload_server.go``, ``api_converter.go``, ``api_util.go``,
+``template/v2_template.go``, ``resource/resource_manager.go``), cited per route.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import re
 import threading
 from collections.abc import Iterator
+from email import policy as email_policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
+from google.protobuf import json_format
 from http_helpers import send_json
+from kfp.pipeline_spec import pipeline_spec_pb2
 
 from stage1_pro import __version__
 from stage1_pro.cli import main
@@ -63,6 +68,9 @@ class FakeKFP:
         self.runs: dict[str, dict] = {}
         self.recurring: dict[str, dict] = {}
         self.uploads: list[bytes] = []
+        # ListPipelineVersions returns each version's spec (storage/pipeline_store.go selects the
+        # PipelineSpec column); False stands in for a server that leaves it out of lists.
+        self.list_returns_spec = True
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
 
@@ -82,9 +90,14 @@ class FakeKFP:
             ("GET", r"/healthz", lambda: {"multi_user": False}),
             ("GET", r"/pipelines", lambda: self._list("pipelines", self.pipelines.values(), query)),
             ("POST", r"/pipelines", lambda: self._create_pipeline(payload)),
-            ("POST", r"/pipelines/upload", lambda: self._upload(query, body)),
-            ("POST", r"/pipelines/upload_version", lambda: self._upload_version(query, body)),
+            ("POST", r"/pipelines/upload", lambda: self._upload(query, body, ctype)),
+            ("POST", r"/pipelines/upload_version", lambda: self._upload_version(query, body, ctype)),
             ("GET", r"/pipelines/(?P<pid>[^/]+)/versions", lambda pid: self._list_versions(pid, query)),
+            (
+                "GET",
+                r"/pipelines/(?P<pid>[^/]+)/versions/(?P<vid>[^/]+)",
+                lambda pid, vid: self._get_version(pid, vid),
+            ),
             ("GET", r"/experiments", lambda: self._list("experiments", self.experiments.values(), query)),
             ("POST", r"/experiments", lambda: self._create("experiments", "experiment_id", payload)),
             ("POST", r"/runs", lambda: self._create("runs", "run_id", payload)),
@@ -139,17 +152,18 @@ class FakeKFP:
             raise RefusedError(400, 3, "name is required")
         return self._new_pipeline(name, payload.get("namespace", ""), payload.get("description", ""))
 
-    def _upload(self, query: dict[str, str], body: bytes) -> dict:
+    def _upload(self, query: dict[str, str], body: bytes, ctype: str) -> dict:
         # UploadPipeline (pipeline_upload_server.go uploadPipeline): the pipeline AND a first version
         # with the pipeline's name, display name and description.
+        spec = stored_spec(uploaded_file(body, ctype))
         self.uploads.append(body)
         pipeline = self._new_pipeline(query["name"], query.get("namespace", ""), query.get("description", ""))
         self.versions[pipeline["pipeline_id"]].append(
-            self._version(pipeline["pipeline_id"], query["name"], query.get("description", ""))
+            self._version(pipeline["pipeline_id"], query["name"], spec, query.get("description", ""))
         )
         return pipeline
 
-    def _upload_version(self, query: dict[str, str], body: bytes) -> dict:
+    def _upload_version(self, query: dict[str, str], body: bytes, ctype: str) -> dict:
         # UploadPipelineVersion (pipeline_upload_server.go uploadPipelineVersion): the name is the
         # name, else display_name, else the file name (buildPipelineName); a taken name is 409.
         pid = query["pipelineid"]
@@ -158,28 +172,44 @@ class FakeKFP:
         name = query.get("name") or query.get("display_name") or "pipeline.yaml"
         if any(v["name"] == name for v in self.versions[pid]):
             raise RefusedError(409, 6, "Failed to create a pipeline version")
+        spec = stored_spec(uploaded_file(body, ctype))
         self.uploads.append(body)
-        version = self._version(pid, name, query.get("description", ""))
+        version = self._version(pid, name, spec, query.get("description", ""))
         self.versions[pid].append(version)
         return version
 
-    def _version(self, pid: str, name: str, description: str = "") -> dict:
+    def _version(self, pid: str, name: str, spec: str, description: str = "") -> dict:
         version = {
             "pipeline_id": pid,
             "pipeline_version_id": self.new_id("version"),
             "name": name,
             "display_name": name,
             "created_at": self.stamp(),
+            "spec_yaml": spec,  # the stored PipelineSpec column, not part of the API answer
         }
         if description:
             version["description"] = description
         return version
 
+    def _answer(self, version: dict, with_spec: bool = True) -> dict:
+        # toApiPipelineVersion (api_converter.go): the stored YAML back as a struct.
+        answer = {k: v for k, v in version.items() if k != "spec_yaml"}
+        if with_spec:
+            answer["pipeline_spec"] = spec_struct(version["spec_yaml"])
+        return answer
+
+    def _get_version(self, pid: str, vid: str) -> dict:
+        # GetPipelineVersion (pipeline_server.go getPipelineVersion).
+        for version in self.versions.get(pid, []):
+            if version["pipeline_version_id"] == vid:
+                return self._answer(version)
+        raise RefusedError(404, 5, f"pipeline version {vid} not found")
+
     def _list_versions(self, pid: str, query: dict[str, str]) -> dict:
         found = [v for v in self.versions.get(pid, []) if self._matches(v, query)]
         # page through one item at a time, to exercise the client's paging
         start = int(query.get("page_token") or 0)
-        page = found[start : start + 1]
+        page = [self._answer(v, self.list_returns_spec) for v in found[start : start + 1]]
         token = str(start + 1) if start + 1 < len(found) else ""
         return {"pipeline_versions": page, "total_size": len(found), "next_page_token": token}
 
@@ -202,6 +232,44 @@ class FakeKFP:
 
     def requests(self, method: str, fragment: str = "") -> list[dict[str, Any]]:
         return [r for r in self.log if r["method"] == method and fragment in r["path"]]
+
+
+def uploaded_file(body: bytes, ctype: str) -> bytes:
+    """The ``uploadfile`` part of a multipart/form-data upload."""
+    message = BytesParser(policy=email_policy.HTTP).parsebytes(
+        f"Content-Type: {ctype}\r\n\r\n".encode() + body
+    )
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "uploadfile":
+            return part.get_payload(decode=True)
+    raise RefusedError(400, 3, "no uploadfile in the request")
+
+
+def stored_spec(package: bytes) -> str:
+    """The spec as the API server stores it: each YAML document parsed into its proto, then written
+    back as protojson-as-YAML, the platform spec after ``\n---\n`` (template/v2_template.go
+    ``NewV2SpecTemplate`` and ``Bytes``, called by resource_manager.go ``CreatePipelineVersion``)."""
+    pipeline_spec, platform_spec = None, None
+    for doc in yaml.safe_load_all(package):
+        if isinstance(doc, dict) and doc.get("pipelineInfo", {}).get("name") and doc.get("root"):
+            pipeline_spec = json_format.ParseDict(doc, pipeline_spec_pb2.PipelineSpec())
+        elif isinstance(doc, dict) and "kubernetes" in doc.get("platforms", {}):
+            platform_spec = json_format.ParseDict(doc, pipeline_spec_pb2.PlatformSpec())
+    if pipeline_spec is None:
+        raise RefusedError(400, 3, "Invalid input error: no pipeline spec is provided")
+    docs = [json_format.MessageToDict(pipeline_spec)]
+    if platform_spec is not None:
+        docs.append(json_format.MessageToDict(platform_spec))
+    return "\n---\n".join(yaml.safe_dump(d, sort_keys=True) for d in docs)
+
+
+def spec_struct(stored: str) -> dict:
+    """A stored spec as the API returns it: the pipeline spec alone, or ``pipeline_spec`` and
+    ``platform_spec`` side by side (api_util.go ``YamlStringToPipelineSpecStruct``)."""
+    docs = [yaml.safe_load(text) for text in stored.split("\n---\n")]
+    platform = [d for d in docs if "platforms" in d]
+    pipeline = next(d for d in docs if "platforms" not in d)
+    return {"pipeline_spec": pipeline, "platform_spec": platform[0]} if platform else pipeline
 
 
 @pytest.fixture
@@ -326,6 +394,106 @@ def test_upload_after_a_failed_version_upload_completes_the_empty_pipeline(
     result = upload(client, package, "stage1-pro")
     assert not result.created_pipeline and not result.reused_version
     assert [v["name"] for v in fake.versions[result.pipeline_id]] == [version_name_for(package)]
+
+
+def rewritten(package: Path, out: Path, change: Any = None) -> Path:
+    """``package`` written again by PyYAML (other layout, no comments), with ``change(docs)`` applied."""
+    docs = list(yaml.safe_load_all(package.read_text()))
+    if change is not None:
+        change(docs)
+    out.write_text("# rebuilt\n" + yaml.safe_dump_all(docs, sort_keys=False, width=60))
+    return out
+
+
+def with_default_caching_spelled_out(docs: list[dict]) -> None:
+    """``cachingOptions: {}`` as ``{enableCache: false}``: the same proto; the server stores ``{}``."""
+    for component in [docs[0]["root"], *docs[0]["components"].values()]:
+        for task in component.get("dag", {}).get("tasks", {}).values():
+            if task.get("cachingOptions") == {}:
+                task["cachingOptions"] = {"enableCache": False}
+
+
+@pytest.mark.parametrize("list_returns_spec", [True, False], ids=["spec-in-list", "spec-by-get"])
+def test_named_version_is_reused_for_the_same_spec(
+    kfp_server: tuple[str, FakeKFP],
+    package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    list_returns_spec: bool,
+) -> None:
+    host, fake = kfp_server
+    fake.list_returns_spec = list_returns_spec
+    client = connect(host)
+    first = upload(client, package, "p", version="v1")
+    (stored,) = fake.versions[first.pipeline_id]
+    assert "\n---\nplatforms:" in stored["spec_yaml"], "both documents kept, as the server does"
+    assert "PIPELINE DEFINITION" not in stored["spec_yaml"], "stored as parsed, not as uploaded"
+
+    same = rewritten(package, tmp_path / "same.yaml", with_default_caching_spelled_out)
+    assert same.read_bytes() != package.read_bytes()
+    again = upload(client, same, "p", version="v1")
+    assert again.reused_version and again.version_id == first.version_id
+    assert len(fake.uploads) == 1
+    assert bool(fake.requests("GET", "/versions/version-")) is not list_returns_spec
+
+    assert main(["upload", "--host", host, "--name", "p", "--package", str(same), "--version", "v1"]) == 0
+    assert "reused existing version of 'p'" in capsys.readouterr().out
+    assert len(fake.uploads) == 1
+
+
+def _new_train_image(docs: list[dict]) -> None:
+    docs[0]["deploymentSpec"]["executors"]["exec-train"]["container"]["image"] += "-edited"
+
+
+def _new_run_as_user(docs: list[dict]) -> None:
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors["exec-calibrate"]["securityContext"]["runAsUser"] = "10002"
+
+
+@pytest.mark.parametrize(
+    "change", [_new_train_image, _new_run_as_user], ids=["pipeline-spec", "platform-spec"]
+)
+def test_named_version_with_a_changed_spec_is_refused(
+    kfp_server: tuple[str, FakeKFP],
+    package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: Any,
+) -> None:
+    """Reusing a version by name alone would leave the old spec running while the user believes the
+    edited one is live."""
+    host, fake = kfp_server
+    client = connect(host)
+    first = upload(client, package, "p", version="v1")
+    edited = rewritten(package, tmp_path / "edited.yaml", change)
+
+    with pytest.raises(KFPError) as refused:
+        upload(client, edited, "p", version="v1")
+    message = str(refused.value)
+    assert f"pipeline 'p' already has a version 'v1' ({first.version_id})" in message
+    assert "different pipeline spec" in message
+    assert "Pick another --version, or omit it to get a content-derived name" in message
+
+    command = ["upload", "--host", host, "--name", "p", "--package", str(edited), "--version", "v1"]
+    assert main(command) == 2
+    assert "Pick another --version, or omit it" in capsys.readouterr().err
+    assert len(fake.uploads) == 1 and len(fake.versions[first.pipeline_id]) == 1, "nothing uploaded"
+
+    # the fix the message names: without --version the edited package gets its own version
+    fresh = upload(client, edited, "p")
+    assert not fresh.reused_version and fresh.version_name == version_name_for(edited)
+
+
+def test_named_version_against_a_package_that_is_no_pipeline_spec(
+    kfp_server: tuple[str, FakeKFP], package: Path, tmp_path: Path
+) -> None:
+    host, fake = kfp_server
+    client = connect(host)
+    upload(client, package, "p", version="v1")
+    broken = rewritten(package, tmp_path / "broken.yaml", lambda docs: docs[0].update(schemaVersion=[2]))
+    with pytest.raises(KFPError, match=rf"{re.escape(str(broken))} is not a valid KFP pipeline package"):
+        upload(client, broken, "p", version="v1")
+    assert len(fake.uploads) == 1
 
 
 def test_version_name_is_content_derived(package: Path, tmp_path: Path) -> None:

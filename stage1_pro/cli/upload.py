@@ -2,7 +2,9 @@
 
 The first upload creates pipeline NAME; later uploads add a version to it, named after the
 package's content (<stage1-pro version>-<sha256[:12]>), so uploading an unchanged package again
-reuses that version. Without --package the current code is compiled first (same options as
+reuses that version. A --version that already exists is reused only when it holds the same
+pipeline spec; a changed package under a taken name is refused (pick another --version, or omit
+it). Without --package the current code is compiled first (same options as
 'stage1-pro compile').
 """
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if result.created_pipeline:
         what = "created pipeline"
     elif result.reused_version:
-        what = "unchanged package; existing version of"
+        what = "same pipeline spec; reused existing version of"
     else:
         what = "new version of"
     print(
