@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -299,6 +300,30 @@ def test_expect_latest_without_moving_latest_is_refused(
     assert main(["publish", str(bundles["v1"]), prefix, "--no-latest", "--expect-latest", "v0"]) == 2
     assert "give one or the other" in capsys.readouterr().err
     assert not Path(prefix).exists()  # refused before uploading anything
+
+
+def test_pipeline_publish_step_refuses_to_promote_over_a_newer_champion(
+    bundles: dict[str, Path], prefix: str
+) -> None:
+    """The KFP publish component's body, as two overlapping scheduled runs use it.
+
+    Both runs' drift-check resolved v1 (the champion their validate compared with); run A
+    publishes v2 first, so run B's publish of v3 must not move ``latest``.
+    """
+    from stage1_pro.components.export import publish as publish_step
+
+    registry.publish(bundles["v1"], prefix)
+    champion, _ = registry.resolve(prefix)  # what drift-check hands to validate and publish
+    step = publish_step.python_func
+    assert step(bundle=SimpleNamespace(path=str(bundles["v2"])), prefix=prefix, champion_prefix=prefix,
+                champion=champion) == storage.join(prefix, "v2")  # fmt: skip
+    with pytest.raises(LatestMovedError, match=r"points at v2, not at v1 as expected"):
+        step(bundle=SimpleNamespace(path=str(bundles["v3"])), prefix=prefix, champion_prefix=prefix,
+             champion=champion)  # fmt: skip
+    assert latest_version(prefix) == "v2" and registry.list_versions(prefix) == ["v1", "v2", "v3"]
+    # without a champion the step moves latest as before
+    step(bundle=SimpleNamespace(path=str(bundles["v4"])), prefix=prefix)
+    assert latest_version(prefix) == "v4"
 
 
 @pytest.mark.parametrize(
