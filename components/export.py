@@ -53,21 +53,31 @@ def export(
 
 
 @stage1_component
-def publish(bundle: Input[Model], prefix: str) -> str:
+def publish(bundle: Input[Model], prefix: str, champion_prefix: str = "", champion: str = "") -> str:
     """Publish the bundle to the registry: PREFIX/<version>/, bundle.json last, then the latest pointer.
 
     A reader never sees a half-uploaded version (pull refuses a version without bundle.json), and
-    latest moves only after the upload is complete.
+    latest moves only after the upload is complete. When the champion came from this prefix's
+    latest, latest moves only if it still names that champion (or, on a first run, nothing): a
+    run that published meanwhile is never overridden by a bundle that was not compared with it.
+    The version then stays published and this step fails, saying how to promote or re-validate.
 
     Args:
         bundle: The bundle folder from the export step.
         prefix: Registry prefix, e.g. gs://BUCKET/bundles/NAME.
+        champion_prefix: The run's champion_prefix (empty: no champion, latest moves unconditionally).
+        champion: The champion version folder validate compared with (drift-check's output; empty
+            when nothing was published yet).
 
     Returns:
         URI of the published version.
     """
+    from stage1_pro.registry import champion_expectation
     from stage1_pro.registry import publish as publish_bundle
 
-    uri = publish_bundle(bundle.path, prefix)
+    expected = champion_expectation(prefix, champion_prefix, champion)
+    if expected is not None:
+        print(f"[stage1-pro] publish: latest moves only if it still names {expected or 'nothing'}")
+    uri = publish_bundle(bundle.path, prefix, expect_latest=expected)
     print(f"[stage1-pro] publish: {uri}")
     return uri

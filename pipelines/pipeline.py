@@ -354,7 +354,12 @@ def build_pipeline(
                     )
                     with dsl.If(params.publish_prefix != "", name="publish-prefix-set"):
                         cpu_task(
-                            publish(bundle=exported.outputs["bundle"], prefix=params.publish_prefix),
+                            publish(
+                                bundle=exported.outputs["bundle"],
+                                prefix=params.publish_prefix,
+                                champion_prefix=params.champion_prefix,
+                                champion=drifted.outputs["Output"],
+                            ),
                             "publish",
                         )
 

@@ -33,6 +33,24 @@ class PreconditionFailedError(StorageError):
     """A conditional write found the object changed since it was read (or present when it must not be)."""
 
 
+class LatestMovedError(PreconditionFailedError):
+    """``publish --expect-latest``: ``latest`` no longer names the champion the bundle was validated against.
+
+    The version itself was published (it is immutable and listed); only ``latest`` was left alone.
+
+    Attributes:
+        published: URI of the version folder that was uploaded.
+        current: the version ``latest`` names now (None: no ``latest``).
+        expected: the version the publisher expected (``""``: no ``latest`` yet).
+    """
+
+    def __init__(self, message: str, *, published: str, current: str | None, expected: str) -> None:
+        super().__init__(message)
+        self.published = published
+        self.current = current
+        self.expected = expected
+
+
 class NotBuiltError(Stage1ProError):
     """A designed feature that is deliberately not built (e.g. DoRAN): refused, never replaced by another."""
 

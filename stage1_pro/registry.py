@@ -16,6 +16,11 @@ files, and publishing a version whose ``bundle.json`` exists is refused.
 pointer on the precondition that the generation is unchanged, re-read and retry when another
 writer got there first. Two concurrent publishers therefore both land in the pointer's
 ``history`` (newest first); with a plain overwrite one of them would vanish from it.
+``publish(..., expect_latest=C)`` adds a condition checked on every pointer the swap is decided on:
+``latest`` must still name ``C`` (:data:`NO_LATEST`, the empty string: no ``latest`` yet), the
+champion the bundle was validated against. Otherwise the version stays published but ``latest``
+is left alone (:class:`~stage1_pro.errors.LatestMovedError`): a bundle compared with C only is
+never promoted over a newer champion that another run put there meanwhile.
 :func:`rollback` moves ``latest`` back (or forward) to a published, verified version the same way.
 :func:`describe_versions` reads what ``stage1-pro versions`` prints.
 
@@ -50,7 +55,13 @@ from stage1_pro.artifacts import (
     validate_artifact,
 )
 from stage1_pro.bundle import BUNDLE_FILE, verify_bundle
-from stage1_pro.errors import ArtifactError, PreconditionFailedError, StorageError
+from stage1_pro.errors import (
+    ArtifactError,
+    ConfigError,
+    LatestMovedError,
+    PreconditionFailedError,
+    StorageError,
+)
 from stage1_pro.provenance import sha256_bytes, sha256_file, utc_now
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,9 @@ LATEST_RETRY_PAUSE_S = 0.05
 #: Moves of ``latest`` remembered in its ``history``.
 LATEST_HISTORY_LENGTH = 100
 PUBLISH, ROLLBACK = "publish", "rollback"
+#: ``expect_latest`` value meaning "nothing has been published yet": a first run's publish moves
+#: ``latest`` only if no pointer exists.
+NO_LATEST = ""
 
 
 def _upload_file(local_path: Path, uri: str) -> bool:
@@ -101,6 +115,7 @@ def _move_latest(
     action: str,
     *,
     seen: tuple[dict[str, Any] | None, str] | None = None,
+    expect: str | None = None,
 ) -> dict[str, Any]:
     """Point ``PREFIX/latest`` at ``version`` by compare-and-swap on the pointer's generation.
 
@@ -112,11 +127,15 @@ def _move_latest(
         seen: the pointer and generation the caller decided on. The swap then succeeds only if
             ``latest`` is still exactly that (no retry: a concurrent move must not be overridden
             behind an operator's back). Without it, a lost race re-reads and tries again.
+        expect: move only from a pointer naming this version (:data:`NO_LATEST`: from no pointer).
+            Checked on the very pointer whose generation conditions the write, so a writer that
+            slips in between fails the swap, and the re-read then fails this check.
 
     Returns:
         The pointer as written (or as found, when it already pointed at ``version``).
 
     Raises:
+        LatestMovedError: ``latest`` does not name ``expect``; nothing was written.
         PreconditionFailedError: ``latest`` moved since ``seen``, or another writer kept winning
             for :data:`LATEST_CAS_ATTEMPTS` attempts.
     """
@@ -126,6 +145,8 @@ def _move_latest(
         current, generation = seen if seen is not None else _read_latest_versioned(prefix)
         if current is not None and current["version"] == version:
             return current
+        if expect is not None:
+            _check_expected(prefix, version, current, expect)
         now = utc_now()
         history = (current or {}).get("history") or _legacy_history(current)
         entry = {"version": version, "moved_at": now, "action": action}
@@ -163,6 +184,26 @@ def _move_latest(
     )
 
 
+def _check_expected(prefix: str, version: str, current: dict[str, Any] | None, expect: str) -> None:
+    """Raise :class:`LatestMovedError` unless ``current`` (the pointer read) names ``expect``."""
+    now_at = current["version"] if current is not None else None
+    if (now_at or NO_LATEST) == expect:
+        return
+    expected = expect or "nothing (no latest yet)"
+    raise LatestMovedError(
+        f"{storage.join(prefix, LATEST)} points at {now_at or 'nothing'}, not at {expected} as expected: "
+        f"another publisher moved it after this bundle was validated. Version {version} is published "
+        f"({storage.join(prefix, version)}, immutable, listed by 'stage1-pro versions {prefix}') but "
+        f"'latest' was left at {now_at or 'nothing'}. It was compared with {expected}, not with the "
+        f"current champion: re-validate the run with 'stage1-pro validate --run RUN_DIR --champion "
+        f"{prefix}/{LATEST}', export and publish that bundle; or, to ship this one regardless, move latest "
+        f"deliberately with 'stage1-pro rollback {prefix} --to {version}'",
+        published=storage.join(prefix, version),
+        current=now_at,
+        expected=expect,
+    )
+
+
 def _legacy_history(pointer: dict[str, Any] | None) -> list[dict[str, Any]]:
     """A one-entry history for a pointer written before pointers kept one."""
     if pointer is None:
@@ -176,6 +217,7 @@ def publish(
     *,
     set_latest: bool = True,
     allow_unblessed: bool = False,
+    expect_latest: str | None = None,
 ) -> str:
     """Upload a verified bundle to ``prefix/<version>/`` and move ``prefix/latest`` to it.
 
@@ -184,14 +226,25 @@ def publish(
         prefix: ``gs://BUCKET/PREFIX`` (or a local folder acting as a registry).
         set_latest: move the ``latest`` pointer after the upload.
         allow_unblessed: publish a bundle marked ``blessed: false``; ``latest`` is never moved to it.
+        expect_latest: move ``latest`` only if it still names this version, the champion the
+            bundle was validated against (:data:`NO_LATEST`, ``""``: only if nothing was published
+            yet). Checked inside the compare-and-swap. None: move it whatever it names.
 
     Returns:
         The URI of the published version folder.
 
     Raises:
         ArtifactError: the bundle does not verify, is unblessed, or the version already exists.
+        ConfigError: ``expect_latest`` given with ``set_latest=False``.
+        LatestMovedError: ``latest`` no longer names ``expect_latest``; the version is published
+            (complete, immutable) but ``latest`` was not moved.
         StorageError: an upload failed after retries (``latest`` is left untouched).
     """
+    if expect_latest is not None and not set_latest:
+        raise ConfigError(
+            "publish: expect_latest (--expect-latest) conditions the move of 'latest', and set_latest=False "
+            "(--no-latest) asks not to move it; give one or the other"
+        )
     root = Path(bundle_dir)
     meta = verify_bundle(root)
     version = meta["version"]
@@ -239,8 +292,50 @@ def publish(
     _check_complete(target, meta)
     log.info("published %s (%d files)", target, len(meta["files"]) + 1)
     if set_latest:
-        _move_latest(prefix, version, sha256_file(root / BUNDLE_FILE), PUBLISH)
+        _move_latest(prefix, version, sha256_file(root / BUNDLE_FILE), PUBLISH, expect=expect_latest)
     return target
+
+
+def champion_expectation(prefix: str, champion_prefix: str, champion: str) -> str | None:
+    """The ``expect_latest`` for publishing to ``prefix`` a bundle validated against ``champion``.
+
+    Args:
+        prefix: the registry prefix being published to.
+        champion_prefix: the registry the champion was resolved from (``PREFIX`` or
+            ``PREFIX/latest``; empty: the run had no champion).
+        champion: the version folder the bundle was compared with (``PREFIX/VERSION``, as
+            :func:`resolve` returns it), or ``""`` when nothing was published there yet.
+
+    Returns:
+        The champion's version (:data:`NO_LATEST` for "nothing published yet") when the champion
+        came from ``prefix``'s own ``latest``; None (no condition) when there was no champion, or
+        it lives in another registry or was pinned to a version: ``prefix``'s ``latest`` then says
+        nothing about what the bundle was compared with.
+    """
+    champion_prefix = champion_prefix.strip().rstrip("/")
+    if not champion_prefix:
+        return None
+    if champion_prefix.endswith("/" + LATEST):
+        champion_prefix = champion_prefix[: -len(LATEST) - 1]
+    prefix = _normalised(prefix)
+    champion_prefix = _normalised(champion_prefix)
+    if champion_prefix != prefix:
+        log.warning(
+            "champion_prefix %s is not the publish prefix %s: 'latest' is moved without checking it still "
+            "names the champion",
+            champion_prefix,
+            prefix,
+        )
+        return None
+    if not champion:
+        return NO_LATEST
+    folder, _, version = champion.rstrip("/").rpartition("/")
+    return version if _normalised(folder) == prefix else None
+
+
+def _normalised(uri: str) -> str:
+    """``uri`` without a trailing slash (and, for a local path, without ``.``/``..`` detours)."""
+    return uri.rstrip("/") if storage.is_gcs(uri) else os.path.normpath(uri)
 
 
 def _check_complete(source: str, meta: dict[str, Any]) -> None:

@@ -205,6 +205,23 @@ def test_the_run_reaches_every_task_with_its_inputs_resolved(run: Run) -> None:
     assert run.task("fingerprint").artifacts["dataset"][0]["uri"] == RUN_PARAMETERS["data_uri"]
 
 
+def test_publish_gets_the_champion_version_validate_compared_with(package: Package) -> None:
+    """Through every nested condition DAG, publish receives drift-check's output (the champion
+    version validate took) and the run's champion_prefix, from which it derives expect_latest."""
+    registry = "gs://stage1-pro-data/bundles/stage1"
+    with_champion = run_of(package, publish_prefix=registry, champion_prefix=registry)
+    champion = with_champion.task("drift-check").outputs["Output"]
+    validated = with_champion.tasks_named("validate")
+    published = with_champion.tasks_named("publish")
+    assert len(published) == len(validated) > 0  # every exit_policy branch is taken in this model
+    for task in validated:
+        assert task.inputs["champion_uri"] == champion
+    for task in published:
+        assert task.inputs["champion"] == champion, task.path
+        assert string_value(task.inputs["champion_prefix"]) == registry, task.path
+        assert string_value(task.inputs["prefix"]) == registry, task.path
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_prepare_fans_out_over_the_planned_shards(package: Package, shards: int) -> None:
     run = run_of(package, prepare_shards=shards)

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from bundle_helpers import build_tiny_model, make_run, tiny_images
@@ -26,7 +28,7 @@ from stage1_pro import registry, storage
 from stage1_pro.artifacts import read_artifact
 from stage1_pro.bundle import export_bundle, verify_bundle
 from stage1_pro.cli import main
-from stage1_pro.errors import ArtifactError, PreconditionFailedError
+from stage1_pro.errors import ArtifactError, LatestMovedError, PreconditionFailedError
 
 VERSIONS = ("v1", "v2", "v3", "v4")
 
@@ -116,12 +118,12 @@ def _race_at_latest(monkeypatch: pytest.MonkeyPatch, racers: int) -> None:
     monkeypatch.setattr(storage, "read_versioned", read_then_wait)
 
 
-def _publish_concurrently(jobs: list[tuple[Path, str]]) -> list[BaseException | str]:
+def _publish_concurrently(jobs: list[tuple[Path, str]], **kwargs: Any) -> list[BaseException | str]:
     results: list[BaseException | str] = [RuntimeError("did not finish")] * len(jobs)
 
     def work(i: int, bundle: Path, prefix: str) -> None:
         try:
-            results[i] = registry.publish(bundle, prefix)
+            results[i] = registry.publish(bundle, prefix, **kwargs)
         except BaseException as exc:  # handed back to the test
             results[i] = exc
 
@@ -226,6 +228,123 @@ def test_same_version_name_raced_by_two_bundles(
     pulled = registry.pull(storage.join(prefix, "v1"), tmp_path / "won")
     assert (pulled / "bundle.json").read_bytes() == (winner / "bundle.json").read_bytes()
     assert history(prefix) == ["v1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# publish --expect-latest: never promote over a champion the bundle was not compared with
+
+
+def latest_version(prefix: str) -> str | None:
+    return (registry.read_latest(prefix) or {}).get("version")
+
+
+def test_expect_latest_moves_latest_when_it_still_names_the_champion(
+    bundles: dict[str, Path], prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["publish", str(bundles["v1"]), prefix, "--expect-latest", ""]) == 0  # a first run
+    assert main(["publish", str(bundles["v2"]), prefix, "--expect-latest", "v1"]) == 0
+    assert capsys.readouterr().out.split() == [storage.join(prefix, "v1"), storage.join(prefix, "v2")]
+    assert history(prefix) == ["v2", "v1"]
+
+
+def test_expect_latest_refuses_a_moved_latest_but_keeps_the_version(
+    bundles: dict[str, Path], prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """v3 was validated against v1, but v2 became latest meanwhile: v3 is published, latest stays v2."""
+    registry.publish(bundles["v1"], prefix)
+    registry.publish(bundles["v2"], prefix)
+    assert main(["publish", str(bundles["v3"]), prefix, "--expect-latest", "v1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{storage.join(prefix, 'latest')} points at v2, not at v1 as expected" in err
+    assert f"Version v3 is published ({storage.join(prefix, 'v3')}, immutable" in err
+    assert f"--champion {prefix}/latest" in err and f"stage1-pro rollback {prefix} --to v3" in err
+    assert latest_version(prefix) == "v2" and history(prefix) == ["v2", "v1"]
+    assert registry.list_versions(prefix) == ["v1", "v2", "v3"]
+    assert verify_bundle(registry.pull(storage.join(prefix, "v3"), tmp_path / "v3"))["version"] == "v3"
+    # the suggested fix works: the operator promotes v3 deliberately
+    assert main(["rollback", prefix, "--to", "v3"]) == 0 and latest_version(prefix) == "v3"
+
+
+def test_expect_no_latest_refused_once_something_is_published(bundles: dict[str, Path], prefix: str) -> None:
+    registry.publish(bundles["v1"], prefix, expect_latest=registry.NO_LATEST)
+    moved = r"points at v1, not at nothing \(no latest yet\) as expected"
+    with pytest.raises(LatestMovedError, match=moved) as info:
+        registry.publish(bundles["v2"], prefix, expect_latest=registry.NO_LATEST)
+    assert (info.value.current, info.value.expected) == ("v1", "")
+    assert info.value.published == storage.join(prefix, "v2")
+    assert latest_version(prefix) == "v1" and registry.list_versions(prefix) == ["v1", "v2"]
+
+
+def test_two_publishers_expecting_the_same_champion_exactly_one_moves_latest(
+    bundles: dict[str, Path], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both read ``latest`` = v1 and both expect v1: one swap wins; the loser re-reads and is refused."""
+    registry.publish(bundles["v1"], prefix)
+    _race_at_latest(monkeypatch, 2)
+    results = _publish_concurrently([(bundles["v2"], prefix), (bundles["v3"], prefix)], expect_latest="v1")
+    monkeypatch.undo()
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], LatestMovedError), results
+    winner = "v2" if isinstance(results[0], str) else "v3"
+    loser = "v3" if winner == "v2" else "v2"
+    assert (errors[0].current, errors[0].expected) == (winner, "v1")
+    assert history(prefix) == [winner, "v1"]  # exactly one move
+    assert registry.list_versions(prefix) == ["v1", "v2", "v3"]  # the loser is still published
+    registry.resolve(storage.join(prefix, loser))
+
+
+def test_expect_latest_without_moving_latest_is_refused(
+    bundles: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = str(tmp_path / "registry")
+    assert main(["publish", str(bundles["v1"]), prefix, "--no-latest", "--expect-latest", "v0"]) == 2
+    assert "give one or the other" in capsys.readouterr().err
+    assert not Path(prefix).exists()  # refused before uploading anything
+
+
+def test_pipeline_publish_step_refuses_to_promote_over_a_newer_champion(
+    bundles: dict[str, Path], prefix: str
+) -> None:
+    """The KFP publish component's body, as two overlapping scheduled runs use it.
+
+    Both runs' drift-check resolved v1 (the champion their validate compared with); run A
+    publishes v2 first, so run B's publish of v3 must not move ``latest``.
+    """
+    from stage1_pro.components.export import publish as publish_step
+
+    registry.publish(bundles["v1"], prefix)
+    champion, _ = registry.resolve(prefix)  # what drift-check hands to validate and publish
+    step = publish_step.python_func
+    assert step(bundle=SimpleNamespace(path=str(bundles["v2"])), prefix=prefix, champion_prefix=prefix,
+                champion=champion) == storage.join(prefix, "v2")  # fmt: skip
+    with pytest.raises(LatestMovedError, match=r"points at v2, not at v1 as expected"):
+        step(bundle=SimpleNamespace(path=str(bundles["v3"])), prefix=prefix, champion_prefix=prefix,
+             champion=champion)  # fmt: skip
+    assert latest_version(prefix) == "v2" and registry.list_versions(prefix) == ["v1", "v2", "v3"]
+    # without a champion the step moves latest as before
+    step(bundle=SimpleNamespace(path=str(bundles["v4"])), prefix=prefix)
+    assert latest_version(prefix) == "v4"
+
+
+@pytest.mark.parametrize(
+    ("champion_prefix", "champion", "expected"),
+    [
+        ("", "", None),  # no champion: no condition
+        ("gs://b/reg", "", ""),  # nothing was published there yet
+        ("gs://b/reg/", "gs://b/reg/v7", "v7"),
+        ("gs://b/reg/latest", "gs://b/reg/v7", "v7"),
+        ("gs://b/other", "gs://b/other/v7", None),  # another registry: its latest says nothing here
+        ("gs://b/reg/v7", "gs://b/reg/v7", None),  # pinned to a version
+    ],
+)
+def test_champion_expectation(champion_prefix: str, champion: str, expected: str | None) -> None:
+    assert registry.champion_expectation("gs://b/reg", champion_prefix, champion) == expected
+
+
+def test_champion_expectation_local_paths(tmp_path: Path) -> None:
+    reg = str(tmp_path / "reg")
+    champion = storage.join(reg, "v7")
+    assert registry.champion_expectation(reg + "/", f"{tmp_path}/./reg", champion) == "v7"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Every file is uploaded first and bundle.json last, so an interrupted publish leaves a version
 that pull refuses; the 'latest' pointer (a small JSON object) moves only after the whole
 version is uploaded. Published versions are immutable. Transient GCS errors are retried.
+
+With --expect-latest VERSION (the champion the bundle was validated against; '' for "nothing
+published yet"), 'latest' moves only if it still names VERSION, checked inside the same
+compare-and-swap that moves it. If another publisher moved it meanwhile, the version stays
+published but 'latest' is left alone and the command exits 2, naming both versions and the fix.
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-latest", "--no_latest", action="store_true", help="do not move PREFIX/latest (default: move it)"
     )
     parser.add_argument(
+        "--expect-latest",
+        "--expect_latest",
+        metavar="VERSION",
+        default=None,
+        help=(
+            "move PREFIX/latest only if it still names VERSION, the champion this bundle was validated "
+            "against ('': only if nothing is published yet); otherwise the version is published, latest "
+            "is left alone and the exit status is 2 (default: move latest whatever it names)"
+        ),
+    )
+    parser.add_argument(
         "--allow-unblessed",
         "--allow_unblessed",
         action="store_true",
@@ -30,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from stage1_pro.registry import publish
 
     uri = publish(
-        args.bundle, args.prefix, set_latest=not args.no_latest, allow_unblessed=args.allow_unblessed
+        args.bundle,
+        args.prefix,
+        set_latest=not args.no_latest,
+        allow_unblessed=args.allow_unblessed,
+        expect_latest=args.expect_latest,
     )
     print(uri)
     return 0
