@@ -161,7 +161,9 @@ def rescore_champion(
         "/".join(RESCORED_SPLITS),
     )
     scores = score_splits(predictor, dataset, scored, batch_size=batch_size)
-    policy = recertify(policy_file, scores, target_fnr_exit=target_fnr_exit, delta=delta)
+    policy = recertify(
+        policy_file, scores, target_fnr_exit=target_fnr_exit, delta=delta, max_fpr_exit=max_fpr_exit
+    )
     return Champion(
         uri=str(uri),
         bundle=predictor.bundle,

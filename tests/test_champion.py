@@ -203,3 +203,19 @@ def test_images_the_champion_was_fitted_on_are_left_out(
     v = validate_run(run, champion=world["bundle"], data=grown)
     assert v["champion"]["overlap"] == "unknown" and v["champion"]["n_excluded"] == 0
     assert "could not be identified" in checks(v)["champion_coverage"]["message"]
+
+
+def test_the_champion_is_certified_for_this_runs_guard(champion_world: dict) -> None:
+    """The run's max_fpr_exit reaches the champion's re-certification, not the default guard."""
+    from stage1_pro.champion import rescore_champion
+    from stage1_pro.defaults import DEFAULT_MAX_FPR_EXIT
+
+    world = champion_world
+    splits = read_artifact(world["run"] / "splits.json", "splits")
+    guard = 0.5
+    assert guard != DEFAULT_MAX_FPR_EXIT
+    found = rescore_champion(
+        world["bundle"], data=world["manifest"], splits=splits, target_fnr_exit=0.02, delta=0.1,
+        max_fpr_exit=guard,
+    )  # fmt: skip
+    assert found.policy.max_fpr_exit == guard and found.policy.certificate_["max_fpr_exit"] == guard

@@ -29,6 +29,17 @@ from stage1_pro.policy_registry import PolicyOption, register_policy
 CALIBRATORS: tuple[str, ...] = ("platt", "isotonic")
 
 
+def check_calibrator(kind: str) -> str:
+    """Return ``kind`` if it names a gate calibrator (:data:`CALIBRATORS`).
+
+    Raises:
+        ConfigError: an unknown calibrator (the message lists the allowed ones).
+    """
+    if kind not in CALIBRATORS:
+        raise ConfigError(f"unknown gate calibrator {kind!r}; allowed: {', '.join(CALIBRATORS)}")
+    return kind
+
+
 def fit_calibrator(
     kind: str, logits: np.ndarray, correct: np.ndarray, source: str = "val_select"
 ) -> dict[str, Any]:
@@ -37,8 +48,7 @@ def fit_calibrator(
     Returns the JSON-ready parameters: ``{"a", "b"}`` for Platt, ``{"x", "y"}`` (the isotonic
     breakpoints) for isotonic. Raises :class:`DataError` when ``correct`` has one class only.
     """
-    if kind not in CALIBRATORS:
-        raise ConfigError(f"unknown gate calibrator {kind!r}; allowed: {', '.join(CALIBRATORS)}")
+    check_calibrator(kind)
     correct = np.asarray(correct).astype(np.int64)
     if correct.min() == correct.max():
         raise DataError(
@@ -99,12 +109,10 @@ def platt_fit(
 def apply_calibrator(kind: str, params: dict[str, Any], logits: np.ndarray) -> np.ndarray:
     """Calibrated gate probability (numpy only; matches scikit-learn's ``predict``)."""
     x = np.asarray(logits, dtype=np.float64)
-    if kind == "platt":
+    if check_calibrator(kind) == "platt":
         # the logistic function via tanh: overflow-free, no scipy needed at inference
         return 0.5 * (1.0 + np.tanh(0.5 * (params["a"] * x + params["b"])))
-    if kind == "isotonic":
-        return np.interp(x, np.asarray(params["x"], float), np.asarray(params["y"], float))
-    raise ConfigError(f"unknown gate calibrator {kind!r}; allowed: {', '.join(CALIBRATORS)}")
+    return np.interp(x, np.asarray(params["x"], float), np.asarray(params["y"], float))
 
 
 @register_policy(
@@ -146,10 +154,7 @@ class GatePolicy(ConfidenceThresholdPolicy):
 
     def _check_params(self) -> None:
         super()._check_params()
-        if self.calibrator not in CALIBRATORS:
-            raise ConfigError(
-                f"unknown gate calibrator {self.calibrator!r}; allowed: {', '.join(CALIBRATORS)}"
-            )
+        check_calibrator(self.calibrator)
 
     def fit(self, scores: Any) -> GatePolicy:
         if not scores.has_gate:

@@ -56,7 +56,7 @@ import numpy as np
 from stage1_pro.decisions import DEFER, argmax_class
 from stage1_pro.errors import ArtifactError, ConfigError, DataError
 from stage1_pro.policies.base import ExitPolicy, check_probs
-from stage1_pro.policies.gate import CALIBRATORS, apply_calibrator, fit_calibrator
+from stage1_pro.policies.gate import CALIBRATORS, apply_calibrator, check_calibrator, fit_calibrator
 from stage1_pro.policy_registry import PolicyOption, register_policy
 
 SCRC_VARIANTS: tuple[str, ...] = ("pareto", "SCRC-I", "SCRC-T")
@@ -173,10 +173,7 @@ class SCRCPolicy(ExitPolicy):
             raise ConfigError(
                 f"unknown selection score {self.selection_score!r}; allowed: {', '.join(SELECTION_SCORES)}"
             )
-        if self.gate_calibrator not in CALIBRATORS:
-            raise ConfigError(
-                f"unknown gate calibrator {self.gate_calibrator!r}; allowed: {', '.join(CALIBRATORS)}"
-            )
+        check_calibrator(self.gate_calibrator)
 
     def fit(self, scores: Any) -> SCRCPolicy:
         if self.selection_score == "gate" and not scores.has_gate:
