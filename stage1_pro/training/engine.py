@@ -101,6 +101,7 @@ def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str |
         ConfigError: an invalid setting or combination, naming the setting and the fix.
         NotBuiltError: a phase or adapter method that is designed but not built.
     """
+    from stage1_pro.defaults import check_choice
     from stage1_pro.models import check_model_name
     from stage1_pro.transforms import AUGMENTATIONS
 
@@ -113,8 +114,7 @@ def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str |
         from stage1_pro.models.dora import DORAN_NOT_BUILT
 
         raise NotBuiltError(DORAN_NOT_BUILT)
-    if config.augment not in AUGMENTATIONS:
-        raise ConfigError(f"augment={config.augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
+    check_choice(config.augment, AUGMENTATIONS, "augment")
     if (data_uri is None) == (prepared_uri is None):
         raise ConfigError(
             "pass exactly one of --data (manifest or image folder) or --prepared (a prepare output)"
