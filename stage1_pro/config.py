@@ -195,13 +195,11 @@ class Stage1ProConfig:
         check_max_fpr_exit(self.max_fpr_exit)
         if not 0.0 <= self.legacy_exit_threshold_for_logging <= 1.0:
             raise ConfigError("legacy_exit_threshold_for_logging must be in [0, 1]")
-        if self.finetune_mode not in ("auto", "full", "frozen", "peft"):
-            raise ConfigError(f"finetune_mode={self.finetune_mode!r}; allowed: auto, full, frozen, peft")
+        check_choice(self.finetune_mode, ("auto", "full", "frozen", "peft"), "finetune_mode")
         check_choice(self.resize_mode, RESIZE_MODES, "resize_mode")
         check_choice(self.decode_mode, DECODE_MODES, "decode_mode")
         check_choice(self.interpolation, INTERPOLATIONS, "interpolation")
-        if self.peft_method not in ("dora", "lora", "doran"):
-            raise ConfigError(f"peft_method={self.peft_method!r}; allowed: dora, lora, doran")
+        check_choice(self.peft_method, ("dora", "lora", "doran"), "peft_method")
         if self.class_weights is not None and len(self.class_weights) != 2:
             raise ConfigError("class_weights must have two entries [w_negative, w_positive]")
         for name in ("epochs", "batch_size", "img_size", "grad_accum_steps", "peft_rank"):

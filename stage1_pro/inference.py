@@ -134,10 +134,9 @@ class Predictor:
     ) -> None:
         import torch
 
-        if precision not in PRECISIONS:
-            from stage1_pro.errors import ConfigError
+        from stage1_pro.defaults import check_choice
 
-            raise ConfigError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+        check_choice(precision, PRECISIONS, "precision")
         self.device = device
         device_type = torch.device(device).type
         self.model = model.to(device).eval()

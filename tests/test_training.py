@@ -69,7 +69,6 @@ def test_unbuilt_phases_fail_clearly_and_run_nothing(
     monkeypatch.setitem(
         phases.PHASES, phase, replace(phases.PHASES[phase], built=False, not_built_hint="more")
     )
-    monkeypatch.delitem(phases.PHASE_MODULES, phase, raising=False)
     out = tmp_path / "run"
     assert _cli(tiny_prepared, out, "--phase", str(phase), "--exit-policy", "gate") == 2
     err = capsys.readouterr().err

@@ -22,7 +22,6 @@ import torch
 
 from stage1_pro import storage
 from stage1_pro.errors import ConfigError, StorageError
-from stage1_pro.layout import RunDir
 
 #: Settings that do not change the trained weights; they may differ on resume.
 RUNTIME_FIELDS: frozenset[str] = frozenset({"num_workers", "log_every", "notes", "compile", "device"})
@@ -51,10 +50,6 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
                 f"{key}: {str(saved.get(key))[:16]} (checkpoint) vs {str(current.get(key))[:16]} (now)"
             )
     return diffs
-
-
-def checkpoint_uri(out_dir: str) -> str:
-    return RunDir(out_dir).last_checkpoint
 
 
 def save_checkpoint(uri: str, state: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 from stage1_pro import storage
 from stage1_pro.config import Stage1ProConfig, save_config
 from stage1_pro.errors import ConfigError, DataError, NotBuiltError
-from stage1_pro.layout import CONFIG_FILE, METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE, SPLITS_FILE, RunDir
+from stage1_pro.layout import RunDir
 from stage1_pro.sizing import EVAL_BATCH_FACTOR
 from stage1_pro.training import checkpoint as ckpt
 from stage1_pro.training.compilation import compile_for_training, eager
@@ -101,6 +101,7 @@ def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str |
         ConfigError: an invalid setting or combination, naming the setting and the fix.
         NotBuiltError: a phase or adapter method that is designed but not built.
     """
+    from stage1_pro.defaults import check_choice
     from stage1_pro.models import check_model_name
     from stage1_pro.transforms import AUGMENTATIONS
 
@@ -113,8 +114,7 @@ def preflight(config: Stage1ProConfig, data_uri: str | None, prepared_uri: str |
         from stage1_pro.models.dora import DORAN_NOT_BUILT
 
         raise NotBuiltError(DORAN_NOT_BUILT)
-    if config.augment not in AUGMENTATIONS:
-        raise ConfigError(f"augment={config.augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
+    check_choice(config.augment, AUGMENTATIONS, "augment")
     if (data_uri is None) == (prepared_uri is None):
         raise ConfigError(
             "pass exactly one of --data (manifest or image folder) or --prepared (a prepare output)"
@@ -482,8 +482,8 @@ def run_job(job: TrainJob) -> dict[str, Any]:
         dist=job.dist,
     )
     if job.dist.is_main:
-        save_config(job.config, storage.join(job.out_dir, CONFIG_FILE))
-        storage.copy_file(job.splits_uri, storage.join(job.out_dir, SPLITS_FILE))
+        save_config(job.config, job.run_dir.config)
+        storage.copy_file(job.splits_uri, job.run_dir.splits)
     shards = ShardBatches(prepared.shard_paths, prepared.shard, prepared.offset, prepared.label)
 
     model, loss_fn = build_model_and_loss(job)
@@ -521,8 +521,7 @@ def run_job(job: TrainJob) -> dict[str, Any]:
         # Inference warns when it serves on another device type or precision than these scores'.
         precision = "bf16" if job.amp_dtype == torch.bfloat16 else "fp32"
         scored_with = {"device": job.device.type, "precision": precision}
-        info_uri = storage.join(job.out_dir, MODEL_INFO_FILE)
-        save_model_info({**model.info, "scored_with": scored_with}, info_uri)
+        save_model_info({**model.info, "scored_with": scored_with}, job.run_dir.model_info)
     barrier(job.dist)
     return {
         "out_dir": job.out_dir,
@@ -777,8 +776,8 @@ def run_epochs(
         improved = history.record(row, job.recipe)
         if job.dist.is_main:
             if improved:
-                _save_state_dict(storage.join(job.out_dir, MODEL_FILE), export_state_dict(state.model))
-            write_metrics_csv(storage.join(job.out_dir, METRICS_FILE), history.rows)
+                _save_state_dict(job.run_dir.model, export_state_dict(state.model))
+            write_metrics_csv(job.run_dir.metrics, history.rows)
             save_checkpoint(job, state, history)
             log_epoch(row, job.epochs, improved)
         barrier(job.dist)
@@ -798,7 +797,7 @@ def score_best(
     """
     from stage1_pro.models import build_model, load_into, load_state_file
 
-    best_uri = storage.join(job.out_dir, MODEL_FILE)
+    best_uri = job.run_dir.model
     plain = build_model(info, pretrained=False)
     load_into(plain, load_state_file(best_uri), best_uri)  # proves the exported file is a plain model
     plain = plain.to(job.device).eval()
