@@ -490,9 +490,9 @@ def rollback(prefix: str, version: str) -> dict[str, Any]:
             f"published versions under {prefix}: {shown} — see 'stage1-pro versions {prefix}'"
         )
     with tempfile.TemporaryDirectory(prefix="stage1-pro-rollback-") as tmp:
-        dest = pull(storage.join(prefix, version), Path(tmp, version))
+        dest = pull(storage.join(prefix, version), Path(tmp, version))  # verifies every file
         raw = (dest / BUNDLE_FILE).read_bytes()
-        meta = verify_bundle(dest)
+    meta = parse_json(raw.decode("utf-8"), storage.join(prefix, version, BUNDLE_FILE))
     if meta["version"] != version:
         raise ArtifactError(
             f"{storage.join(prefix, version, BUNDLE_FILE)}: describes version {meta['version']!r}, not the "
