@@ -387,19 +387,32 @@ def _check_files_exist(source: str, uris: list[str], lines: list[int]) -> None:
         )
 
 
-def _load_folder(root: str) -> Dataset:
-    root = root.rstrip("/") if storage.is_gcs(root) else root
+def _visible_files(root: str) -> list[tuple[str, str]]:
+    """``(URI, path below root with / separators)`` of every file under ``root``, hidden entries skipped.
+
+    Raises:
+        DataError: ``root`` cannot be listed.
+    """
     try:
         files = list(storage.list_files(root))
     except StorageError as exc:
         raise DataError(str(exc)) from exc
-    by_class: dict[str, list[str]] = {c: [] for c in CLASS_FOLDERS}
     sep = "/" if storage.is_gcs(root) else os.sep
+    out = []
     for uri in files:
         rel = uri[len(root) :].lstrip(sep).replace(os.sep, "/")
+        if not any(p.startswith(".") for p in rel.split("/")):
+            out.append((uri, rel))
+    return out
+
+
+def _load_folder(root: str) -> Dataset:
+    root = root.rstrip("/") if storage.is_gcs(root) else root
+    by_class: dict[str, list[str]] = {c: [] for c in CLASS_FOLDERS}
+    for uri, rel in _visible_files(root):
         parts = rel.split("/")
-        if len(parts) == 1 or any(p.startswith(".") for p in parts):
-            continue  # top-level files (README, manifest) and hidden entries are not images
+        if len(parts) == 1:
+            continue  # top-level files (README, manifest) are not images
         if parts[0] not in CLASS_FOLDERS:
             raise DataError(
                 f"{root}: unexpected folder {parts[0]!r} ({uri}); an image-folder dataset holds only "
@@ -465,16 +478,7 @@ def load_image_uris(uri: str | os.PathLike[str], check_files: bool = True) -> li
             _check_files_exist(uri, uris, [r.line for r in rows])
         return uris
     root = uri.rstrip("/") if storage.is_gcs(uri) else uri
-    try:
-        files = list(storage.list_files(root))
-    except StorageError as exc:
-        raise DataError(str(exc)) from exc
-    sep = "/" if storage.is_gcs(root) else os.sep
-    images = []
-    for file in files:
-        parts = file[len(root) :].lstrip(sep).replace(os.sep, "/").split("/")
-        if not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-            images.append(file)
+    images = [file for file, rel in _visible_files(root) if rel.lower().endswith(IMAGE_EXTENSIONS)]
     if not images:
         raise DataError(
             f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}); pass a folder of "

@@ -30,6 +30,7 @@ from stage1_pro.exchangeability import (
     ExchangeabilityMonitor,
 )
 from stage1_pro.layout import DRIFT_FILE, DRIFT_PLOT_FILE, DRIFT_REPORT_FILE
+from stage1_pro.report import format_value as _fmt
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def check_drift(
         DataError: no images, a missing or unreadable image (without ``skip_bad``).
     """
     from stage1_pro import storage
-    from stage1_pro.artifacts import read_artifact, stamp, validate_artifact, write_artifact
+    from stage1_pro.artifacts import stamp, validate_artifact, write_artifact
     from stage1_pro.data import load_image_uris
     from stage1_pro.inference import load_bundle
     from stage1_pro.provenance import utc_now
@@ -92,7 +93,7 @@ def check_drift(
         uris = [uris[i] for i in pick]
     with local_bundle(bundle) as folder:
         predictor = load_bundle(folder, device=device)
-        reference = _read_reference(folder, predictor.bundle, read_artifact)
+        reference = _read_reference(folder, predictor.bundle)
     monitor.fit(reference["exit_score"], reference["p_positive"], reference["exited"])
     scored = _score(predictor, uris, batch_size=batch_size, skip_bad=skip_bad)
     if not scored["exit_score"].size:
@@ -121,7 +122,9 @@ def check_drift(
     return write_artifact(folder_out / DRIFT_FILE, "drift", out)  # last: marks the report complete
 
 
-def _read_reference(folder: Path, meta: dict[str, Any], read_artifact: Any) -> dict[str, Any]:
+def _read_reference(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    from stage1_pro.artifacts import read_artifact
+
     name = meta.get("score_reference_file")
     if not name:
         raise ArtifactError(
@@ -186,10 +189,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             "  note: too few new images for that guarantee — 'consistent' does not rule out such a shift"
         )
     return lines
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
 
 
 def drift_png(reference: dict[str, Any], scored: dict[str, Any], result: DriftResult) -> bytes:

@@ -490,9 +490,9 @@ def rollback(prefix: str, version: str) -> dict[str, Any]:
             f"published versions under {prefix}: {shown} — see 'stage1-pro versions {prefix}'"
         )
     with tempfile.TemporaryDirectory(prefix="stage1-pro-rollback-") as tmp:
-        dest = pull(storage.join(prefix, version), Path(tmp, version))
+        dest = pull(storage.join(prefix, version), Path(tmp, version))  # verifies every file
         raw = (dest / BUNDLE_FILE).read_bytes()
-        meta = verify_bundle(dest)
+    meta = parse_json(raw.decode("utf-8"), storage.join(prefix, version, BUNDLE_FILE))
     if meta["version"] != version:
         raise ArtifactError(
             f"{storage.join(prefix, version, BUNDLE_FILE)}: describes version {meta['version']!r}, not the "
@@ -537,11 +537,16 @@ class VersionInfo:
     error: str | None = None
 
 
-def describe_versions(prefix: str) -> list[VersionInfo]:
+def describe_versions(prefix: str, pointer: dict[str, Any] | None) -> list[VersionInfo]:
     """Every version folder under ``prefix``, complete ones by creation time, then unfinished ones.
 
     Reads each complete version's ``bundle.json`` and ``validation.json`` (schema-validated; a
     version whose files do not validate is listed with ``error`` set rather than hidden).
+
+    Args:
+        prefix: the registry prefix.
+        pointer: its ``latest`` pointer as :func:`read_latest` returned it (None: none yet); the
+            caller prints it too, so rows and pointer come from one read.
     """
     prefix = prefix.rstrip("/")
     folders: dict[str, set[str]] = {}
@@ -549,7 +554,7 @@ def describe_versions(prefix: str) -> list[VersionInfo]:
         folder, _, name = _name_in(prefix, uri).rpartition("/")
         if folder and "/" not in folder:
             folders.setdefault(folder, set()).add(name)
-    latest = (read_latest(prefix) or {}).get("version")
+    latest = (pointer or {}).get("version")
     rows = [_describe(prefix, v, latest) if BUNDLE_FILE in names else VersionInfo(v, complete=False)
             for v, names in folders.items()]  # fmt: skip
     return sorted(rows, key=lambda r: (not r.complete, r.created_at or "", r.version))

@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     from stage1_pro.registry import LATEST, describe_versions, read_latest
 
-    rows = describe_versions(args.prefix)
     pointer = read_latest(args.prefix)
+    rows = describe_versions(args.prefix, pointer)
     if args.json:
         out = {"versions": [dataclasses.asdict(r) for r in rows], "latest": pointer}
         print(json.dumps(out, indent=2))
