@@ -45,6 +45,7 @@ from stage1_pro.layout import (
 )
 from stage1_pro.policy_registry import RegistryMapping, policy_specs
 from stage1_pro.provenance import sha256_file, utc_now
+from stage1_pro.report import format_value
 from stage1_pro.score_reference import write_reference
 from stage1_pro.storage import staged_folder
 
@@ -146,9 +147,9 @@ Stage-1 exit classifier of a cascade. For each image it answers **exit-positive*
 (`{meta["policy_file"]}`), certified for FNR_exit <= {validation["target_fnr_exit"]} and FPR_exit <=
 {validation.get("max_fpr_exit", "n/a")} with probability >= {1 - validation["delta"]:.2f}. Blessed: {blessed}.
 
-Test audit: coverage {m["coverage"]:.4f}, FNR_exit {_fmt(m.get("fnr_exit"))}
-(Clopper-Pearson upper bound {_fmt(ub)}), FPR_exit {_fmt(m.get("fpr_exit"))}, exit accuracy
-{_fmt(m.get("exit_accuracy"))}; {_audit_line(validation.get("audit"))}
+Test audit: coverage {m["coverage"]:.4f}, FNR_exit {format_value(m.get("fnr_exit"))}
+(Clopper-Pearson upper bound {format_value(ub)}), FPR_exit {format_value(m.get("fpr_exit"))}, exit accuracy
+{format_value(m.get("exit_accuracy"))}; {_audit_line(validation.get("audit"))}
 Full report: `{validation.get("report_file", "report.html")}`;
 model card: `{validation.get("model_card_file", "model_card.md")}`.
 The certificate assumes images exchangeable with val_calib; `{SCORE_REFERENCE_FILE}` holds the
@@ -229,10 +230,6 @@ def _preprocessing_text(model_info: dict[str, Any]) -> str:
 `stage1_pro.preprocessing.preprocess(spec, images)` does all five; `stage1-pro predict` and
 `load_bundle(...).predict` call it, so they give the probabilities recorded for the same image files
 in the run's `scores.npz` (float tolerance). A tensor of another size is refused. {scored_line}"""
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
 
 
 def export_bundle(
