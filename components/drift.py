@@ -35,7 +35,12 @@ def drift_check(
     """
     import os
 
-    from stage1_pro.components.runtime import DRIFT_SAMPLE_SIZE, log_drift, write_no_champion_report
+    from stage1_pro.components.runtime import (
+        DRIFT_SAMPLE_SIZE,
+        copy_file,
+        log_drift,
+        write_no_champion_report,
+    )
 
     os.makedirs(drift.path, exist_ok=True)
     if not champion_prefix:
@@ -54,10 +59,7 @@ def drift_check(
 
     champion, _ = resolve(champion_prefix)
     result = check_drift(champion, data_uri, out_dir=drift.path, max_images=DRIFT_SAMPLE_SIZE)
-    with open(os.path.join(drift.path, DRIFT_REPORT_FILE), encoding="utf-8") as src:
-        html_text = src.read()
-    with open(report.path, "w", encoding="utf-8") as dst:
-        dst.write(html_text)
+    copy_file(os.path.join(drift.path, DRIFT_REPORT_FILE), report.path)
     log_drift(result, metrics)
     drift.metadata.update({"drift_detected": bool(result["drift"]), "champion": champion})
     for line in summary_lines(result):

@@ -33,11 +33,11 @@ def record_outcome(
     from stage1_pro.artifacts import read_artifact
     from stage1_pro.components.runtime import outcome_uri
     from stage1_pro.errors import ConfigError
-    from stage1_pro.layout import BUNDLE_FILE
+    from stage1_pro.layout import BUNDLE_FILE, VALIDATION_FILE
     from stage1_pro.run_report import EXPORT_STAGE, VALIDATE_STAGE, bundle_record, verdict_record
 
     if stage == VALIDATE_STAGE:
-        record = verdict_record(read_artifact(os.path.join(result.path, "validation.json"), "validation"))
+        record = verdict_record(read_artifact(os.path.join(result.path, VALIDATION_FILE), "validation"))
     elif stage == EXPORT_STAGE:
         record = bundle_record(read_artifact(os.path.join(result.path, BUNDLE_FILE), "bundle"), result.uri)
     else:

@@ -101,11 +101,10 @@ class TrainResources:
     gpu: str
     cpu: str
     memory: str
-    shm: str
 
 
 def train_resources(gpu_count: int, loader_workers: int) -> TrainResources:
-    """CPU, memory, GPU count and ``/dev/shm`` size of the train pod for ``gpu_count`` GPUs.
+    """GPU count, CPU and memory (``/dev/shm`` included) of the train pod for ``gpu_count`` GPUs.
 
     Args:
         gpu_count: GPUs (= training processes) of the pod.
@@ -113,7 +112,7 @@ def train_resources(gpu_count: int, loader_workers: int) -> TrainResources:
     """
     cpu = gpu_count * (TRAIN_CPU_PER_GPU_PROCESS + max(loader_workers, 0))
     memory_gib = gpu_count * TRAIN_MEMORY_GIB_PER_GPU + TRAIN_SHM_GIB
-    return TrainResources(gpu=str(gpu_count), cpu=str(cpu), memory=f"{memory_gib}Gi", shm=shm_size())
+    return TrainResources(gpu=str(gpu_count), cpu=str(cpu), memory=f"{memory_gib}Gi")
 
 
 def shm_size() -> str:
