@@ -27,6 +27,7 @@ from typing import Any
 
 from stage1_pro import storage
 from stage1_pro.errors import Stage1ProError
+from stage1_pro.report import format_value
 
 PIPELINE_ROOT = "pipeline-root"
 BUNDLE_DIR = "bundle"
@@ -198,28 +199,29 @@ def collect_result(run_dir: Path, out: Path, seconds: float, tasks: Mapping[str,
 def format_summary(result: LocalRunResult) -> str:
     """The summary table ``run-local`` prints."""
 
-    def num(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
     confidence = f"{1 - result.delta:.0%}"
     rows = [
         ("exit policy", result.exit_policy, ""),
-        ("coverage (test)", num(result.test_coverage), "share of test images stage 1 answers"),
+        ("coverage (test)", format_value(result.test_coverage), "share of test images stage 1 answers"),
         (
             "FNR_exit (test)",
-            num(result.test_fnr_exit),
+            format_value(result.test_fnr_exit),
             f"missed positives among exited; {confidence} upper bound "
-            f"{num(result.test_fnr_exit_upper_bound)}",
+            f"{format_value(result.test_fnr_exit_upper_bound)}",
         ),
         (
             "certified FNR_exit <=",
-            num(result.certified_fnr_exit_upper_bound),
+            format_value(result.certified_fnr_exit_upper_bound),
             f"on val_calib with probability >= {confidence}; target {result.target_fnr_exit:g}",
         ),
-        ("FPR_exit (test)", num(result.test_fpr_exit), "exited negatives called positive (the guard)"),
+        (
+            "FPR_exit (test)",
+            format_value(result.test_fpr_exit),
+            "exited negatives called positive (the guard)",
+        ),
         (
             "certified FPR_exit <=",
-            num(result.certified_fpr_exit_upper_bound),
+            format_value(result.certified_fpr_exit_upper_bound),
             f"certified with FNR_exit; guard max_fpr_exit {result.max_fpr_exit:g}",
         ),
         ("blessed", "yes" if result.blessed else "NO", "; ".join(result.failed_checks)),
